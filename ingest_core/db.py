@@ -1,0 +1,238 @@
+"""The control database: accounts, keys, addresses, audit trail, bans, file specs, job state.
+
+SQLite by default (a file under the data root), PostgreSQL when the URL says so. The schema
+is owned by Alembic: :func:`open_control_db` upgrades it to the newest revision on first use,
+so a fresh checkout and an old deployment both end up on the same schema.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every backend (SQLite would drop the offset)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(32), unique=True, nullable=False)
+    institution: Mapped[str | None] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="active")
+    deferred_fetch: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+    keys: Mapped[list[AccountKey]] = relationship(
+        back_populates="account", cascade="all, delete-orphan", order_by="AccountKey.id"
+    )
+    ips: Mapped[list[AccountIp]] = relationship(
+        back_populates="account", cascade="all, delete-orphan", order_by="AccountIp.id"
+    )
+    specs: Mapped[list[FileSpec]] = relationship(
+        back_populates="account", cascade="all, delete-orphan", order_by="FileSpec.id"
+    )
+
+    @property
+    def active(self) -> bool:
+        return self.status == "active"
+
+
+class AccountKey(Base):
+    __tablename__ = "account_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    key_type: Mapped[str] = mapped_column(String(64), nullable=False)
+    bits: Mapped[int] = mapped_column(Integer, nullable=False)
+    fingerprint: Mapped[str] = mapped_column(String(100), unique=True, nullable=False)
+    comment: Mapped[str] = mapped_column(String(500), nullable=False, default="")
+    public_key: Mapped[str] = mapped_column(Text, nullable=False)
+    added_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+    account: Mapped[Account] = relationship(back_populates="keys")
+
+
+class AccountIp(Base):
+    __tablename__ = "account_ips"
+    __table_args__ = (UniqueConstraint("account_id", "address"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    address: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    added_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+    account: Mapped[Account] = relationship(back_populates="ips")
+
+
+class AuditEvent(Base):
+    """Every registry change: who (OS user), when, what. Kept after an account is deleted."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(100), nullable=False)
+    account: Mapped[str | None] = mapped_column(String(32), index=True)
+    action: Mapped[str] = mapped_column(String(64), nullable=False)
+    detail: Mapped[str] = mapped_column(Text, nullable=False, default="{}")
+
+
+class DefenderBan(Base):
+    """A source address banned by the brute-force defender; survives restarts."""
+
+    __tablename__ = "defender_bans"
+
+    address: Mapped[str] = mapped_column(String(64), primary_key=True)
+    banned_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    banned_until: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
+    score: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    reason: Mapped[str] = mapped_column(Text, nullable=False, default="")
+
+
+class FileSpec(Base):
+    """An approved data file format, frozen at onboarding."""
+
+    __tablename__ = "file_specs"
+    __table_args__ = (UniqueConstraint("account_id", "file_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    file_name: Mapped[str] = mapped_column(String(255), nullable=False)
+    encoding: Mapped[str] = mapped_column(String(32), nullable=False, default="utf-8")
+    bom: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    delimiter: Mapped[str] = mapped_column(String(4), nullable=False)
+    terminator: Mapped[str] = mapped_column(String(4), nullable=False)
+    quoting: Mapped[str] = mapped_column(String(16), nullable=False, default="none")
+    columns: Mapped[str] = mapped_column(Text, nullable=False)  # JSON list of header names
+    key_column: Mapped[str | None] = mapped_column(String(128))
+    approved_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    approved_by: Mapped[str] = mapped_column(String(100), nullable=False, default="")
+
+    account: Mapped[Account] = relationship(back_populates="specs")
+
+
+class JobRun(Base):
+    """The last local date a scheduled job completed, so a restart catches up once, not twice."""
+
+    __tablename__ = "job_runs"
+
+    job: Mapped[str] = mapped_column(String(100), primary_key=True)
+    last_local_date: Mapped[str] = mapped_column(String(10), nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
+@dataclass
+class ControlDB:
+    engine: Engine
+    session: sessionmaker[Any]
+
+
+_opened: dict[str, ControlDB] = {}
+_open_lock = threading.Lock()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with the per-backend settings we rely on (SQLite: FKs, WAL, busy timeout)."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def upgrade_schema(engine: Engine) -> None:
+    """Bring the control DB to the newest Alembic revision (idempotent)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def open_control_db(url: str) -> ControlDB:
+    """The process-wide handle for ``url``; migrates the schema the first time."""
+    with _open_lock:
+        db = _opened.get(url)
+        if db is None:
+            engine = make_engine(url)
+            upgrade_schema(engine)
+            db = ControlDB(engine=engine, session=sessionmaker(engine, expire_on_commit=False))
+            _opened[url] = db
+        return db
+
+
+def close_all() -> None:
+    """Dispose every opened engine (tests and forked workers call this)."""
+    with _open_lock:
+        for db in _opened.values():
+            db.engine.dispose()
+        _opened.clear()

@@ -1,0 +1,107 @@
+"""The account folder's result log: the one plain-text file a client reads to learn what happened.
+
+One line per event, newest last: ``ISO-timestamp-with-offset STATUS file detail``. Lines are
+appended with O_APPEND and fsync'ed, never rewritten; trimming old lines writes a new file
+and renames it over the old one, so a reader sees either the old or the new file, whole.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from ingest_core.folders import SERVICE_PREFIX, AccountFolder
+
+STATUSES = ("LOADED", "NO FILE", "ERROR", "RECEIVED", "POOL")
+
+
+def format_line(when: datetime, status: str, file_name: str, detail: str) -> str:
+    if status not in STATUSES:
+        raise ValueError(f"unknown folder log status {status!r}")
+    if when.tzinfo is None:
+        raise ValueError("folder log timestamps must carry an offset")
+    flat = " ".join(detail.split())  # one event, one line: no newline can split it
+    name = file_name or "-"
+    return f"{when.isoformat(timespec='seconds')} {status} {name} {flat}".rstrip() + "\n"
+
+
+@contextmanager
+def _locked(folder: AccountFolder) -> Iterator[None]:
+    """Serialize writers of one log (appenders and the trimmer) across processes."""
+    fd = os.open(folder.log_lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def append(
+    folder: AccountFolder,
+    zone: ZoneInfo,
+    status: str,
+    file_name: str,
+    detail: str,
+    when: datetime | None = None,
+) -> str:
+    """Append one durable line to the account's log and return it."""
+    line = format_line((when or datetime.now(zone)).astimezone(zone), status, file_name, detail)
+    data = line.encode("utf-8")
+    with _locked(folder):
+        fd = os.open(folder.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(f"short write to {folder.log_file}")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return line
+
+
+def read_lines(folder: AccountFolder) -> list[str]:
+    try:
+        return folder.log_file.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def trim(folder: AccountFolder, retention_days: int, now: datetime) -> int:
+    """Drop lines older than the retention; returns how many were dropped."""
+    cutoff = now - timedelta(days=retention_days)
+    with _locked(folder):
+        lines = read_lines(folder)
+        kept = [ln for ln in lines if not _older_than(ln, cutoff)]
+        dropped = len(lines) - len(kept)
+        if dropped:
+            _replace(folder.log_file, "".join(f"{ln}\n" for ln in kept))
+    return dropped
+
+
+def _older_than(line: str, cutoff: datetime) -> bool:
+    stamp = line.split(" ", 1)[0]
+    try:
+        return datetime.fromisoformat(stamp) < cutoff
+    except ValueError:
+        return False  # never drop a line we cannot read
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{SERVICE_PREFIX}log-trim-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.chmod(tmp, 0o640)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

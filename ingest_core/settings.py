@@ -1,0 +1,334 @@
+"""One settings object for every part of sis-ingest, read once from TOML.
+
+Where the file comes from: ``--config PATH``, else ``$INGEST_CONFIG``, else ``./ingest.toml``
+if it exists, else built-in defaults that work in a checkout. Relative paths in a config file
+are resolved against the file's folder (against the working directory for the defaults), so a
+service started from anywhere finds the same folders.
+
+Every section is a frozen dataclass; a new setting is one annotated field with a default.
+Unknown keys and wrong types are refused with a :class:`ConfigError` naming the file, the key
+and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from ingest_core.errors import ConfigError
+
+CONFIG_ENV = "INGEST_CONFIG"
+DEFAULT_CONFIG_NAME = "ingest.toml"
+
+_HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
+
+# Algorithm lists that reached 0 [fail] in ssh-audit while OpenSSH, PuTTY and libssh2 still
+# connected (design-notes section 3).
+DEFAULT_KEX = ["mlkem768x25519-sha256", "curve25519-sha256", "curve25519-sha256@libssh.org"]
+DEFAULT_CIPHERS = [
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes256-ctr",
+    "aes192-ctr",
+    "aes128-ctr",
+]
+DEFAULT_MACS = [
+    "hmac-sha2-256-etm@openssh.com",
+    "hmac-sha2-512-etm@openssh.com",
+    "umac-128-etm@openssh.com",
+    "hmac-sha2-256",
+]
+DEFAULT_HOST_KEY_ALGS = ["ssh-ed25519", "rsa-sha2-512", "rsa-sha2-256"]
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The SSH listener: where it listens and what it offers."""
+
+    host: str = "127.0.0.1"
+    port: int = 2222
+    host_key_dir: Path = Path("keys")
+    server_version: str = "sis-ingest"
+    login_timeout: float = 30.0
+    max_auth_attempts: int = 6
+    allow_sha1_rsa_signatures: bool = False
+    allow_subfolders: bool = False
+    kex_algs: list[str] = field(default_factory=lambda: list(DEFAULT_KEX))
+    encryption_algs: list[str] = field(default_factory=lambda: list(DEFAULT_CIPHERS))
+    mac_algs: list[str] = field(default_factory=lambda: list(DEFAULT_MACS))
+    host_key_algs: list[str] = field(default_factory=lambda: list(DEFAULT_HOST_KEY_ALGS))
+    workers: int = 1
+    shutdown_grace: float = 30.0
+    # PROXY protocol v1/v2 is read only from these load balancer addresses.
+    proxy_protocol_from: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """Limits that keep one client from hurting the others (0 means no limit)."""
+
+    max_connections_total: int = 200
+    max_connections_per_address: int = 10
+    max_file_bytes: int = 2 * 1024**3
+    account_quota_bytes: int = 10 * 1024**3
+    free_disk_reserve_bytes: int = 1024**3
+    max_read_ahead_bytes: int = 8 * 1024**2
+
+
+@dataclass(frozen=True)
+class DefenderSettings:
+    """Brute-force scores per source address (SFTPGo's defender, in spirit)."""
+
+    enabled: bool = True
+    score_unknown_user: int = 5
+    score_bad_key: int = 2
+    threshold: int = 15
+    window_seconds: int = 600
+    ban_seconds: int = 1800
+
+
+@dataclass(frozen=True)
+class KeyPolicySettings:
+    """Which client public keys an account may register (the seed asks for RSA 4096)."""
+
+    min_rsa_bits: int = 4096
+    accept_ed25519: bool = False
+
+
+@dataclass(frozen=True)
+class IpPolicySettings:
+    """The seed's firewall rule: at most four single static addresses per account."""
+
+    max_per_account: int = 4
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """When the nightly jobs run, in one named time zone."""
+
+    timezone: str = "America/New_York"
+    loader_time: str = "03:00"
+    pool_time: str = "00:00"
+    catch_up_missed_runs: bool = True
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """Nightly loader rules."""
+
+    min_row_share: float = 0.5
+    max_reported_errors: int = 20
+    log_retention_days: int = 400
+    precheck: bool = True
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """Where active applicant IDs come from: the SIS database table, or a SQL query."""
+
+    source: str = "table"
+    query_url: str = ""
+    query: str = ""
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    """Operator e-mail; notifications are off while ``host`` is empty."""
+
+    host: str = ""
+    port: int = 25
+    starttls: bool = False
+    username: str = ""
+    password_file: str = ""
+    sender: str = "sis-ingest@localhost"
+    recipients: list[str] = field(default_factory=list)
+    timeout: float = 20.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything, resolved once. Paths are absolute."""
+
+    data_root: Path = Path("var")
+    log_dir: Path = Path("logs")
+    control_db_url: str = ""
+    sis_db_url: str = ""
+    server: ServerSettings = field(default_factory=ServerSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    defender: DefenderSettings = field(default_factory=DefenderSettings)
+    keys: KeyPolicySettings = field(default_factory=KeyPolicySettings)
+    ips: IpPolicySettings = field(default_factory=IpPolicySettings)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    loader: LoaderSettings = field(default_factory=LoaderSettings)
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    source: str = "built-in defaults"
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.schedule.timezone)
+
+    def replace(self, **changes: typing.Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+_TOP_KEYS = {"data_root", "log_dir", "control_db_url", "sis_db_url"}
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Find and read the config file (or take the defaults) and resolve every path."""
+    chosen: Path | None
+    if path is not None:
+        chosen = Path(path)
+        if not chosen.is_file():
+            raise ConfigError(f"{chosen}: config file not found (give an existing TOML file)")
+    elif os.environ.get(CONFIG_ENV):
+        chosen = Path(os.environ[CONFIG_ENV])
+        if not chosen.is_file():
+            raise ConfigError(f"{chosen}: config file named by ${CONFIG_ENV} not found")
+    elif Path(DEFAULT_CONFIG_NAME).is_file():
+        chosen = Path(DEFAULT_CONFIG_NAME)
+    else:
+        chosen = None
+
+    if chosen is None:
+        return _resolve(Settings(), Path.cwd(), "built-in defaults")
+    try:
+        raw = tomllib.loads(chosen.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{chosen}: not valid TOML ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{chosen}: cannot read config file ({exc})") from None
+    settings = _build(Settings, raw, str(chosen), "")
+    return _resolve(settings, chosen.resolve().parent, str(chosen))
+
+
+def settings_from_mapping(
+    raw: dict[str, typing.Any], base: Path, name: str = "<mapping>"
+) -> Settings:
+    """Build settings from an already-parsed table (tests and tools use this)."""
+    return _resolve(_build(Settings, raw, name, ""), base, name)
+
+
+def _resolve(settings: Settings, base: Path, source: str) -> Settings:
+    def absolute(p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    data_root = absolute(settings.data_root)
+    control = settings.control_db_url or f"sqlite:///{data_root / 'control.db'}"
+    sis = settings.sis_db_url or f"sqlite:///{data_root / 'sis.db'}"
+    server = dataclasses.replace(
+        settings.server, host_key_dir=absolute(settings.server.host_key_dir)
+    )
+    resolved = dataclasses.replace(
+        settings,
+        data_root=data_root,
+        log_dir=absolute(settings.log_dir),
+        control_db_url=control,
+        sis_db_url=sis,
+        server=server,
+        source=source,
+    )
+    _check_semantics(resolved, source)
+    return resolved
+
+
+def _check_semantics(s: Settings, source: str) -> None:
+    def bad(key: str, expected: str, got: object) -> ConfigError:
+        return ConfigError(f"{source}: {key}: expected {expected}, got {got!r}")
+
+    if not 0 < s.server.port < 65536:
+        raise bad("server.port", "a TCP port 1-65535", s.server.port)
+    try:
+        ipaddress.ip_address(s.server.host)
+    except ValueError:
+        if s.server.host not in ("localhost", ""):
+            raise bad("server.host", "an IP address to listen on", s.server.host) from None
+    try:
+        ZoneInfo(s.schedule.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise bad(
+            "schedule.timezone", "an IANA time zone such as America/New_York", s.schedule.timezone
+        ) from None
+    for key in ("loader_time", "pool_time"):
+        value = getattr(s.schedule, key)
+        if not _HHMM.match(value):
+            raise bad(f"schedule.{key}", "a 24-hour time HH:MM", value)
+    if s.keys.min_rsa_bits < 2048:
+        raise bad("keys.min_rsa_bits", "at least 2048", s.keys.min_rsa_bits)
+    if not 1 <= s.ips.max_per_account <= 64:
+        raise bad("ips.max_per_account", "a number from 1 to 64", s.ips.max_per_account)
+    if not 0.0 <= s.loader.min_row_share <= 1.0:
+        raise bad("loader.min_row_share", "a share from 0.0 to 1.0", s.loader.min_row_share)
+    if s.pool.source not in ("table", "query"):
+        raise bad("pool.source", '"table" or "query"', s.pool.source)
+    if s.pool.source == "query" and not (s.pool.query_url and s.pool.query):
+        raise bad("pool.query", 'query_url and query when pool.source is "query"', s.pool.query)
+    for key in ("login_timeout", "shutdown_grace"):
+        if getattr(s.server, key) <= 0:
+            raise bad(f"server.{key}", "a positive number of seconds", getattr(s.server, key))
+    if s.server.workers < 1:
+        raise bad("server.workers", "at least 1", s.server.workers)
+    for url_key in ("control_db_url", "sis_db_url"):
+        url = getattr(s, url_key)
+        if not url.startswith(("sqlite", "postgresql")):
+            raise bad(url_key, "a sqlite:/// or postgresql+psycopg:// URL", url)
+
+
+def _build(cls: type, raw: object, source: str, prefix: str) -> typing.Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [{prefix.rstrip('.')}]: expected a table, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    values: dict[str, typing.Any] = {}
+    for key, value in raw.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            accepted = ", ".join(sorted(names))
+            raise ConfigError(f"{source}: {where}: unknown setting (accepted here: {accepted})")
+        values[key] = _convert(hints[key], value, source, where)
+    return cls(**values)
+
+
+def _convert(hint: typing.Any, value: object, source: str, where: str) -> object:
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: {where}: expected {expected}, got {value!r}")
+
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, f"{where}.")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise bad("a whole number >= 0")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise bad("a number >= 0")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise bad("a folder path (string)")
+        return Path(value)
+    origin = typing.get_origin(hint)
+    if origin in (list, types.GenericAlias) or origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of strings")
+        return list(value)
+    raise bad(str(hint))  # pragma: no cover - a new field type needs a converter

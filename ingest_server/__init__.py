@@ -1,0 +1,1 @@
+"""The receiving side's front door: an asyncssh SFTP/SCP server confined to account folders."""

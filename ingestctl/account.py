@@ -1,0 +1,141 @@
+"""ingestctl account ...: client accounts (one SSH folder each)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ingest_core.errors import Refused
+from ingest_core.registry import AccountView
+from ingestctl.output import print_fields, print_json, print_table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "account",
+        help="create, list, show, enable, disable, delete accounts",
+        description="Client accounts. The account name is the SSH user name.",
+    )
+    nouns = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    c = nouns.add_parser("create", help="create an account and its folder")
+    c.add_argument("name", help="SSH user name: 1-32 of a-z 0-9 _ -")
+    c.add_argument("--institution", help="the client institution's name")
+    c.add_argument("--description", help="free text for operators")
+    c.add_argument(
+        "--deferred-fetch",
+        action="store_true",
+        help="publish a nightly pool file of active applicant IDs into the folder",
+    )
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(func=create)
+
+    ls = nouns.add_parser("list", help="list accounts")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=list_)
+
+    s = nouns.add_parser("show", help="show one account with its keys and addresses")
+    s.add_argument("name")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=show)
+
+    for action, helptext in (
+        ("enable", "allow logins again"),
+        ("disable", "refuse new logins (files and data are kept)"),
+    ):
+        e = nouns.add_parser(action, help=helptext)
+        e.add_argument("name")
+        e.set_defaults(func=set_status, status="active" if action == "enable" else "disabled")
+
+    d = nouns.add_parser("delete", help="delete an account (its folder's files are kept)")
+    d.add_argument("name")
+    d.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    d.add_argument("--purge", action="store_true", help="also delete the folder and its files")
+    d.set_defaults(func=delete)
+
+
+def _show(view: AccountView) -> None:
+    print_fields(
+        [
+            ("name", view.name),
+            ("institution", view.institution),
+            ("description", view.description),
+            ("status", view.status),
+            ("deferred fetch", "yes" if view.deferred_fetch else "no"),
+            ("folder", view.folder),
+            ("created", view.created_at),
+            ("updated", view.updated_at),
+            ("allowed IPs", ", ".join(view.ips) or "(none: no client can connect yet)"),
+        ]
+    )
+    print()
+    print_table(
+        [(k.key_type, k.bits, k.fingerprint, k.comment, k.added_at) for k in view.keys],
+        ["type", "bits", "fingerprint", "comment", "added"],
+        empty="keys: (none: no client can log in yet)",
+    )
+
+
+def create(args: argparse.Namespace, ctx) -> int:
+    view = ctx.registry.create_account(
+        args.name, args.institution, args.description, args.deferred_fetch
+    )
+    if args.json:
+        print_json(view)
+    else:
+        print(f"created account {view.name}; folder {view.folder}")
+        print(f"next: ingestctl key add {view.name} FILE.pub; ingestctl ip add {view.name} ADDRESS")
+    return 0
+
+
+def list_(args: argparse.Namespace, ctx) -> int:
+    views = ctx.registry.list_accounts()
+    if args.json:
+        print_json(views)
+        return 0
+    print_table(
+        [
+            (
+                v.name,
+                v.status,
+                v.institution,
+                "yes" if v.deferred_fetch else "no",
+                len(v.keys),
+                len(v.ips),
+            )
+            for v in views
+        ],
+        ["name", "status", "institution", "deferred", "keys", "ips"],
+        empty="no accounts yet (ingestctl account create NAME)",
+    )
+    return 0
+
+
+def show(args: argparse.Namespace, ctx) -> int:
+    view = ctx.registry.get_account(args.name)
+    if args.json:
+        print_json(view)
+    else:
+        _show(view)
+    return 0
+
+
+def set_status(args: argparse.Namespace, ctx) -> int:
+    view = ctx.registry.set_status(args.name, args.status)
+    print(f"account {view.name} is {view.status}")
+    return 0
+
+
+def delete(args: argparse.Namespace, ctx) -> int:
+    view = ctx.registry.get_account(args.name)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise Refused(f"deleting {args.name!r} needs confirmation: add --yes")
+        what = "and DELETE its folder and files" if args.purge else "(its folder's files are kept)"
+        answer = input(f"delete account {args.name} {what}? type the account name: ")
+        if answer.strip() != args.name:
+            raise Refused("not confirmed: nothing was deleted")
+    ctx.registry.delete_account(args.name, purge=args.purge)
+    kept = "" if args.purge else f"; files kept in {view.folder}"
+    print(f"deleted account {args.name}{kept}")
+    return 0

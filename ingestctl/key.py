@@ -1,0 +1,77 @@
+"""ingestctl key ...: an account's client public keys."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ingest_core.errors import Refused
+from ingestctl.output import print_json, print_table
+
+MAX_KEY_FILE_BYTES = 64 * 1024
+
+
+def read_key_text(source: str) -> str:
+    if source == "-":
+        return sys.stdin.read(MAX_KEY_FILE_BYTES)
+    path = Path(source)
+    if not path.is_file():
+        raise Refused(f"{source}: no such file (give the .pub file, or - for standard input)")
+    if path.stat().st_size > MAX_KEY_FILE_BYTES:
+        raise Refused(f"{source}: too large to be a public key (a key file is one line)")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise Refused(f"{source}: not a text file; expected an OpenSSH public key line") from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "key",
+        help="add, list, remove an account's public keys",
+        description="Client public keys. Accepted by default: RSA of at least "
+        "4096 bits (settings: [keys] min_rsa_bits, accept_ed25519).",
+    )
+    nouns = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    a = nouns.add_parser("add", help="register a public key (OpenSSH line or PuTTYgen block)")
+    a.add_argument("name")
+    a.add_argument("file", help="the .pub file, or - to read standard input")
+    a.add_argument("--json", action="store_true", help="machine-readable output")
+    a.set_defaults(func=add)
+    ls = nouns.add_parser("list", help="list an account's keys")
+    ls.add_argument("name")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=list_)
+    r = nouns.add_parser("remove", help="remove a key by its SHA256 fingerprint")
+    r.add_argument("name")
+    r.add_argument("fingerprint", help="as 'ingestctl key list' shows it: SHA256:...")
+    r.set_defaults(func=remove)
+
+
+def add(args: argparse.Namespace, ctx) -> int:
+    key = ctx.registry.add_key(args.name, read_key_text(args.file))
+    if args.json:
+        print_json(key)
+    else:
+        print(f"added {key.key_type} {key.bits}-bit key {key.fingerprint} to {args.name}")
+    return 0
+
+
+def list_(args: argparse.Namespace, ctx) -> int:
+    keys = ctx.registry.list_keys(args.name)
+    if args.json:
+        print_json(keys)
+        return 0
+    print_table(
+        [(k.key_type, k.bits, k.fingerprint, k.comment, k.added_at) for k in keys],
+        ["type", "bits", "fingerprint", "comment", "added"],
+        empty=f"{args.name} has no keys (ingestctl key add {args.name} FILE.pub)",
+    )
+    return 0
+
+
+def remove(args: argparse.Namespace, ctx) -> int:
+    key = ctx.registry.remove_key(args.name, args.fingerprint)
+    print(f"removed key {key.fingerprint} from {args.name}")
+    return 0
