@@ -89,12 +89,12 @@ def parse_public_key(text: str, policy: KeyPolicySettings) -> ParsedKey:
         lines = [ln for ln in stripped.splitlines() if ln.strip() and not ln.startswith("#")]
         if len(lines) > 1:
             raise Refused(f"{len(lines)} keys given: add one public key at a time")
-        if lines and not lines[0].startswith(("ssh-", "ecdsa-", "sk-")):
-            if _KNOWN_OPTION_START.match(lines[0]):
-                raise Refused(
-                    "authorized_keys options are not accepted: give the bare key line "
-                    "starting with ssh-rsa"
-                )
+        has_options = lines and not lines[0].startswith(("ssh-", "ecdsa-", "sk-"))
+        if has_options and _KNOWN_OPTION_START.match(lines[0]):
+            raise Refused(
+                "authorized_keys options are not accepted: give the bare key line "
+                "starting with ssh-rsa"
+            )
     try:
         key = asyncssh.import_public_key(stripped)
     except (asyncssh.KeyImportError, ValueError, TypeError):

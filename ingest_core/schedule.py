@@ -125,9 +125,9 @@ def parse_frequency(text: str, zone: ZoneInfo) -> Frequency:
     accepted = "accepted: hourly, 'every N hours', 'daily HH:MM', 'weekly mon HH:MM'"
     if words == ["hourly"]:
         return EveryHours(1)
-    if len(words) == 3 and words[0] == "every" and words[2] in ("hour", "hours"):
-        if words[1].isdigit() and 1 <= int(words[1]) <= 168:
-            return EveryHours(int(words[1]))
+    every = len(words) == 3 and words[0] == "every" and words[2] in ("hour", "hours")
+    if every and words[1].isdigit() and 1 <= int(words[1]) <= 168:
+        return EveryHours(int(words[1]))
     if len(words) == 2 and words[0] == "daily":
         return Daily(parse_hhmm(words[1]), zone)
     if len(words) == 3 and words[0] == "weekly" and words[1][:3] in WEEKDAYS:
