@@ -18,8 +18,9 @@ def mail_enabled(smtp: SmtpSettings, recipients: list[str] | None = None) -> boo
     return bool(smtp.host) and bool(recipients if recipients is not None else smtp.recipients)
 
 
-def send_mail(smtp: SmtpSettings, subject: str, body: str,
-              recipients: list[str] | None = None) -> None:
+def send_mail(
+    smtp: SmtpSettings, subject: str, body: str, recipients: list[str] | None = None
+) -> None:
     """Send one message; raises OSError/smtplib.SMTPException for the caller to log."""
     to = list(recipients if recipients is not None else smtp.recipients)
     if not smtp.host or not to:

@@ -77,11 +77,19 @@ def make_settings(workdir: Path) -> Iterator[Callable[..., Settings]]:
 def ingestctl(workdir: Path, config_file: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run the real `ingestctl` in a subprocess with the test's config."""
 
-    def run(*args: str, input: str | None = None, check: bool = False,
-            config: Path | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        *args: str, input: str | None = None, check: bool = False, config: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
         cmd = [*INGESTCTL, "--config", str(config or config_file), *args]
-        result = subprocess.run(cmd, cwd=workdir, input=input, capture_output=True, text=True,
-                                timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+        result = subprocess.run(
+            cmd,
+            cwd=workdir,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         if check and result.returncode != 0:
             raise AssertionError(f"{args} failed ({result.returncode}): {result.stderr}")
         return result
@@ -106,8 +114,18 @@ def make_key(keygen_dir: Path) -> Callable[..., Path]:
         wanted = (key_type, bits, label)
         if wanted not in made:
             path = keygen_dir / f"id_{key_type}_{bits}_{label or 'k'}"
-            cmd = ["ssh-keygen", "-q", "-t", key_type, "-N", "", "-C", f"test-{label}",
-                   "-f", str(path)]
+            cmd = [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                key_type,
+                "-N",
+                "",
+                "-C",
+                f"test-{label}",
+                "-f",
+                str(path),
+            ]
             if key_type in ("rsa", "ecdsa", "dsa"):
                 cmd[4:4] = ["-b", str(bits)]
             subprocess.run(cmd, check=True, capture_output=True)
@@ -119,6 +137,7 @@ def make_key(keygen_dir: Path) -> Callable[..., Path]:
 
 # -- PostgreSQL -------------------------------------------------------------------------------
 
+
 def _pg_ready() -> bool:
     return subprocess.run(["pg_isready", "-q"], capture_output=True).returncode == 0
 
@@ -129,8 +148,7 @@ def pg_server() -> str:
     if shutil.which("pg_ctlcluster") is None:
         pytest.fail("PostgreSQL 15 is not installed (the README's setup step installs it)")
     if not _pg_ready():
-        subprocess.run(["pg_ctlcluster", "15", "main", "start"], check=False,
-                       capture_output=True)
+        subprocess.run(["pg_ctlcluster", "15", "main", "start"], check=False, capture_output=True)
         for _ in range(50):
             if _pg_ready():
                 break
