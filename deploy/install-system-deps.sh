@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# System packages the test suite drives for real: OpenSSH's sshd (the comparison and push-agent
+# target), PuTTY's psftp/pscp and lftp (client matrix), PostgreSQL 15 (SIS database tests).
+# Runs apt-get only for what is missing, so a second run costs nothing.
+set -euo pipefail
+
+need=()
+command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v psftp >/dev/null 2>&1 || need+=(putty-tools)
+command -v lftp >/dev/null 2>&1 || need+=(lftp)
+command -v pg_ctlcluster >/dev/null 2>&1 || need+=(postgresql)
+command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
+
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then SUDO=sudo; else
+    echo "install-system-deps: missing ${need[*]}; run as root: apt-get install -y ${need[*]}" >&2
+    exit 1
+  fi
+else
+  SUDO=
+fi
+echo "installing system packages: ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+# policy-rc.d stops the packages from starting services (sshd on port 22, a cluster) on install.
+printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d.sis-ingest >/dev/null
+$SUDO chmod +x /usr/sbin/policy-rc.d.sis-ingest
+restore=0
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+  $SUDO cp /usr/sbin/policy-rc.d.sis-ingest /usr/sbin/policy-rc.d
+  restore=1
+fi
+$SUDO apt-get update -q >/dev/null
+$SUDO apt-get install -y -q "${need[@]}" >/dev/null
+[ "$restore" = 1 ] && $SUDO rm -f /usr/sbin/policy-rc.d
+$SUDO rm -f /usr/sbin/policy-rc.d.sis-ingest
+echo "system packages installed"
