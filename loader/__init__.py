@@ -1,0 +1,1 @@
+"""The nightly loader: file specs, validation, the SIS database, schedules, pool files."""

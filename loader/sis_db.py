@@ -1,0 +1,492 @@
+"""The SIS database: one table per account and spec, replaced whole by each load.
+
+A load never shows a reader a half-loaded or empty table: rows go into a staging table with
+the backend's bulk path (SQLite raw ``executemany``; PostgreSQL ``COPY FROM STDIN``), and the
+staging table replaces the live one in the SAME transaction that marks the load done. A
+process killed at any moment leaves the transaction uncommitted, so the previous data stays.
+
+``sis_loads`` records every run. A row is committed as ``running`` before the load starts, so
+a run killed midway still leaves a trace; the next run of that spec marks it ``interrupted``.
+``sis_pool_applicants`` holds the active applicant IDs that ``ingestctl pool import`` fills.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+
+from ingest_core.db import UTCDateTime, make_engine, utcnow
+from ingest_core.errors import IngestError
+
+STAGING_SUFFIX = "__staging"
+KEY_INDEX_SUFFIX = "__key"
+NEW_KEY_INDEX_SUFFIX = "__key_new"
+MAX_TABLE_NAME = 40  # PostgreSQL cuts identifiers at 63 bytes; suffixes must still fit
+COPY_BLOCK_BYTES = 1 << 20
+PROGRESS_EVERY = 10_000
+
+metadata = MetaData()
+
+sis_loads = Table(
+    "sis_loads",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("account", String(32), nullable=False, index=True),
+    Column("spec_file", String(255), nullable=False),
+    Column("table_name", String(128), nullable=False),
+    Column("file_name", String(255)),
+    Column("rows", Integer),
+    Column("sha256", String(64)),
+    Column("started", UTCDateTime, nullable=False),
+    Column("finished", UTCDateTime),
+    Column("status", String(16), nullable=False),
+    Column("message", Text, nullable=False, default=""),
+)
+
+pool_applicants = Table(
+    "sis_pool_applicants",
+    metadata,
+    Column("account", String(32), primary_key=True),
+    Column("uuuid", String(255), primary_key=True),
+)
+
+# Statuses a sis_loads row can have.
+RUNNING = "running"
+LOADED = "loaded"
+REFUSED = "refused"  # the file broke a rule (validation, row-count guard)
+FAILED = "failed"  # the database or the machine failed
+INTERRUPTED = "interrupted"  # the process died mid-load (found by the next run)
+NO_FILE = "no_file"
+
+
+class SwapAborted(IngestError):
+    """Raised by a ``before_swap`` check to roll the load back with a reason."""
+
+
+@dataclass(frozen=True)
+class LoadRecord:
+    id: int
+    account: str
+    spec_file: str
+    table_name: str
+    file_name: str | None
+    rows: int | None
+    sha256: str | None
+    started: datetime
+    finished: datetime | None
+    status: str
+    message: str
+
+
+def quote_ident(name: str) -> str:
+    """Double-quote an identifier (the same rule on SQLite and PostgreSQL)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _copy_line(row: list[str]) -> str:
+    """One row in PostgreSQL COPY text format (tab-separated, backslash escapes)."""
+    line = "\t".join(row)
+    if "\\" in line or "\n" in line or "\r" in line or line.count("\t") != len(row) - 1:
+        line = "\t".join(
+            v.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+            for v in row
+        )
+    return line + "\n"
+
+
+class SisDB:
+    """One SIS database (SQLite file or PostgreSQL), opened once per process and URL."""
+
+    def __init__(self, url: str, lock_timeout_ms: int = 2000, swap_attempts: int = 30) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        self.lock_timeout_ms = lock_timeout_ms
+        self.swap_attempts = swap_attempts
+        self.engine: Engine = make_engine(url)
+        if self.is_sqlite:
+            # pysqlite would otherwise commit DDL behind our back: we issue BEGIN ourselves.
+            @event.listens_for(self.engine, "connect")
+            def _autocommit_driver(dbapi_conn: Any, _record: Any) -> None:
+                dbapi_conn.isolation_level = None
+
+            @event.listens_for(self.engine, "begin")
+            def _begin(conn: Any) -> None:
+                conn.exec_driver_sql("BEGIN")
+
+        metadata.create_all(self.engine, checkfirst=True)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- the load ---------------------------------------------------------------------------
+
+    def begin_load(
+        self, account: str, spec_file: str, table: str, file_name: str | None, sha256: str | None
+    ) -> int:
+        """Commit a ``running`` row (and mark older unfinished runs of this spec interrupted)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(sis_loads)
+                .where(
+                    sis_loads.c.account == account,
+                    sis_loads.c.spec_file == spec_file,
+                    sis_loads.c.status == RUNNING,
+                )
+                .values(
+                    status=INTERRUPTED,
+                    message="the run stopped before it finished (process killed or crashed); "
+                    "the data loaded before it stayed in place",
+                )
+            )
+            result = conn.execute(
+                insert(sis_loads).values(
+                    account=account,
+                    spec_file=spec_file,
+                    table_name=table,
+                    file_name=file_name,
+                    sha256=sha256,
+                    started=utcnow(),
+                    status=RUNNING,
+                    message="",
+                )
+            )
+            return int(result.inserted_primary_key[0])
+
+    def finish_load(self, load_id: int, status: str, rows: int | None, message: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(sis_loads)
+                .where(sis_loads.c.id == load_id)
+                .values(status=status, rows=rows, message=message, finished=utcnow())
+            )
+
+    def record(
+        self, account: str, spec_file: str, table: str, status: str, message: str, **extra: Any
+    ) -> int:
+        """One finished row in a single step (no file, refused before loading)."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                insert(sis_loads).values(
+                    account=account,
+                    spec_file=spec_file,
+                    table_name=table,
+                    started=now,
+                    finished=now,
+                    status=status,
+                    message=message,
+                    **extra,
+                )
+            )
+            return int(result.inserted_primary_key[0])
+
+    def replace_table(
+        self,
+        load_id: int,
+        table: str,
+        columns: tuple[str, ...],
+        key_column: str | None,
+        rows: Iterable[list[str]],
+        before_swap: Callable[[int], None] = lambda _n: None,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Load ``rows`` into staging and swap it for ``table``; returns the row count.
+
+        ``before_swap(rows)`` runs after the last row and before the swap; raising there
+        (e.g. :class:`SwapAborted` for a validation failure) rolls everything back.
+        The load row ``load_id`` is marked ``loaded`` in the swap's own transaction.
+        """
+        if len(table) > MAX_TABLE_NAME:
+            raise IngestError(f"table name {table!r} is longer than {MAX_TABLE_NAME} characters")
+        counted = _Counter(rows, progress)
+        if self.is_sqlite:
+            self._replace_sqlite(load_id, table, columns, key_column, counted, before_swap)
+        else:
+            self._replace_postgres(load_id, table, columns, key_column, counted, before_swap)
+        return counted.n
+
+    def _mark_loaded_sql(self) -> str:
+        mark = "?" if self.is_sqlite else "%s"
+        return (
+            f"UPDATE sis_loads SET status = {mark}, rows = {mark}, finished = {mark}, "
+            f"message = {mark} WHERE id = {mark}"
+        )
+
+    def _finished_param(self) -> Any:
+        value = utcnow()
+        # SQLAlchemy's SQLite DateTime stores naive UTC text; match its format exactly.
+        return value.strftime("%Y-%m-%d %H:%M:%S.%f") if self.is_sqlite else value
+
+    def _replace_sqlite(
+        self,
+        load_id: int,
+        table: str,
+        columns: tuple[str, ...],
+        key_column: str | None,
+        rows: _Counter,
+        before_swap: Callable[[int], None],
+    ) -> None:
+        live, staging = quote_ident(table), quote_ident(table + STAGING_SUFFIX)
+        cols = ", ".join(f"{quote_ident(c)} TEXT" for c in columns)
+        marks = ", ".join("?" for _ in columns)
+        raw = self.engine.raw_connection()
+        try:
+            dbapi = raw.driver_connection
+            dbapi.isolation_level = None
+            cur = dbapi.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                cur.execute(f"DROP TABLE IF EXISTS {staging}")
+                cur.execute(f"CREATE TABLE {staging} ({cols})")
+                cur.executemany(f"INSERT INTO {staging} VALUES ({marks})", rows)
+                before_swap(rows.n)
+                cur.execute(f"DROP TABLE IF EXISTS {live}")
+                cur.execute(f"ALTER TABLE {staging} RENAME TO {live}")
+                if key_column:
+                    index = quote_ident(table + KEY_INDEX_SUFFIX)
+                    cur.execute(f"CREATE INDEX {index} ON {live} ({quote_ident(key_column)})")
+                cur.execute(
+                    self._mark_loaded_sql(),
+                    (LOADED, rows.n, self._finished_param(), "", load_id),
+                )
+                cur.execute("COMMIT")
+            except BaseException:
+                if dbapi.in_transaction:
+                    cur.execute("ROLLBACK")
+                raise
+            # The WAL holds the whole load now; fold it back without waiting on readers.
+            cur.execute("PRAGMA busy_timeout=1000")
+            cur.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+        finally:
+            raw.close()
+
+    def _replace_postgres(
+        self,
+        load_id: int,
+        table: str,
+        columns: tuple[str, ...],
+        key_column: str | None,
+        rows: _Counter,
+        before_swap: Callable[[int], None],
+    ) -> None:
+        import psycopg
+
+        live, staging = quote_ident(table), quote_ident(table + STAGING_SUFFIX)
+        col_list = ", ".join(quote_ident(c) for c in columns)
+        cols = ", ".join(f"{quote_ident(c)} TEXT" for c in columns)
+        raw = self.engine.raw_connection()
+        try:
+            pg: psycopg.Connection[Any] = raw.driver_connection
+            if pg.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                pg.rollback()
+            pg.autocommit = False
+            try:
+                with pg.cursor() as cur:
+                    cur.execute(f"DROP TABLE IF EXISTS {staging}")
+                    cur.execute(f"CREATE TABLE {staging} ({cols})")
+                    with cur.copy(f"COPY {staging} ({col_list}) FROM STDIN") as copy:
+                        block: list[str] = []
+                        size = 0
+                        for row in rows:
+                            line = _copy_line(row)
+                            block.append(line)
+                            size += len(line)
+                            if size >= COPY_BLOCK_BYTES:
+                                copy.write("".join(block))
+                                block.clear()
+                                size = 0
+                        if block:
+                            copy.write("".join(block))
+                    before_swap(rows.n)
+                    if key_column:
+                        new_index = quote_ident(table + NEW_KEY_INDEX_SUFFIX)
+                        cur.execute(
+                            f"CREATE INDEX {new_index} ON {staging} ({quote_ident(key_column)})"
+                        )
+                    self._swap_postgres(cur, table, live, staging, key_column)
+                    cur.execute(
+                        self._mark_loaded_sql(),
+                        (LOADED, rows.n, self._finished_param(), "", load_id),
+                    )
+                pg.commit()
+            except BaseException:
+                pg.rollback()
+                raise
+        finally:
+            raw.close()
+
+    def _swap_postgres(
+        self, cur: Any, table: str, live: str, staging: str, key_column: str | None
+    ) -> None:
+        """DROP + RENAME under a short lock timeout, retried: readers keep working meanwhile."""
+        import psycopg
+
+        cur.execute("SAVEPOINT swap")
+        for attempt in range(1, self.swap_attempts + 1):
+            try:
+                cur.execute(f"SET LOCAL lock_timeout = '{int(self.lock_timeout_ms)}ms'")
+                cur.execute(f"DROP TABLE IF EXISTS {live}")
+                cur.execute(f"ALTER TABLE {staging} RENAME TO {live}")
+                if key_column:
+                    cur.execute(
+                        f"ALTER INDEX {quote_ident(table + NEW_KEY_INDEX_SUFFIX)} "
+                        f"RENAME TO {quote_ident(table + KEY_INDEX_SUFFIX)}"
+                    )
+                cur.execute("SET LOCAL lock_timeout = 0")
+                cur.execute("RELEASE SAVEPOINT swap")
+                return
+            except psycopg.errors.LockNotAvailable:
+                cur.execute("ROLLBACK TO SAVEPOINT swap")
+                if attempt == self.swap_attempts:
+                    raise IngestError(
+                        f"table {table} stayed in use by readers through {attempt} attempts to "
+                        "replace it; the previous data stays; the next run will try again"
+                    ) from None
+                time.sleep(min(0.1 * attempt, 2.0))
+            except psycopg.errors.DependentObjectsStillExist:
+                raise IngestError(
+                    f"table {table} cannot be replaced because views or other objects depend on "
+                    "it; drop them or point them at the table through a function"
+                ) from None
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def last_loaded(self, account: str, spec_file: str) -> LoadRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(sis_loads)
+                .where(
+                    sis_loads.c.account == account,
+                    sis_loads.c.spec_file == spec_file,
+                    sis_loads.c.status == LOADED,
+                )
+                .order_by(sis_loads.c.id.desc())
+                .limit(1)
+            ).first()
+        return LoadRecord(**row._mapping) if row else None
+
+    def loads(self, account: str | None = None, limit: int = 100) -> list[LoadRecord]:
+        query = select(sis_loads).order_by(sis_loads.c.id.desc()).limit(limit)
+        if account is not None:
+            query = query.where(sis_loads.c.account == account)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [LoadRecord(**r._mapping) for r in reversed(rows)]
+
+    def table_rows(self, table: str) -> list[tuple[str, ...]]:
+        """Every row of a live table in load order (tests and small tables only)."""
+        with self.engine.connect() as conn:
+            result = conn.exec_driver_sql(f"SELECT * FROM {quote_ident(table)}")
+            return [tuple(r) for r in result]
+
+    # -- pool applicants --------------------------------------------------------------------
+
+    def replace_applicants(self, account: str, ids: Iterable[str]) -> int:
+        """Replace an account's applicant IDs in one transaction; returns the count."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(pool_applicants).where(pool_applicants.c.account == account))
+            batch: list[dict[str, str]] = []
+            count = 0
+            for uuuid in ids:
+                batch.append({"account": account, "uuuid": uuuid})
+                count += 1
+                if len(batch) >= 10_000:
+                    conn.execute(insert(pool_applicants), batch)
+                    batch.clear()
+            if batch:
+                conn.execute(insert(pool_applicants), batch)
+        return count
+
+    def applicants(self, account: str) -> list[str]:
+        with self.engine.connect() as conn:
+            return list(
+                conn.scalars(
+                    select(pool_applicants.c.uuuid)
+                    .where(pool_applicants.c.account == account)
+                    .order_by(pool_applicants.c.uuuid)
+                )
+            )
+
+    def applicant_count(self, account: str) -> int:
+        with self.engine.connect() as conn:
+            return int(
+                conn.scalar(
+                    select(func.count())
+                    .select_from(pool_applicants)
+                    .where(pool_applicants.c.account == account)
+                )
+                or 0
+            )
+
+
+class _Counter:
+    """Counts rows as they stream through (and reports progress every so often)."""
+
+    def __init__(self, rows: Iterable[list[str]], progress: Callable[[int], None] | None) -> None:
+        self._rows = iter(rows)
+        self._progress = progress
+        self.n = 0
+
+    def __iter__(self) -> Iterator[list[str]]:
+        return self
+
+    def __next__(self) -> list[str]:
+        row = next(self._rows)
+        self.n += 1
+        if self._progress is not None and self.n % PROGRESS_EVERY == 0:
+            self._progress(self.n)
+        return row
+
+
+_open: dict[str, SisDB] = {}
+_open_lock = threading.Lock()
+
+
+def open_sis_db(url: str) -> SisDB:
+    """The process-wide handle for ``url`` (schema created on first use)."""
+    with _open_lock:
+        db = _open.get(url)
+        if db is None:
+            db = SisDB(url)
+            _open[url] = db
+        return db
+
+
+def close_sis_dbs() -> None:
+    with _open_lock:
+        for db in _open.values():
+            db.dispose()
+        _open.clear()
+
+
+@contextmanager
+def opened(url: str) -> Iterator[SisDB]:
+    """A private handle closed on exit (child processes and tests)."""
+    db = SisDB(url)
+    try:
+        yield db
+    finally:
+        db.dispose()
