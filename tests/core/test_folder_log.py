@@ -1,0 +1,87 @@
+"""The account folder's result log: one whole line per event, appended durably, trimmed safely."""
+
+from __future__ import annotations
+
+import multiprocessing
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from ingest_core import folder_log
+from ingest_core.folders import (
+    AccountFolder,
+    account_folder,
+    create_account_folder,
+    is_data_file_name,
+)
+from ingest_core.settings import Settings
+
+NY = ZoneInfo("America/New_York")
+
+
+@pytest.fixture
+def folder(settings: Settings) -> AccountFolder:
+    return create_account_folder(settings, "uni")
+
+
+def test_line_format_has_offset_status_file_and_detail(folder: AccountFolder) -> None:
+    when = datetime(2026, 3, 8, 7, 30, tzinfo=UTC)
+    line = folder_log.append(folder, NY, "LOADED", "sis_hr_user_info.txt", "12345 rows imported",
+                             when=when)
+    assert line == "2026-03-08T03:30:00-04:00 LOADED sis_hr_user_info.txt 12345 rows imported\n"
+    folder_log.append(folder, NY, "NO FILE", "", "no data file was received", when=when)
+    assert folder_log.read_lines(folder)[-1].endswith("NO FILE - no data file was received")
+
+
+def test_a_detail_with_newlines_stays_one_line(folder: AccountFolder) -> None:
+    folder_log.append(folder, NY, "ERROR", "x.txt", "line 3: bad\nline 9: worse\r\n")
+    assert len(folder_log.read_lines(folder)) == 1
+    with pytest.raises(ValueError):
+        folder_log.append(folder, NY, "MAYBE", "x.txt", "unknown status")
+
+
+def _append_many(root: str, n: int, tag: str) -> None:
+    folder = AccountFolder("uni", Path(root))
+    for i in range(n):
+        folder_log.append(folder, NY, "RECEIVED", f"{tag}.txt", f"{tag} event {i} " + "x" * 300)
+
+
+def test_concurrent_writers_never_interleave(folder: AccountFolder) -> None:
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(str(folder.root), 200, f"w{i}"))
+             for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    lines = folder_log.read_lines(folder)
+    assert len(lines) == 800
+    assert all(" RECEIVED w" in ln and ln.endswith("x" * 300) for ln in lines)
+
+
+def test_trim_drops_only_old_lines_and_keeps_unreadable_ones(folder: AccountFolder) -> None:
+    now = datetime(2027, 6, 1, 12, tzinfo=UTC)
+    folder_log.append(folder, NY, "LOADED", "a.txt", "old", when=now - timedelta(days=500))
+    folder_log.append(folder, NY, "LOADED", "a.txt", "recent", when=now - timedelta(days=10))
+    with open(folder.log_file, "a") as handle:
+        handle.write("hand-edited line with no timestamp\n")
+    inode = folder.log_file.stat().st_ino
+    assert folder_log.trim(folder, 400, now) == 1
+    lines = folder_log.read_lines(folder)
+    assert [ln.split(" ", 2)[-1] for ln in lines[:1]] == ["a.txt recent"]
+    assert lines[1] == "hand-edited line with no timestamp"
+    assert folder.log_file.stat().st_ino != inode  # replaced by rename, never rewritten in place
+    assert folder_log.trim(folder, 400, now) == 0
+
+
+def test_service_files_are_never_data_files(settings: Settings) -> None:
+    folder = account_folder(settings, "uni")
+    assert not is_data_file_name(folder.log_file.name)
+    assert not is_data_file_name(folder.pool_file.name)
+    assert not is_data_file_name(folder.upload_temp("data.txt", "abc").name)
+    assert not is_data_file_name("data.txt.filepart")
+    assert not is_data_file_name(folder.log_lock.name)
+    assert is_data_file_name("sis_hr_user_info.txt")
