@@ -25,16 +25,15 @@ else
 fi
 echo "installing system packages: ${need[*]}"
 export DEBIAN_FRONTEND=noninteractive
-# policy-rc.d stops the packages from starting services (sshd on port 22, a cluster) on install.
-printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d.sis-ingest >/dev/null
-$SUDO chmod +x /usr/sbin/policy-rc.d.sis-ingest
-restore=0
+# A policy-rc.d that answers 101 keeps the packages from starting services on install (an sshd
+# on port 22, a PostgreSQL cluster); the tests start their own. Only ours is removed afterwards.
+added_policy=0
 if [ ! -e /usr/sbin/policy-rc.d ]; then
-  $SUDO cp /usr/sbin/policy-rc.d.sis-ingest /usr/sbin/policy-rc.d
-  restore=1
+  printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+  $SUDO chmod +x /usr/sbin/policy-rc.d
+  added_policy=1
 fi
 $SUDO apt-get update -q >/dev/null
 $SUDO apt-get install -y -q "${need[@]}" >/dev/null
-[ "$restore" = 1 ] && $SUDO rm -f /usr/sbin/policy-rc.d
-$SUDO rm -f /usr/sbin/policy-rc.d.sis-ingest
+if [ "$added_policy" = 1 ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
 echo "system packages installed"
