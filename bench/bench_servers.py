@@ -1,0 +1,343 @@
+"""The two servers the benchmark compares, each started on a free loopback port in a temp dir.
+
+- OpenSSH ``sshd`` from Debian's openssh-server with ``internal-sftp``, chrooted, for one
+  dedicated system user (``benchsftp``), public key auth against a temp authorized_keys file.
+- sis-ingest's own server (``ingestctl server``) with a fresh data root, one account, the same
+  client key and 127.0.0.1 allowed.
+
+Both offer aes128-gcm@openssh.com. Every process started here is stopped by :meth:`stop`
+(root first, then any descendant still alive), which the benchmark calls from ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cpu_account
+import proc_tree
+
+REPO = Path(__file__).resolve().parent.parent
+SSHD = "/usr/sbin/sshd"
+SSHD_USER = "benchsftp"
+ACCOUNT = "bench"
+CIPHER = "aes128-gcm@openssh.com"
+# What both servers offer (sshd's own default order minus nothing; aes-gcm first, as ours).
+CIPHERS = [
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes256-ctr",
+    "aes192-ctr",
+    "aes128-ctr",
+]
+
+
+class BenchError(RuntimeError):
+    """A setup step failed; the message says which and why."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_banner(port: int, process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Wait until the port answers with an SSH identification string (or the server died)."""
+    deadline = time.monotonic() + timeout
+    last_error = "no answer"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchError(f"server exited with status {process.returncode} while starting")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                sock.settimeout(2)
+                if sock.recv(64).startswith(b"SSH-"):
+                    return
+                last_error = "connection closed before the banner"
+        except OSError as exc:
+            last_error = str(exc)
+        time.sleep(0.2)
+    raise BenchError(f"port {port} gave no SSH banner within {timeout:.0f} s ({last_error})")
+
+
+def run_checked(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kwargs)
+    if result.returncode != 0:
+        raise BenchError(f"{' '.join(map(str, cmd))} failed: {result.stderr.strip()}")
+    return result
+
+
+def make_key(path: Path, key_type: str, bits: int | None = None) -> Path:
+    cmd = ["ssh-keygen", "-q", "-t", key_type, "-N", "", "-C", "sis-bench", "-f", str(path)]
+    if bits:
+        cmd[4:4] = ["-b", str(bits)]
+    run_checked(cmd)
+    return path
+
+
+class BenchServer:
+    """What a measurement needs from a server: where to connect and its process tree."""
+
+    label = "server"
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.user = ""
+        self.process: subprocess.Popen | None = None
+        self.upload_dir: Path | None = None
+        self.cpu: cpu_account.CpuAccount | None = None
+        self._log = None
+
+    def _popen(self, cmd: list[str], log: Path, **kwargs: object) -> None:
+        """Start the server inside its own CPU accounting group when the system allows one."""
+        self.cpu = cpu_account.create(f"sis-bench-{os.getpid()}-{self.label}")
+        self._log = open(log, "wb")  # noqa: SIM115 (closed in stop())
+        self.process = subprocess.Popen(
+            self.cpu.wrap(cmd) if self.cpu else cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **kwargs,
+        )
+
+    @property
+    def cpu_method(self) -> str:
+        return self.cpu.kind if self.cpu else "/proc tree sum (children's exits may be lost)"
+
+    def cpu_seconds(self) -> float:
+        """CPU used so far by the server and everything it forked."""
+        if self.cpu is not None:
+            return self.cpu.seconds()
+        return proc_tree.tree_cpu_seconds(self.pid)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def clear_uploads(self) -> None:
+        """Delete what the benchmark uploaded, so the disk and page cache do not fill up."""
+        if self.upload_dir is None or not self.upload_dir.is_dir():
+            return
+        for entry in self.upload_dir.iterdir():
+            if entry.is_file() and entry.name.startswith("bench-"):
+                entry.unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        """SIGTERM the root, wait a little, then SIGKILL it and every leftover descendant."""
+        if self.process is None:
+            return
+        deadline = time.monotonic() + 5  # closed sessions' processes exit on their own
+        while self.alive() and proc_tree.descendants(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        leftovers = proc_tree.descendants(self.process.pid) if self.alive() else []
+        if self.cpu is not None:  # also orphans that were re-parented away from the tree
+            leftovers += [int(p) for p in (self.cpu.path / "cgroup.procs").read_text().split()]
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        for pid in leftovers:  # sshd's per-connection children outlive the listener
+            if pid != self.process.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self.cpu is not None:
+            self.cpu.remove()
+            self.cpu = None
+
+
+class OpenSshServer(BenchServer):
+    """Debian's sshd with internal-sftp, chrooted, for the dedicated user ``benchsftp``."""
+
+    label = "sshd"
+
+    def __init__(self, workdir: Path, client_pub: Path) -> None:
+        super().__init__()
+        self.dir = workdir / "sshd"
+        self.client_pub = client_pub
+        self.chroot: Path | None = None
+        self.user = SSHD_USER
+
+    def start(self) -> None:
+        if not os.access(SSHD, os.X_OK):
+            raise BenchError(f"{SSHD} not found: apt-get install openssh-server")
+        if os.geteuid() != 0:
+            raise BenchError("sshd needs root to switch users: run the benchmark as root")
+        uid, gid = ensure_user(SSHD_USER)
+        self.dir.mkdir(mode=0o755)
+        os.chmod(self.dir.parent, 0o755)  # the user's monitor reads authorized_keys as that user
+        for algorithm, bits in (("ed25519", None), ("rsa", 4096)):
+            make_key(self.dir / f"ssh_host_{algorithm}_key", algorithm, bits)
+        authorized = self.dir / "authorized_keys"
+        shutil.copyfile(self.client_pub, authorized)
+        os.chmod(authorized, 0o644)
+        # Every component of a chroot path must be root-owned and not group/world-writable,
+        # which rules out /tmp; /var/lib is, and sits on the same disk.
+        self.chroot = Path(tempfile.mkdtemp(prefix="sis-bench-chroot-", dir="/var/lib"))
+        os.chmod(self.chroot, 0o755)
+        self.upload_dir = self.chroot / "upload"
+        self.upload_dir.mkdir()
+        os.chown(self.upload_dir, uid, gid)
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        self.port = free_port()
+        config = self.dir / "sshd_config"
+        config.write_text(
+            f"""Port {self.port}
+ListenAddress 127.0.0.1
+HostKey {self.dir}/ssh_host_ed25519_key
+HostKey {self.dir}/ssh_host_rsa_key
+PidFile {self.dir}/sshd.pid
+AuthorizedKeysFile {authorized}
+StrictModes no
+UsePAM no
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin no
+AllowUsers {SSHD_USER}
+UseDNS no
+MaxStartups 1000
+MaxSessions 10
+LoginGraceTime 60
+X11Forwarding no
+AllowTcpForwarding no
+AllowAgentForwarding no
+PermitTTY no
+Compression no
+PrintMotd no
+LogLevel ERROR
+Ciphers {",".join(CIPHERS)}
+Subsystem sftp internal-sftp
+Match User {SSHD_USER}
+    ChrootDirectory {self.chroot}
+    ForceCommand internal-sftp -d /upload
+"""
+        )
+        run_checked([SSHD, "-t", "-f", str(config)])
+        self._popen([SSHD, "-D", "-e", "-f", str(config)], self.dir / "sshd.log")
+        wait_for_banner(self.port, self.process)
+
+    def stop(self) -> None:
+        super().stop()
+        if self.chroot is not None:
+            shutil.rmtree(self.chroot, ignore_errors=True)
+            self.chroot = None
+
+
+def ensure_user(name: str) -> tuple[int, int]:
+    """Create the system user sshd logs in as (kept for later runs); returns (uid, gid)."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        run_checked(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--home-dir",
+                "/upload",
+                "--shell",
+                "/usr/sbin/nologin",
+                name,
+            ]
+        )
+        entry = pwd.getpwnam(name)
+    # useradd leaves the password "!" (locked); sshd without PAM refuses locked accounts even
+    # for key auth. "*" means "no password" without "locked".
+    shadow = run_checked(["getent", "shadow", name]).stdout.split(":")
+    if len(shadow) > 1 and shadow[1].startswith("!"):
+        run_checked(["usermod", "-p", "*", name])
+    return entry.pw_uid, entry.pw_gid
+
+
+class IngestServer(BenchServer):
+    """sis-ingest's server, started the way an operator does: init, account, key, ip, server."""
+
+    label = "ours"
+
+    def __init__(self, workdir: Path, client_pub: Path, workers: int) -> None:
+        super().__init__()
+        self.dir = workdir / "ours"
+        self.client_pub = client_pub
+        self.workers = workers
+        self.user = ACCOUNT
+        self.config = self.dir / "ingest.toml"
+
+    def _ingestctl(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "ingestctl.main", "--config", str(self.config), *args]
+
+    def _env(self) -> dict[str, str]:
+        path = os.environ.get("PYTHONPATH")
+        return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO)}
+
+    def available(self) -> str | None:
+        """None if ``ingestctl server`` exists, else why not."""
+        result = subprocess.run(
+            [sys.executable, "-m", "ingestctl.main", "server", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=self._env(),
+            cwd=REPO,
+        )
+        if result.returncode != 0:
+            return (
+                "'ingestctl server' does not exist yet (or fails): "
+                + (result.stderr.strip().splitlines() or ["no message"])[-1]
+            )
+        return None
+
+    def start(self) -> None:
+        self.dir.mkdir()
+        self.port = free_port()
+        workers = f"workers = {self.workers}\n" if self.workers else ""
+        # No connection caps, size limit or quota: 200 idle sessions and 1 GiB files are the
+        # point of the exercise. Everything else is the default configuration.
+        self.config.write_text(
+            f'data_root = "var"\nlog_dir = "logs"\n\n[server]\nhost = "127.0.0.1"\n'
+            f'port = {self.port}\nhost_key_dir = "keys"\n{workers}\n'
+            "[limits]\nmax_connections_total = 0\nmax_connections_per_address = 0\n"
+            "max_file_bytes = 0\naccount_quota_bytes = 0\n"
+        )
+        for step in (
+            ["init"],
+            ["account", "create", ACCOUNT],
+            ["key", "add", ACCOUNT, str(self.client_pub)],
+            ["ip", "add", ACCOUNT, "127.0.0.1"],
+        ):
+            run_checked(self._ingestctl(*step), env=self._env(), cwd=self.dir)
+        sys.path.insert(0, str(REPO))
+        from ingest_core.folders import account_folder
+        from ingest_core.settings import load_settings
+
+        self.upload_dir = account_folder(load_settings(self.config), ACCOUNT).root
+        log = self.dir / "server.log"
+        self._popen(self._ingestctl("server"), log, env=self._env(), cwd=self.dir)
+        wait_for_banner(self.port, self.process)
+
+    def log_tail(self, lines: int = 15) -> str:
+        path = self.dir / "server.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
