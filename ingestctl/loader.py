@@ -1,0 +1,142 @@
+"""ingestctl loader ...: run the nightly load now, run the loader daemon, list past loads."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ingestctl.output import print_json, print_table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "loader",
+        help="run the nightly load now, run the loader daemon, list past loads",
+        description="The nightly loader: validate each account's data file, load it into the "
+        "SIS database, delete it, and write the result into the account's folder log.",
+    )
+    nouns = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    r = nouns.add_parser("run", help="load now (exit 1 if any account failed)")
+    r.add_argument("names", nargs="*", metavar="NAME", help="accounts (default: every active one)")
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="load even if the row count dropped below loader.min_row_share of the last load "
+        "(this run only; needs NAME)",
+    )
+    r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.set_defaults(func=run)
+
+    d = nouns.add_parser(
+        "daemon", help="run loads and pool publishes on schedule, and on-arrival pre-checks"
+    )
+    d.set_defaults(func=daemon)
+
+    h = nouns.add_parser("history", help="list recorded loads (sis_loads), oldest first")
+    h.add_argument("name", nargs="?", help="only this account")
+    h.add_argument("--limit", type=int, default=50, help="newest N loads (default 50)")
+    h.add_argument("--json", action="store_true", help="machine-readable output")
+    h.set_defaults(func=history)
+
+
+class _ProgressBar:
+    """One self-rewriting line on a terminal: accounts done, and rows of the current file."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.current = ""
+
+    def _draw(self, extra: str) -> None:
+        width = 24
+        filled = width * self.done // max(self.total, 1)
+        bar = "#" * filled + "-" * (width - filled)
+        sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} accounts {extra}"[:200].ljust(79))
+        sys.stderr.flush()
+
+    def rows(self, account: str, file_name: str, rows: int) -> None:
+        self._draw(f"{account}: {file_name} {rows:,} rows")
+
+    def account_done(self, _result: object) -> None:
+        self.done += 1
+        self._draw("")
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def run(args: argparse.Namespace, ctx) -> int:
+    from loader.nightly import accounts_to_run, run_accounts
+
+    names = accounts_to_run(ctx.settings, args.names or None)
+    bar = _ProgressBar(len(names)) if sys.stderr.isatty() and not args.json else None
+    if args.force:
+        for name in args.names:
+            ctx.registry.record(name, "loader.force", reason="row-count guard overridden once")
+    try:
+        results = run_accounts(
+            ctx.settings,
+            names if args.names else None,
+            force=args.force,
+            progress=bar.rows if bar else None,
+            on_account=bar.account_done if bar else None,
+        )
+    finally:
+        if bar:
+            bar.close()
+    if args.json:
+        print_json(
+            [
+                {
+                    "account": r.account,
+                    "ok": r.ok,
+                    "busy": r.busy,
+                    "crashed": r.crashed,
+                    "outcomes": r.outcomes,
+                }
+                for r in results
+            ]
+        )
+    else:
+        for r in results:
+            print(r.summary())
+        if not results:
+            print("no active accounts")
+    return 0 if all(r.ok for r in results) else 1
+
+
+def daemon(args: argparse.Namespace, ctx) -> int:
+    from loader.daemon import run_forever
+
+    run_forever(ctx.settings)
+    return 0
+
+
+def history(args: argparse.Namespace, ctx) -> int:
+    from loader.sis_db import open_sis_db
+
+    if args.name:
+        ctx.registry.get_account(args.name)
+    loads = open_sis_db(ctx.settings.sis_db_url).loads(args.name, args.limit)
+    if args.json:
+        print_json(loads)
+        return 0
+    print_table(
+        [
+            (
+                r.started.isoformat(timespec="seconds"),
+                r.account,
+                r.file_name or r.spec_file,
+                r.status,
+                "" if r.rows is None else f"{r.rows:,}",
+                (r.sha256 or "")[:12],
+                r.message,
+            )
+            for r in loads
+        ],
+        ["started", "account", "file", "status", "rows", "sha256", "message"],
+        empty="no loads recorded",
+    )
+    return 0

@@ -1,0 +1,45 @@
+"""ingestctl log NAME: the account's folder log, as the client reads it."""
+
+from __future__ import annotations
+
+import argparse
+
+from ingest_core.folder_log import STATUSES, read_lines
+from ingest_core.folders import account_folder
+from ingestctl.output import print_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "log",
+        help="print an account's folder log (loads, pre-checks, pool files)",
+        description="The result log in the account's folder, oldest line first.",
+    )
+    p.add_argument("name")
+    p.add_argument("--tail", type=int, metavar="N", help="only the newest N lines")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def parse_line(line: str) -> dict[str, str]:
+    """Split ``time STATUS file detail`` (the status may be two words: NO FILE)."""
+    stamp, _, rest = line.partition(" ")
+    status = next((s for s in STATUSES if rest.startswith(s + " ") or rest == s), "")
+    rest = rest[len(status) :].lstrip() if status else rest
+    file_name, _, detail = rest.partition(" ")
+    return {"time": stamp, "status": status, "file": file_name, "detail": detail}
+
+
+def run(args: argparse.Namespace, ctx) -> int:
+    ctx.registry.get_account(args.name)
+    lines = read_lines(account_folder(ctx.settings, args.name))
+    if args.tail is not None:
+        lines = lines[-args.tail :] if args.tail > 0 else []
+    if args.json:
+        print_json([parse_line(line) for line in lines])
+        return 0
+    for line in lines:
+        print(line)
+    if not lines:
+        print(f"(the folder log of {args.name} is empty)")
+    return 0

@@ -1,0 +1,77 @@
+"""ingestctl pool ...: the pool file of active applicant IDs (deferred-fetch accounts)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ingestctl.output import print_fields, print_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pool",
+        help="import applicant IDs, publish pool files, show a pool",
+        description="Deferred-fetch accounts get a nightly pool file: one active applicant ID "
+        "per line, no header, CRLF line ends.",
+    )
+    nouns = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    i = nouns.add_parser("import", help="replace an account's applicant IDs from a file")
+    i.add_argument("name")
+    i.add_argument("file", type=Path, help="one applicant ID per line")
+    i.set_defaults(func=import_)
+
+    pub = nouns.add_parser("publish", help="write pool files now (exit 1 if any failed)")
+    pub.add_argument("names", nargs="*", metavar="NAME", help="default: every deferred-fetch one")
+    pub.add_argument("--json", action="store_true", help="machine-readable output")
+    pub.set_defaults(func=publish)
+
+    s = nouns.add_parser("show", help="where an account's IDs come from and its pool file")
+    s.add_argument("name")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=show)
+
+
+def import_(args: argparse.Namespace, ctx) -> int:
+    from loader.pool import import_ids
+
+    count = import_ids(ctx.settings, args.name, args.file)
+    ctx.registry.record(args.name, "pool.import", file=str(args.file), count=count)
+    print(f"imported {count:,} applicant IDs for {args.name}")
+    return 0
+
+
+def publish(args: argparse.Namespace, ctx) -> int:
+    from loader.pool import publish_pools
+
+    results = publish_pools(ctx.settings, args.names or None)
+    if args.json:
+        print_json(results)
+    else:
+        for r in results:
+            state = "published" if r.ok else "FAILED"
+            print(f"{r.account}: {state}: {r.message}")
+        if not results:
+            print("no active deferred-fetch accounts")
+    return 0 if all(r.ok for r in results) else 1
+
+
+def show(args: argparse.Namespace, ctx) -> int:
+    from loader.pool import show_pool
+
+    view = show_pool(ctx.settings, args.name)
+    if args.json:
+        print_json(view)
+        return 0
+    print_fields(
+        [
+            ("account", view.account),
+            ("source", view.source),
+            ("IDs in source", "-" if view.ids_in_source is None else f"{view.ids_in_source:,}"),
+            ("pool file", view.pool_file),
+            ("published", view.published_at or "never"),
+            ("IDs in file", "-" if view.ids_in_file is None else f"{view.ids_in_file:,}"),
+        ]
+    )
+    return 0

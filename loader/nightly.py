@@ -1,0 +1,394 @@
+"""The nightly run: for each account and approved spec, validate, load, commit, then delete.
+
+Rules that matter (issue 4):
+- the file is deleted only after the load committed, and only if the name still points at the
+  very file that was loaded (a newer upload that landed meanwhile stays for the next run);
+- a refused or failed load leaves the database and the file as they were;
+- files still being uploaded never show up here (``AccountFolder.candidate_files``);
+- one run per account at a time (an fcntl lock on ``folders.lock_path``), and one account's
+  failure never stops the others.
+
+:func:`load_file` is the "validate + load + swap" of one file with nothing else around it
+(no lock, no delete, no folder log): the benchmark and the tests call it directly.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from ingest_core import folder_log
+from ingest_core.errors import Refused
+from ingest_core.folders import account_folder, lock_path
+from ingest_core.registry import Registry
+from ingest_core.settings import Settings
+from ingest_core.structured_log import get_logger
+from loader.notify import notify_failure
+from loader.sis_db import (
+    FAILED,
+    LOADED,
+    NO_FILE,
+    REFUSED,
+    SisDB,
+    SwapAborted,
+    open_sis_db,
+)
+from loader.spec import Spec, closest_spec_hint, match_spec, specs_for, table_name
+from loader.validate import ValidationReport, iter_rows
+
+HASH_BLOCK = 1 << 20
+
+# progress(account, file_name, rows_so_far)
+Progress = Callable[[str, str, int], None]
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What a path pointed at: a different inode, size or mtime means a different file."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileIdentity:
+        st = os.stat(path)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def same_inode(self, other: FileIdentity) -> bool:
+        return (self.device, self.inode) == (other.device, other.inode)
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """The outcome of one file's validate + load + swap."""
+
+    account: str
+    spec_file: str
+    file_name: str
+    table: str
+    status: str  # loaded | refused | failed
+    rows: int
+    sha256: str
+    message: str  # for the client's folder log: what was wrong and what to do
+    load_id: int | None = None
+    internal_error: str = ""  # for operators only (structlog, e-mail), never the folder log
+    identity: FileIdentity | None = None
+    replaced_during_load: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == LOADED
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    """One line of an account's run, as it went into the folder log."""
+
+    status: str  # LOADED | NO FILE | ERROR
+    file_name: str
+    detail: str
+    rows: int = 0
+
+
+@dataclass
+class AccountResult:
+    account: str
+    outcomes: list[FileOutcome] = field(default_factory=list)
+    busy: bool = False
+    crashed: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return (
+            not self.busy and not self.crashed and all(o.status != "ERROR" for o in self.outcomes)
+        )
+
+    def summary(self) -> str:
+        if self.busy:
+            return f"{self.account}: skipped, another load of this account is running"
+        if self.crashed:
+            return f"{self.account}: FAILED ({self.crashed})"
+        if not self.outcomes:
+            return f"{self.account}: nothing to do (no approved file spec and no file)"
+        parts = [f"{o.status} {o.file_name} {o.detail}" for o in self.outcomes]
+        return f"{self.account}: " + "; ".join(parts)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _guard_message(rows: int, last_rows: int, share: float, last_when: datetime, zone) -> str:
+    day = last_when.astimezone(zone).date().isoformat()
+    return (
+        f"not loaded: the file has {rows:,} data rows, less than {share:.0%} of the "
+        f"{last_rows:,} rows loaded on {day}; a shortened export would wipe data. Check the "
+        "export; if the drop is expected, ask the operator to load it once with --force"
+    )
+
+
+def load_file(
+    settings: Settings,
+    spec: Spec,
+    path: Path,
+    force: bool = False,
+    progress: Callable[[int], None] | None = None,
+    db: SisDB | None = None,
+) -> LoadResult:
+    """Validate ``path`` against ``spec`` while loading it, and swap it in if all is well.
+
+    Never deletes the file and never writes the folder log. The row-count guard compares
+    with the last successful load of the same account and spec, unless ``force``.
+    """
+    db = db or open_sis_db(settings.sis_db_url)
+    table = table_name(spec)
+    before = FileIdentity.of(path)
+    sha = file_sha256(path)
+    last = db.last_loaded(spec.account, spec.file_name)
+    load_id = db.begin_load(spec.account, spec.file_name, table, path.name, sha)
+    report = ValidationReport(file_name=path.name)
+    rows = iter_rows(path, spec, report, max_errors=settings.loader.max_reported_errors)
+    replaced = False
+
+    def before_swap(count: int) -> None:
+        nonlocal replaced
+        if not report.ok:
+            raise SwapAborted(f"not loaded: {report.summary()}")
+        now = FileIdentity.of(path) if path.exists() else None
+        if now is not None and now.same_inode(before) and now != before:
+            raise SwapAborted(
+                "not loaded: the file changed while it was being loaded (was it still being "
+                "written?); upload it to a temporary name and rename it when complete"
+            )
+        replaced = now is None or not now.same_inode(before)
+        if replaced:
+            # We may have read either copy: refuse this one, the caller retries the new one.
+            raise SwapAborted(
+                "not loaded: a newer copy of the file arrived during the load; it stays in the "
+                "folder and will be loaded at the next run"
+            )
+        share = settings.loader.min_row_share
+        if not force and last is not None and last.rows and count < share * last.rows:
+            raise SwapAborted(_guard_message(count, last.rows, share, last.started, settings.zone))
+
+    def result(status: str, count: int, message: str, internal: str = "") -> LoadResult:
+        return LoadResult(
+            account=spec.account,
+            spec_file=spec.file_name,
+            file_name=path.name,
+            table=table,
+            status=status,
+            rows=count,
+            sha256=sha,
+            message=message,
+            load_id=load_id,
+            internal_error=internal,
+            identity=before,
+            replaced_during_load=replaced,
+        )
+
+    try:
+        count = db.replace_table(
+            load_id, table, spec.columns, spec.key_column, rows, before_swap, progress
+        )
+    except SwapAborted as exc:
+        db.finish_load(load_id, REFUSED, report.rows, str(exc))
+        return result(REFUSED, report.rows, str(exc))
+    except Exception as exc:
+        internal = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        if not report.ok:  # the validator's own refusal surfaced through the driver
+            message = f"not loaded: {report.summary()}"
+            db.finish_load(load_id, REFUSED, report.rows, message)
+            return result(REFUSED, report.rows, message)
+        db.finish_load(load_id, FAILED, report.rows, internal)
+        message = (
+            "not loaded: the SIS database could not be updated (a problem on our side; the "
+            "operators were notified); the file stays and will be loaded at the next run"
+        )
+        return result(FAILED, report.rows, message, internal)
+    return result(LOADED, count, f"{count:,} rows imported")
+
+
+@contextmanager
+def account_lock(settings: Settings, account: str) -> Iterator[bool]:
+    """Hold the account's run lock if free; yields False if another run holds it."""
+    path = lock_path(settings, account)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _delete_if_same(path: Path, identity: FileIdentity | None) -> bool:
+    """Delete the loaded file, unless the name now points at a newer upload."""
+    try:
+        if identity is None or FileIdentity.of(path) != identity:
+            return False
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return True
+
+
+def run_account(
+    settings: Settings,
+    account: str,
+    force: bool = False,
+    progress: Progress | None = None,
+    now: Callable[[], datetime] | None = None,
+) -> AccountResult:
+    """One account's nightly run. Never raises for a bad file or a database failure."""
+    log = get_logger(settings.log_dir, "loader")
+    result = AccountResult(account)
+    with account_lock(settings, account) as got:
+        if not got:
+            result.busy = True
+            log.warning("load_skipped_busy", account=account)
+            return result
+        try:
+            _run_locked(settings, account, force, progress, result)
+        except Exception as exc:  # one account's crash never stops the others
+            result.crashed = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            log.error("load_crashed", account=account, error=result.crashed)
+            notify_failure(
+                settings, "Load", account, "-", result.crashed, (now or _now(settings))()
+            )
+        when = (now or _now(settings))()
+        folder_log.trim(account_folder(settings, account), settings.loader.log_retention_days, when)
+    return result
+
+
+def _now(settings: Settings) -> Callable[[], datetime]:
+    return lambda: datetime.now(settings.zone)
+
+
+def _run_locked(
+    settings: Settings,
+    account: str,
+    force: bool,
+    progress: Progress | None,
+    result: AccountResult,
+) -> None:
+    log = get_logger(settings.log_dir, "loader")
+    folder = account_folder(settings, account)
+    zone = settings.zone
+    specs = specs_for(settings, account)
+    files = folder.candidate_files()
+    db = open_sis_db(settings.sis_db_url)
+
+    def line(status: str, file_name: str, detail: str, rows: int = 0) -> None:
+        folder_log.append(folder, zone, status, file_name, detail)
+        result.outcomes.append(FileOutcome(status, file_name, detail, rows))
+
+    for path in files:
+        if match_spec(specs, path.name) is None:
+            detail = (
+                f"not loaded: {path.name!r} is not an approved file name; "
+                f"{closest_spec_hint(specs, path.name)}; the file stays in the folder"
+            )
+            line("ERROR", path.name, detail)
+            log.warning("file_unknown", account=account, file=path.name)
+            notify_failure(settings, "Load", account, path.name, detail, datetime.now(zone))
+
+    present = {p.name: p for p in files}
+    for spec in specs:
+        path = present.get(spec.file_name)
+        if path is None:
+            db.record(account, spec.file_name, table_name(spec), NO_FILE, "no file received")
+            line("NO FILE", spec.file_name, "no file received; the SIS data stays as it was")
+            log.info("load_no_file", account=account, file=spec.file_name)
+            continue
+
+        def report_rows(rows: int, name: str = spec.file_name) -> None:
+            if progress is not None:
+                progress(account, name, rows)
+
+        outcome = load_file(settings, spec, path, force=force, progress=report_rows, db=db)
+        if outcome.replaced_during_load and path.exists():
+            log.info("load_retry_newer_copy", account=account, file=path.name)
+            outcome = load_file(settings, spec, path, force=force, progress=report_rows, db=db)
+        event = {
+            "account": account,
+            "file": path.name,
+            "status": outcome.status,
+            "rows": outcome.rows,
+            "sha256": outcome.sha256,
+            "load_id": outcome.load_id,
+            "forced": force,
+        }
+        if outcome.ok:
+            deleted = _delete_if_same(path, outcome.identity)
+            detail = f"{outcome.rows:,} rows imported"
+            if not deleted and path.exists():
+                detail += "; a newer copy of the file arrived meanwhile and stays for the next run"
+            line("LOADED", path.name, detail, outcome.rows)
+            log.info("load_done", deleted=deleted, **event)
+            continue
+        line("ERROR", path.name, f"{outcome.message}; the SIS data stays as it was")
+        log.error("load_failed", message=outcome.message, error=outcome.internal_error, **event)
+        notify_failure(
+            settings,
+            "Load",
+            account,
+            path.name,
+            outcome.internal_error or outcome.message,
+            datetime.now(zone),
+        )
+
+
+def accounts_to_run(settings: Settings, names: Sequence[str] | None) -> list[str]:
+    """The named accounts (each must exist), or every active account."""
+    registry = Registry(settings)
+    if names:
+        for name in names:
+            registry.get_account(name)  # raises NotFound with the right words
+        return list(dict.fromkeys(names))
+    return [a.name for a in registry.list_accounts() if a.status == "active"]
+
+
+def run_accounts(
+    settings: Settings,
+    names: Sequence[str] | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    on_account: Callable[[AccountResult], None] | None = None,
+) -> list[AccountResult]:
+    """Run each account in turn in this process; returns every account's result."""
+    if force and not names:
+        raise Refused("--force overrides the row-count guard once: name the account(s) it is for")
+    results = []
+    for name in accounts_to_run(settings, names):
+        result = run_account(settings, name, force=force, progress=progress)
+        results.append(result)
+        if on_account is not None:
+            on_account(result)
+    return results

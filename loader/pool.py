@@ -1,0 +1,230 @@
+"""The pool file of deferred-fetch accounts: active applicant UUUIDs, one per line.
+
+Format (Terra Dotta's): one column, no header, CRLF line ends. The file is written under a
+hidden temporary name in the same folder, fsync'ed and renamed into place, so a client never
+downloads half a file. Where the IDs come from is a setting: the ``sis_pool_applicants`` table
+that ``ingestctl pool import`` fills (default), or a SQL query against any database URL
+(``pool.source = "query"``; the query may use ``:account``).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+
+from ingest_core import folder_log
+from ingest_core.errors import NotFound, Refused
+from ingest_core.folders import POOL_FILE_NAME, POOL_TEMP_PREFIX, account_folder
+from ingest_core.registry import Registry
+from ingest_core.settings import Settings
+from ingest_core.structured_log import get_logger
+from loader.notify import notify_failure
+from loader.sis_db import open_sis_db
+
+MAX_ID_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class PoolResult:
+    account: str
+    ok: bool
+    count: int
+    path: str
+    message: str
+
+
+@dataclass(frozen=True)
+class PoolView:
+    account: str
+    source: str
+    ids_in_source: int | None
+    pool_file: str
+    published: bool
+    published_at: str | None
+    ids_in_file: int | None
+
+
+def check_uuuid(value: str, where: str) -> str:
+    """An applicant ID is one visible token (it becomes one CRLF line of the pool file)."""
+    if not value:
+        raise Refused(f"{where}: empty applicant ID")
+    if len(value) > MAX_ID_LENGTH:
+        raise Refused(f"{where}: applicant ID longer than {MAX_ID_LENGTH} characters")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise Refused(f"{where}: applicant ID {value!r} contains a space or control character")
+    return value
+
+
+def read_id_file(path: Path) -> list[str]:
+    """IDs from an import file: one per line (LF or CRLF), blank lines skipped, no duplicates."""
+    if not path.is_file():
+        raise NotFound(f"{path}: file not found")
+    seen: dict[str, int] = {}
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise Refused(f"{path.name} line {number}: not valid UTF-8") from None
+            value = line.rstrip("\r\n").strip()
+            if not value:
+                continue
+            check_uuuid(value, f"{path.name} line {number}")
+            if value in seen:
+                raise Refused(
+                    f"{path.name} line {number}: applicant ID {value!r} repeats line "
+                    f"{seen[value]}; each ID must appear once"
+                )
+            seen[value] = number
+    return list(seen)
+
+
+def _require_deferred(settings: Settings, account: str) -> None:
+    view = Registry(settings).get_account(account)
+    if not view.deferred_fetch:
+        raise Refused(
+            f"account {account!r} is not a deferred-fetch account; only those get a pool file "
+            "(create it with --deferred-fetch)"
+        )
+
+
+def import_ids(settings: Settings, account: str, path: Path) -> int:
+    """Replace the account's applicant IDs in the SIS database from a file (one per line)."""
+    _require_deferred(settings, account)
+    ids = read_id_file(Path(path))
+    count = open_sis_db(settings.sis_db_url).replace_applicants(account, ids)
+    get_logger(settings.log_dir, "loader").info("pool_imported", account=account, count=count)
+    return count
+
+
+def source_ids(settings: Settings, account: str) -> Iterator[str]:
+    """The account's active applicant IDs from the configured source, validated."""
+    if settings.pool.source == "table":
+        ids: Iterable[object] = open_sis_db(settings.sis_db_url).applicants(account)
+        yield from (check_uuuid(str(v), "pool table") for v in ids)
+        return
+    engine = create_engine(settings.pool.query_url)
+    try:
+        with engine.connect() as conn:
+            query = text(settings.pool.query)
+            params = {"account": account} if ":account" in settings.pool.query else {}
+            for row in conn.execute(query, params):
+                if row[0] is None:
+                    continue
+                yield check_uuuid(str(row[0]).strip(), "pool query")
+    finally:
+        engine.dispose()
+
+
+def write_pool_file(folder_root: Path, ids: Iterable[str]) -> tuple[Path, int]:
+    """Write the pool file atomically (temp name + fsync + rename); returns (path, count)."""
+    final = folder_root / POOL_FILE_NAME
+    tmp = folder_root / f"{POOL_TEMP_PREFIX}{secrets.token_hex(6)}"
+    count = 0
+    try:
+        with open(tmp, "xb") as handle:
+            for uuuid in ids:
+                handle.write(uuuid.encode("utf-8") + b"\r\n")
+                count += 1
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o640)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(folder_root, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return final, count
+
+
+def publish_pool(settings: Settings, account: str, now: datetime | None = None) -> PoolResult:
+    """Publish one account's pool file and log it; a failure keeps the previous pool file."""
+    log = get_logger(settings.log_dir, "loader")
+    folder = account_folder(settings, account)
+    when = now or datetime.now(settings.zone)
+    try:
+        seen: set[str] = set()
+        unique = (v for v in source_ids(settings, account) if not (v in seen or seen.add(v)))
+        path, count = write_pool_file(folder.root, unique)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        detail = (
+            "the pool file was not updated (a problem on our side; the operators were "
+            "notified); the previous pool file stays"
+        )
+        folder_log.append(folder, settings.zone, "ERROR", POOL_FILE_NAME, detail, when)
+        log.error("pool_failed", account=account, error=error)
+        notify_failure(settings, "Pool publish", account, POOL_FILE_NAME, error, when)
+        return PoolResult(account, False, 0, str(folder.pool_file), error)
+    folder_log.append(
+        folder, settings.zone, "POOL", POOL_FILE_NAME, f"{count:,} active applicant IDs", when
+    )
+    log.info("pool_published", account=account, count=count)
+    return PoolResult(account, True, count, str(path), f"{count:,} active applicant IDs")
+
+
+def pool_accounts(settings: Settings, names: list[str] | None = None) -> list[str]:
+    """The named accounts (each must be deferred-fetch), or every active deferred-fetch one."""
+    if names:
+        for name in names:
+            _require_deferred(settings, name)
+        return list(dict.fromkeys(names))
+    return [
+        a.name
+        for a in Registry(settings).list_accounts()
+        if a.status == "active" and a.deferred_fetch
+    ]
+
+
+def publish_pools(settings: Settings, names: list[str] | None = None) -> list[PoolResult]:
+    return [publish_pool(settings, name) for name in pool_accounts(settings, names)]
+
+
+def show_pool(settings: Settings, account: str) -> PoolView:
+    Registry(settings).get_account(account)
+    folder = account_folder(settings, account)
+    in_source: int | None = None
+    if settings.pool.source == "table":
+        in_source = open_sis_db(settings.sis_db_url).applicant_count(account)
+    published_at = None
+    in_file = None
+    if folder.pool_file.is_file():
+        stat = folder.pool_file.stat()
+        published_at = datetime.fromtimestamp(stat.st_mtime, settings.zone).isoformat(
+            timespec="seconds"
+        )
+        with open(folder.pool_file, "rb") as handle:
+            in_file = sum(1 for _ in handle)
+    return PoolView(
+        account=account,
+        source=(
+            "table sis_pool_applicants"
+            if settings.pool.source == "table"
+            else f"query on {_safe_url(settings.pool.query_url)}"
+        ),
+        ids_in_source=in_source,
+        pool_file=str(folder.pool_file),
+        published=published_at is not None,
+        published_at=published_at,
+        ids_in_file=in_file,
+    )
+
+
+def _safe_url(url: str) -> str:
+    """A database URL without its password (settings may carry one)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "(unparsable URL)"

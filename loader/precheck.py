@@ -1,0 +1,160 @@
+"""On-arrival pre-check: validate a file the moment it lands and tell the client the same evening.
+
+The server writes an upload under a hidden temporary name and renames it into place when the
+client closes it, so a complete file shows up as a *moved* event (or, for a file written in
+place by something else, a *closed* event). In-flight names are ignored. The check runs the
+same validation as the nightly load and appends one ``RECEIVED`` line to the folder log:
+passed (row count, and when it will load) or the errors. It never loads and never deletes.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+from watchdog.events import (
+    FileClosedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+
+from ingest_core import folder_log
+from ingest_core.errors import NotFound
+from ingest_core.folders import account_folder, accounts_root, is_data_file_name
+from ingest_core.schedule import Daily, parse_hhmm, utc_now
+from ingest_core.settings import Settings
+from ingest_core.structured_log import get_logger
+from loader.spec import closest_spec_hint, match_spec, specs_for
+from loader.validate import validate_file
+
+
+def next_load_time(settings: Settings, now: datetime | None = None) -> datetime:
+    """When the next nightly load starts, in the configured zone."""
+    daily = Daily(parse_hhmm(settings.schedule.loader_time), settings.zone)
+    return daily.next_after(now or utc_now()).astimezone(settings.zone)
+
+
+def precheck_file(settings: Settings, path: Path, now: datetime | None = None) -> str | None:
+    """Validate one arrived file and append its RECEIVED line; returns the line (or None if
+    the path is not a loadable file of an account folder)."""
+    path = Path(path)
+    root = accounts_root(settings)
+    if path.parent.parent != root or not is_data_file_name(path.name):
+        return None
+    account = path.parent.name
+    folder = account_folder(settings, account)
+    if not path.is_file() or path.is_symlink():
+        return None
+    try:
+        specs = specs_for(settings, account)
+    except NotFound:  # a folder with no account: nothing to tell anyone
+        return None
+    spec = match_spec(specs, path.name)
+    zone = settings.zone
+    if spec is None:
+        detail = (
+            f"will NOT load: {path.name!r} is not an approved file name; "
+            f"{closest_spec_hint(specs, path.name)}"
+        )
+    else:
+        report = validate_file(path, spec, max_errors=settings.loader.max_reported_errors)
+        if report.ok:
+            at = next_load_time(settings, now).isoformat(timespec="minutes")
+            detail = f"passed the checks: {report.rows:,} rows; it will load at {at}"
+        else:
+            detail = f"will NOT load: {report.summary()}; fix the file and upload it again"
+    line = folder_log.append(folder, zone, "RECEIVED", path.name, detail, now)
+    get_logger(settings.log_dir, "loader").info(
+        "precheck", account=account, file=path.name, passed=detail.startswith("passed")
+    )
+    return line
+
+
+class _Arrivals(FileSystemEventHandler):
+    def __init__(self, submit: Callable[[Path], None]) -> None:
+        self._submit = submit
+
+    def on_moved(self, event: FileSystemEvent) -> None:
+        if isinstance(event, FileMovedEvent) and not event.is_directory:
+            self._submit(Path(str(event.dest_path)))
+
+    def on_closed(self, event: FileSystemEvent) -> None:
+        if isinstance(event, FileClosedEvent) and not event.is_directory:
+            self._submit(Path(str(event.src_path)))
+
+
+class PreCheckWatcher:
+    """A watchdog observer on the accounts root plus one worker that runs the checks.
+
+    ``check`` does the work for one path (default: :func:`precheck_file` in the worker
+    thread; the daemon passes one that runs it in a child process).
+    """
+
+    def __init__(self, settings: Settings, check: Callable[[Path], object] | None = None) -> None:
+        self.settings = settings
+        self._check = check or (lambda p: precheck_file(settings, p))
+        self._queue: queue.Queue[Path | None] = queue.Queue()
+        self._observer = Observer()
+        self._worker = threading.Thread(target=self._work, name="precheck", daemon=True)
+        self._log = get_logger(settings.log_dir, "loader")
+        self._last: dict[Path, tuple[int, int, int]] = {}
+
+    def start(self) -> None:
+        root = accounts_root(self.settings)
+        root.mkdir(parents=True, exist_ok=True)
+        self._observer.schedule(_Arrivals(self._enqueue), str(root), recursive=True)
+        self._observer.start()
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._observer.stop()
+        self._observer.join(timeout=10)
+        self._queue.put(None)
+        self._worker.join(timeout=60)
+
+    def idle(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued check is done (tests)."""
+        done = threading.Event()
+
+        def waiter() -> None:
+            self._queue.join()
+            done.set()
+
+        threading.Thread(target=waiter, daemon=True).start()
+        return done.wait(timeout)
+
+    def _enqueue(self, path: Path) -> None:
+        if path.parent.parent == accounts_root(self.settings) and is_data_file_name(path.name):
+            self._queue.put(path)
+
+    def _work(self) -> None:
+        while True:
+            path = self._queue.get()
+            try:
+                if path is None:
+                    return
+                if self._is_new_version(path):
+                    self._check(path)
+            except Exception as exc:  # one bad file never stops the watcher
+                self._log.error("precheck_failed", file=str(path), error=str(exc))
+            finally:
+                self._queue.task_done()
+
+    def _is_new_version(self, path: Path) -> bool:
+        """Skip a second event for the very same file (a rename and a close can both fire)."""
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        version = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._last.get(path) == version:
+            return False
+        self._last[path] = version
+        if len(self._last) > 10_000:
+            self._last.clear()
+        return True
