@@ -26,6 +26,9 @@ NOUN_MODULES = (
     "hostkey",
     "keygen",
     "audit",
+    "loader",
+    "pool",
+    "log",
 )
 
 
