@@ -1,0 +1,434 @@
+"""Approved file specs: the data file format frozen at onboarding.
+
+The seed says a client's data file format is approved once and any later change is refused.
+``ingestctl spec approve`` reads an approved sample and freezes what it finds: the exact file
+name, the encoding (UTF-8, with or without a BOM), the column delimiter (tab, comma, pipe or
+semicolon), the row terminator (CRLF or LF), the quoting style, the header names in order and
+an optional key column that must be present and unique in every row.
+
+Quoting is ``"none"`` (no field is quoted; a quote character inside a value is plain data) or
+``"all"`` (every field is quoted, as ``csv.writer(quoting=csv.QUOTE_ALL)`` writes it, with
+``""`` for a quote inside a value). Terra Dotta's guidance is "quotes on every field or none",
+so a sample that quotes only some fields ("minimal" quoting) is refused, and so is a file that
+mixes the two styles later. Values never contain a line break: one row is one line.
+
+Header names must be SQL identifiers that need no quoting anywhere: letters, digits and
+underscores, starting with a letter or underscore, at most 63 characters (PostgreSQL's limit),
+no SQL reserved word of SQLite or PostgreSQL, no duplicates (compared case-insensitively, as
+SQL compares unquoted names).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePath
+from typing import Any
+
+from sqlalchemy import select
+
+from ingest_core.db import Account, FileSpec, open_control_db
+from ingest_core.errors import NotFound, Refused
+from ingest_core.folders import is_data_file_name
+from ingest_core.registry import Registry
+from ingest_core.settings import Settings
+
+BOM = b"\xef\xbb\xbf"
+DELIMITERS = ("\t", ",", "|", ";")
+DELIMITER_NAMES = {"\t": "tab", ",": "comma", "|": "pipe", ";": "semicolon"}
+TERMINATOR_NAMES = {"\r\n": "CRLF", "\n": "LF"}
+QUOTING = ("none", "all")
+MAX_HEADER_BYTES = 1 << 20
+MAX_COLUMN_NAME = 63
+MAX_TABLE_NAME = 40  # loader/sis_db.py adds suffixes and PostgreSQL cuts names at 63 bytes
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# SQLite's keyword list (sqlite.org/lang_keywords.html), the names SQLite gives its hidden row
+# id, and PostgreSQL's reserved and "reserved (can be function or type)" key words (PostgreSQL
+# manual, appendix C). A column named after any of them would need quoting in every query.
+SQL_RESERVED_WORDS = frozenset(
+    """
+    abort action add after all alter always analyze and as asc attach autoincrement before
+    begin between by cascade case cast check collate column commit conflict constraint create
+    cross current current_date current_time current_timestamp database default deferrable
+    deferred delete desc detach distinct do drop each else end escape except exclude exclusive
+    exists explain fail filter first following for foreign from full generated glob group groups
+    having if ignore immediate in index indexed initially inner insert instead intersect into is
+    isnull join key last left like limit match materialized natural no not nothing notnull null
+    nulls of offset on or order others outer over partition plan pragma preceding primary query
+    raise range recursive references regexp reindex release rename replace restrict returning
+    right rollback row rows savepoint select set table temp temporary then ties to transaction
+    trigger unbounded union unique update using vacuum values view virtual when where window
+    with without
+    rowid oid _rowid_
+    analyse any array asymmetric both current_catalog current_role current_schema current_user
+    fetch grant ilike lateral leading localtime localtimestamp only placing session_user some
+    symmetric system_user trailing true false user variadic authorization binary collation
+    concurrently freeze overlaps similar tablesample verbose
+    """.split()  # noqa: SIM905 - one word list is easier to read and extend than 190 lines
+)
+
+_DATE_STAMP = re.compile(
+    r"[-_.]?(?:\d{4}[-_.]?\d{2}[-_.]?\d{2}(?:[-_T]?\d{2}[-_:]?\d{2}(?:[-_:]?\d{2})?)?|\d{8,14})"
+)
+_TEXT_EXTENSIONS = (".txt", ".csv", ".tsv", ".tab", ".dat", ".psv", "")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One approved data file format of one account."""
+
+    account: str
+    file_name: str
+    encoding: str
+    bom: bool
+    delimiter: str
+    terminator: str
+    quoting: str
+    columns: tuple[str, ...]
+    key_column: str | None
+    approved_at: str = field(default="", compare=False)
+    approved_by: str = field(default="", compare=False)
+
+    @property
+    def key_index(self) -> int | None:
+        return None if self.key_column is None else self.columns.index(self.key_column)
+
+    def describe(self) -> str:
+        """The format in words, for operators and clients' IT people."""
+        bom = " with BOM" if self.bom else ""
+        quotes = "every field quoted" if self.quoting == "all" else "no quotes"
+        key = f", key {self.key_column}" if self.key_column else ""
+        return (
+            f"{DELIMITER_NAMES[self.delimiter]}-delimited, {TERMINATOR_NAMES[self.terminator]} "
+            f"line ends, {quotes}, UTF-8{bom}, {len(self.columns)} columns{key}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["columns"] = list(self.columns)
+        data["table"] = table_name(self)
+        return data
+
+
+# -- header names ---------------------------------------------------------------------------
+
+
+def header_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a column name, or None when it can."""
+    if name == "":
+        return "a column name is empty"
+    if " " in name or "\t" in name:
+        return f"column name {name!r} contains a space"
+    if not _IDENTIFIER.match(name):
+        if name[0].isdigit():
+            return f"column name {name!r} starts with a digit"
+        return f"column name {name!r} contains characters other than letters, digits and '_'"
+    if len(name) > MAX_COLUMN_NAME:
+        return f"column name {name!r} is longer than {MAX_COLUMN_NAME} characters"
+    if name.lower() in SQL_RESERVED_WORDS:
+        return f"column name {name!r} is an SQL reserved word"
+    return None
+
+
+def check_header_names(columns: tuple[str, ...]) -> None:
+    """Refuse a header that would not make a clean SQL table (first problem found)."""
+    if not columns:
+        raise Refused("the header row is empty")
+    seen: dict[str, int] = {}
+    for position, name in enumerate(columns, 1):
+        problem = header_name_problem(name)
+        if problem:
+            raise Refused(
+                f"header column {position}: {problem}; accepted: letters, digits and '_', "
+                "starting with a letter or '_', no SQL reserved words"
+            )
+        lowered = name.lower()
+        if lowered in seen:
+            raise Refused(
+                f"header columns {seen[lowered]} and {position} are both named {name!r} "
+                "(column names must be unique, ignoring case)"
+            )
+        seen[lowered] = position
+
+
+def check_file_name(name: str) -> str:
+    """An approved file name is a plain, visible, complete file name in the account folder."""
+    if not name or PurePath(name).name != name or name in (".", ".."):
+        raise Refused(f"file name {name!r} is not valid: give a plain name without folders")
+    if len(name.encode("utf-8")) > 255:
+        raise Refused(f"file name {name!r} is longer than 255 bytes")
+    if not is_data_file_name(name):
+        raise Refused(
+            f"file name {name!r} is reserved (hidden, partial-upload or service file names "
+            "are never loaded); choose a name such as sis_hr_user_info.txt"
+        )
+    return name
+
+
+# -- detection ------------------------------------------------------------------------------
+
+
+def _split_header(text: str, delimiter: str) -> tuple[tuple[str, ...], str]:
+    """Header names and the quoting style; refuses a header that mixes quoted and bare names."""
+    raw = text.split(delimiter)
+    quoted = [len(f) >= 2 and f[0] == '"' and f[-1] == '"' for f in raw]
+    if all(quoted):
+        return tuple(f[1:-1].replace('""', '"') for f in raw), "all"
+    if any(quoted) or any('"' in f for f in raw):
+        raise Refused(
+            "the header quotes some column names but not others; accepted: quotes on every "
+            "field or on none"
+        )
+    return tuple(raw), "none"
+
+
+def _detect_delimiter(header: str) -> str:
+    counts = {d: header.count(d) for d in DELIMITERS}
+    best = max(counts.values())
+    if best == 0:
+        return "\t"  # one column: nothing to detect; tab is Terra Dotta's format
+    winners = [d for d, c in counts.items() if c == best]
+    if len(winners) > 1:
+        names = " and ".join(DELIMITER_NAMES[d] for d in winners)
+        raise Refused(f"the header has as many {names} characters: cannot tell the delimiter")
+    return winners[0]
+
+
+def detect_spec(
+    sample: Path, account: str, as_name: str | None = None, key: str | None = None
+) -> Spec:
+    """Read an approved sample and return its frozen format (refuses a sample that is not
+    self-consistent, with the reason)."""
+    from loader.validate import validate_file  # validate imports this module
+
+    sample = Path(sample)
+    file_name = check_file_name(as_name if as_name is not None else sample.name)
+    if not sample.is_file():
+        raise NotFound(f"sample file {sample} not found")
+    with sample.open("rb") as stream:
+        first = stream.readline(MAX_HEADER_BYTES)
+    where = f"sample {sample.name}"
+    bom = first.startswith(BOM)
+    if bom:
+        first = first[len(BOM) :]
+    if not first:
+        raise Refused(f"{where} is empty; a sample needs a header row and at least one data row")
+    if first.endswith(b"\r\n"):
+        terminator = "\r\n"
+    elif first.endswith(b"\n"):
+        terminator = "\n"
+    elif len(first) >= MAX_HEADER_BYTES:
+        raise Refused(f"{where}: line 1 is longer than {MAX_HEADER_BYTES} bytes")
+    else:
+        raise Refused(f"{where} has a header but no data rows")
+    try:
+        header = first[: -len(terminator)].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Refused(
+            f"{where}: line 1 is not valid UTF-8 (byte 0x{first[exc.start]:02X}); "
+            "accepted: UTF-8 with or without BOM"
+        ) from None
+    if "\r" in header:
+        raise Refused(f"{where}: line 1 contains a carriage return inside the row")
+    delimiter = _detect_delimiter(header)
+    columns, quoting = _split_header(header, delimiter)
+    check_header_names(columns)
+    if key is not None and key not in columns:
+        raise Refused(
+            f"key column {key!r} is not in the header of {sample.name} "
+            f"(columns: {', '.join(columns)})"
+        )
+    spec = Spec(
+        account=account,
+        file_name=file_name,
+        encoding="utf-8",
+        bom=bom,
+        delimiter=delimiter,
+        terminator=terminator,
+        quoting=quoting,
+        columns=columns,
+        key_column=key,
+    )
+    report = validate_file(sample, spec, max_errors=1)
+    if not report.ok:
+        more = f" (and {report.error_count - 1} more)" if report.error_count > 1 else ""
+        raise Refused(f"{where}: {report.errors[0]}{more}")
+    return spec
+
+
+# -- the registry side ----------------------------------------------------------------------
+
+
+def _spec_from_row(account: str, row: FileSpec) -> Spec:
+    return Spec(
+        account=account,
+        file_name=row.file_name,
+        encoding=row.encoding,
+        bom=row.bom,
+        delimiter=row.delimiter,
+        terminator=row.terminator,
+        quoting=row.quoting,
+        columns=tuple(json.loads(row.columns)),
+        key_column=row.key_column,
+        approved_at=row.approved_at.isoformat(timespec="seconds"),
+        approved_by=row.approved_by,
+    )
+
+
+def _account_row(session: Any, account: str) -> Account:
+    row = session.scalar(select(Account).where(Account.name == account))
+    if row is None:
+        raise NotFound(f"no account named {account!r} (see 'ingestctl account list')")
+    return row
+
+
+def approve_spec(
+    registry: Registry,
+    account: str,
+    sample: Path,
+    as_name: str | None = None,
+    key: str | None = None,
+) -> Spec:
+    """Freeze the sample's format as an approved spec of ``account`` (audited)."""
+    spec = detect_spec(sample, account, as_name, key)
+    table = table_name(spec)
+    with registry.db.session.begin() as session:
+        owner = _account_row(session, account)
+        if any(s.file_name == spec.file_name for s in owner.specs):
+            raise Refused(
+                f"{account!r} already has an approved spec for {spec.file_name}; an approved "
+                f"format cannot change: remove it first ('ingestctl spec remove {account} "
+                f"{spec.file_name}')"
+            )
+        for other_account, row in session.execute(
+            select(Account.name, FileSpec).join(FileSpec.account)
+        ).all():
+            if table_name(_spec_from_row(other_account, row)) == table:
+                raise Refused(
+                    f"{spec.file_name} would load into table {table}, which {other_account}'s "
+                    f"spec {row.file_name} already uses; approve it under another name (--as)"
+                )
+        row = FileSpec(
+            account=owner,
+            file_name=spec.file_name,
+            encoding=spec.encoding,
+            bom=spec.bom,
+            delimiter=spec.delimiter,
+            terminator=spec.terminator,
+            quoting=spec.quoting,
+            columns=json.dumps(list(spec.columns)),
+            key_column=spec.key_column,
+            approved_by=registry.actor,
+        )
+        session.add(row)
+        session.flush()
+        stored = _spec_from_row(account, row)
+    registry.record(
+        account,
+        "spec.approve",
+        file_name=spec.file_name,
+        sample=str(sample),
+        format=spec.describe(),
+        columns=list(spec.columns),
+        key_column=spec.key_column,
+    )
+    return stored
+
+
+def specs_for(settings_or_registry: Settings | Registry, account: str) -> list[Spec]:
+    """The approved specs of ``account``, oldest first (NotFound for an unknown account)."""
+    if isinstance(settings_or_registry, Registry):
+        db = settings_or_registry.db
+    else:
+        db = open_control_db(settings_or_registry.control_db_url)
+    with db.session() as session:
+        owner = _account_row(session, account)
+        return [_spec_from_row(account, row) for row in owner.specs]
+
+
+def remove_spec(registry: Registry, account: str, file_name: str) -> Spec:
+    """Forget an approved spec (the SIS table and its data stay); audited."""
+    with registry.db.session.begin() as session:
+        owner = _account_row(session, account)
+        for row in owner.specs:
+            if row.file_name == file_name:
+                removed = _spec_from_row(account, row)
+                owner.specs.remove(row)
+                break
+        else:
+            names = ", ".join(s.file_name for s in owner.specs) or "none"
+            raise NotFound(f"{account!r} has no approved spec for {file_name} (approved: {names})")
+    registry.record(account, "spec.remove", file_name=file_name, format=removed.describe())
+    return removed
+
+
+# -- names ----------------------------------------------------------------------------------
+
+
+def match_spec(specs: list[Spec], file_name: str) -> Spec | None:
+    """The spec whose file name is exactly ``file_name`` (names are case-sensitive)."""
+    for spec in specs:
+        if spec.file_name == file_name:
+            return spec
+    return None
+
+
+def _stem_and_ext(name: str) -> tuple[str, str]:
+    path = PurePath(name)
+    return path.stem, path.suffix
+
+
+def _name_differences(file_name: str, approved: str) -> list[str]:
+    """How ``file_name`` differs from ``approved`` when it is a near miss, else []."""
+    stem, ext = _stem_and_ext(file_name)
+    their_stem, their_ext = _stem_and_ext(approved)
+    undated = _DATE_STAMP.sub("", stem)
+    if undated.lower() != their_stem.lower():
+        return []
+    if ext.lower() != their_ext.lower() and not (
+        ext.lower() in _TEXT_EXTENSIONS and their_ext.lower() in _TEXT_EXTENSIONS
+    ):
+        return []
+    differences = []
+    if undated != stem:
+        differences.append("by a date stamp (the name must be the same every day)")
+    if ext.lower() != their_ext.lower():
+        differences.append(f"in its extension ({ext or 'none'} instead of {their_ext or 'none'})")
+    if undated != their_stem or (ext != their_ext and ext.lower() == their_ext.lower()):
+        differences.append("in upper/lower case")
+    return differences
+
+
+def closest_spec_hint(specs: list[Spec], file_name: str) -> str:
+    """One sentence telling a client which approved name their file probably meant."""
+    if not specs:
+        return "no file format is approved for this account yet"
+    names = [s.file_name for s in specs]
+    approved = "approved names: " + ", ".join(names)
+    for name in names:
+        differences = _name_differences(file_name, name)
+        if differences:
+            return f"did you mean {name}? (the name differs {' and '.join(differences)})"
+    close = difflib.get_close_matches(file_name, names, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]}? ({approved})"
+    return approved
+
+
+def table_name(spec: Spec) -> str:
+    """The SIS table for a spec: ``sis_<account>_<file stem>``, SQL-safe, stable, <= 40 chars."""
+    stem = PurePath(spec.file_name).stem or spec.file_name
+    raw = f"sis_{spec.account}_{stem}".lower()
+    name = re.sub(r"[^a-z0-9_]+", "_", raw).strip("_")
+    name = re.sub(r"_+", "_", name)
+    if len(name) > MAX_TABLE_NAME:
+        digest = hashlib.blake2b(
+            f"{spec.account}/{spec.file_name}".encode(), digest_size=4
+        ).hexdigest()
+        name = f"{name[: MAX_TABLE_NAME - 9].rstrip('_')}_{digest}"
+    return name
