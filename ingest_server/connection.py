@@ -1,0 +1,227 @@
+"""One client connection's policy: who may log in, with which key, and what it may open.
+
+Public key only. The key must be registered to the account named by the user name, the
+account active, the client's address on *that* account's allowlist, and the key must still
+pass the key policy. Unknown users and wrong keys get the same answer. Everything except the
+SFTP subsystem and SCP is refused: shells and commands get one line saying so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncssh
+
+from ingest_core.policy import key_refusal
+from ingest_core.registry import LoginView, Registry
+from ingest_core.settings import Settings
+from ingest_server.defender import Defender
+from ingest_server.sftp import UploadTracker
+
+SERVICE_ONLY_MESSAGE = "This service accepts SFTP and SCP only."
+SHA2_RSA_SIGNATURES = frozenset({b"rsa-sha2-256", b"rsa-sha2-512"})
+_KEY_CACHE_MAX = 4096
+
+
+class KeyCache:
+    """Registered key text -> parsed key, so each key is parsed once per process."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, asyncssh.SSHKey | None] = {}
+
+    def get(self, text: str) -> asyncssh.SSHKey | None:
+        if text not in self._keys:
+            if len(self._keys) >= _KEY_CACHE_MAX:
+                self._keys.clear()
+            try:
+                self._keys[text] = asyncssh.import_public_key(text)
+            except (asyncssh.KeyImportError, ValueError):
+                self._keys[text] = None
+        return self._keys[text]
+
+
+@dataclass
+class ServerState:
+    """What every connection of one server process shares."""
+
+    settings: Settings
+    registry: Registry
+    defender: Defender
+    audit: Any
+    tracker: UploadTracker = field(default_factory=UploadTracker)
+    keys: KeyCache = field(default_factory=KeyCache)
+    connections: set[asyncssh.SSHServerConnection] = field(default_factory=set)
+
+
+class ClientConnection(asyncssh.SSHServer):
+    """asyncssh's per-connection hooks, answered from the registry at each login."""
+
+    def __init__(self, state: ServerState, address: str):
+        self.state = state
+        self.address = address
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.username = ""
+        self.view: LoginView | None = None
+        self.tried: set[str] = set()
+        self.failures: list[str] = []
+        self.accepted_fingerprint: str | None = None
+        self.authenticated = False
+        self.started = time.monotonic()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        self.state.connections.add(conn)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn is not None:
+            self.state.connections.discard(self.conn)
+        audit = self.state.audit
+        if self.authenticated:
+            audit.info(
+                "session.end",
+                account=self.username,
+                address=self.address,
+                seconds=round(time.monotonic() - self.started, 3),
+            )
+            return
+        if self.accepted_fingerprint and not self.failures:
+            # The key was acceptable but the signature was not: a SHA-1 `ssh-rsa` signature
+            # (refused unless server.allow_sha1_rsa_signatures) or a bad one.
+            self._fail(self.accepted_fingerprint, "signature refused (SHA-1 or invalid)")
+        if not self.failures:
+            return
+        unknown = self.view is None
+        ban = self.state.defender.record_failure(self.address, unknown_user=unknown)
+        if ban is not None:
+            audit.warning(
+                "defender.ban",
+                address=ban.address,
+                score=ban.score,
+                banned_until=ban.banned_until,
+                reason=ban.reason,
+            )
+
+    # -- authentication -------------------------------------------------------------------
+
+    async def begin_auth(self, username: str) -> bool:
+        self.username = username
+        self.view = await asyncio.to_thread(self.state.registry.login_view, username)
+        return True  # always ask for a key: unknown users look like known ones
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    def host_based_auth_supported(self) -> bool:
+        return False
+
+    def public_key_auth_supported(self) -> bool:
+        return len(self.tried) < self.state.settings.server.max_auth_attempts
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        fingerprint = key.get_fingerprint("sha256")
+        if fingerprint not in self.tried:
+            self.tried.add(fingerprint)
+            if len(self.tried) > self.state.settings.server.max_auth_attempts:
+                return False
+        reason = self._refusal(key)
+        if reason is not None:
+            self._fail(fingerprint, reason)
+            return False
+        if key.algorithm == b"ssh-rsa" and not self.state.settings.server.allow_sha1_rsa_signatures:
+            # asyncssh checks the client's signature algorithm against this key's
+            # all_sig_algorithms in SSHKey.verify(); narrowing it on this key object (a fresh
+            # one per request) refuses SHA-1 `ssh-rsa` signatures. Pinned by a paramiko test.
+            key.all_sig_algorithms = set(SHA2_RSA_SIGNATURES)
+        self.accepted_fingerprint = fingerprint
+        return True
+
+    def _refusal(self, key: asyncssh.SSHKey) -> str | None:
+        view = self.view
+        if view is None:
+            return "unknown account"
+        if not view.active:
+            return "account disabled"
+        if self.address not in view.ips:
+            return "address not allowed for this account"
+        policy = key_refusal(key, self.state.settings.keys)
+        if policy is not None:
+            return f"key refused by policy: {policy}"
+        for text in view.public_keys:
+            registered = self.state.keys.get(text)
+            if registered is not None and registered.public_data == key.public_data:
+                return None
+        return "key not registered to this account"
+
+    def _fail(self, fingerprint: str, reason: str) -> None:
+        self.failures.append(reason)
+        self.state.audit.warning(
+            "auth.failure",
+            account=self.username,
+            address=self.address,
+            fingerprint=fingerprint,
+            reason=reason,
+        )
+
+    def auth_completed(self) -> None:
+        self.authenticated = True
+        self.state.audit.info(
+            "auth.success",
+            account=self.username,
+            address=self.address,
+            fingerprint=self.accepted_fingerprint,
+        )
+
+    # -- what an authenticated client may open --------------------------------------------
+
+    def _refuse(self, what: str) -> bool:
+        self.state.audit.warning(
+            "channel.refused", account=self.username, address=self.address, request=what
+        )
+        return False
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int):
+        return self._refuse("local port forwarding")
+
+    def server_requested(self, listen_host: str, listen_port: int):
+        return self._refuse("remote port forwarding")
+
+    def unix_connection_requested(self, dest_path: str):
+        return self._refuse("unix socket forwarding")
+
+    def unix_server_requested(self, listen_path: str):
+        return self._refuse("unix socket forwarding")
+
+    def tun_requested(self, unit: int | None):
+        return self._refuse("tun forwarding")
+
+    def tap_requested(self, unit: int | None):
+        return self._refuse("tap forwarding")
+
+
+def refusing_session(audit: Any, address: str) -> Any:
+    """A session handler for a shell, a command other than scp, or another subsystem."""
+
+    def refuse(
+        stdin: asyncssh.SSHReader[str],
+        stdout: asyncssh.SSHWriter[str],
+        stderr: asyncssh.SSHWriter[str],
+    ) -> None:
+        channel = stderr.channel
+        audit.warning(
+            "channel.refused",
+            account=channel.get_extra_info("username"),
+            address=address,
+            request=f"command {channel.get_command()!r}" if channel.get_command() else "shell",
+        )
+        stderr.write(SERVICE_ONLY_MESSAGE + "\r\n")
+        channel.exit(1)
+
+    return refuse

@@ -1,0 +1,44 @@
+"""ingestctl defender list|unban: addresses banned after repeated failed logins."""
+
+from __future__ import annotations
+
+import argparse
+
+from ingest_server.defender import list_bans, unban
+from ingestctl.output import print_json, print_table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "defender",
+        help="list or lift brute-force bans",
+        description="Source addresses banned by the server's brute-force defender. A banned "
+        "address is dropped before the SSH banner until its ban ends or is lifted.",
+    )
+    nouns = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ls = nouns.add_parser("list", help="bans in force now")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=list_)
+    u = nouns.add_parser("unban", help="lift the ban on one address")
+    u.add_argument("address")
+    u.set_defaults(func=unban_)
+
+
+def list_(args: argparse.Namespace, ctx) -> int:
+    bans = list_bans(ctx.settings)
+    if args.json:
+        print_json(bans)
+        return 0
+    print_table(
+        [(b.address, b.banned_at, b.banned_until, b.score, b.reason) for b in bans],
+        ["address", "banned at", "until", "score", "reason"],
+        empty="no address is banned",
+    )
+    return 0
+
+
+def unban_(args: argparse.Namespace, ctx) -> int:
+    address = unban(ctx.settings, args.address)
+    ctx.registry.record(None, "defender.unban", address=address)
+    print(f"{address} is no longer banned")
+    return 0
