@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 INGESTCTL = [sys.executable, "-m", "ingestctl.main"]
 START_TIMEOUT = 30.0
+CLIENT_TIMEOUT = 60
 
 _host_key_cache: Path | None = None
 
@@ -254,3 +256,58 @@ def add_account(
         registry.add_key(name, Path(f"{key_path}.pub").read_text(encoding="utf-8"))
     for ip in ips:
         registry.add_ip(name, ip)
+
+
+# -- client-side helpers -------------------------------------------------------------------
+
+
+def sftp_batch(
+    running: RunningServer,
+    key: Path,
+    user: str,
+    commands: str,
+    bind: str | None = None,
+    check: bool = False,
+    extra: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[str]:
+    """Run OpenSSH sftp with a batch of commands on stdin (-b -: stops at the first error)."""
+    cmd = ["sftp", *extra, "-b", "-", *running.sftp_command(key, user, bind)[1:]]
+    result = subprocess.run(
+        cmd, input=commands, capture_output=True, text=True, timeout=CLIENT_TIMEOUT
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"sftp failed ({result.returncode}): {result.stderr}")
+    return result
+
+
+def visible_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def temp_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".ingest-upload-"))
+
+
+def write_random(path: Path, size: int) -> bytes:
+    """A file of ``size`` pseudo-random bytes (a random 1 MiB block repeated, fast)."""
+    block = os.urandom(min(size, 1024 * 1024))
+    with open(path, "wb") as handle:
+        left = size
+        while left > 0:
+            handle.write(block[: min(left, len(block))])
+            left -= len(block)
+    return path.read_bytes() if size <= 8 * 1024 * 1024 else b""
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.02)
+
+
+def kill_group(process: subprocess.Popen[bytes]) -> None:
+    """kill -9 a client and its ssh child (started with start_new_session=True)."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(10)
