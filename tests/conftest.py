@@ -73,23 +73,55 @@ def make_settings(workdir: Path) -> Iterator[Callable[..., Settings]]:
     close_all()
 
 
+def run_ingestctl_in_process(
+    args: list[str], cwd: Path, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The real CLI entry point, in this process (a subprocess costs ~1 s of imports)."""
+    import contextlib
+    import io
+
+    from ingestctl.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old_cwd, old_stdin = Path.cwd(), sys.stdin
+    sys.stdin = io.StringIO(input or "")
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(args)
+            except SystemExit as exc:  # argparse: --help and usage errors
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.stdin = old_stdin
+        os.chdir(old_cwd)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture
 def ingestctl(workdir: Path, config_file: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
-    """Run the real `ingestctl` in a subprocess with the test's config."""
+    """Run `ingestctl` with the test's config: in-process, or as a real subprocess."""
 
     def run(
-        *args: str, input: str | None = None, check: bool = False, config: Path | None = None
+        *args: str,
+        input: str | None = None,
+        check: bool = False,
+        config: Path | None = None,
+        subprocess_: bool = False,
     ) -> subprocess.CompletedProcess[str]:
-        cmd = [*INGESTCTL, "--config", str(config or config_file), *args]
-        result = subprocess.run(
-            cmd,
-            cwd=workdir,
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
+        full = ["--config", str(config or config_file), *args]
+        if subprocess_:
+            result = subprocess.run(
+                [*INGESTCTL, *full],
+                cwd=workdir,
+                input=input,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
+        else:
+            result = run_ingestctl_in_process(full, workdir, input)
         if check and result.returncode != 0:
             raise AssertionError(f"{args} failed ({result.returncode}): {result.stderr}")
         return result

@@ -86,7 +86,7 @@ def test_pasted_private_key_is_refused_without_echo(
 ) -> None:
     private = make_key("rsa", 4096).read_text()
     before = snapshot(ingestctl)
-    result = ingestctl("key", "add", account, "-", input=private)
+    result = ingestctl("key", "add", account, "-", input=private, subprocess_=True)
     assert result.returncode == 1
     assert "PRIVATE key" in result.stderr and "not stored" in result.stderr
     body_lines = [ln for ln in private.splitlines() if "-----" not in ln]
