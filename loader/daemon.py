@@ -24,13 +24,11 @@ from typing import Any, TypeVar
 
 from sqlalchemy import select
 
-from ingest_core import folder_log
 from ingest_core.db import JobRun, open_control_db, utcnow
-from ingest_core.folders import account_folder
 from ingest_core.schedule import Daily, local_date, missed_run, parse_hhmm, utc_now, wait_until
 from ingest_core.settings import Settings
 from ingest_core.structured_log import get_logger
-from loader.nightly import AccountResult, accounts_to_run, run_account
+from loader.nightly import AccountResult, accounts_to_run, report_crash, run_account
 from loader.notify import notify_failure
 from loader.pool import PoolResult, pool_accounts, publish_pool
 from loader.precheck import PreCheckWatcher, precheck_file
@@ -203,7 +201,13 @@ class LoaderDaemon:
                 result = await self._loads.acall(run_account, self.settings, name)
             except BrokenProcessPool:
                 result = AccountResult(name, crashed="the load process died unexpectedly")
-                await asyncio.to_thread(self._report_crash, name, result.crashed)
+                await asyncio.to_thread(
+                    report_crash,
+                    self.settings,
+                    name,
+                    result.crashed,
+                    datetime.now(self.settings.zone),
+                )
             results.append(result)
             self.log.info("account_run", account=name, ok=result.ok, summary=result.summary())
         return results
@@ -227,19 +231,6 @@ class LoaderDaemon:
                 )
                 results.append(PoolResult(name, False, 0, "", error))
         return results
-
-    def _report_crash(self, account: str, error: str) -> None:
-        folder = account_folder(self.settings, account)
-        folder_log.append(
-            folder,
-            self.settings.zone,
-            "ERROR",
-            "-",
-            "the load stopped unexpectedly (a problem on our side; the operators were "
-            "notified); the SIS data and any uploaded file stay as they were",
-        )
-        self.log.error("load_crashed", account=account, error=error)
-        notify_failure(self.settings, "Load", account, "-", error, datetime.now(self.settings.zone))
 
 
 def run_forever(settings: Settings) -> None:

@@ -14,6 +14,7 @@ Rules that matter (issue 4):
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -269,22 +270,38 @@ def run_account(
     """One account's nightly run. Never raises for a bad file or a database failure."""
     log = get_logger(settings.log_dir, "loader")
     result = AccountResult(account)
-    with account_lock(settings, account) as got:
-        if not got:
-            result.busy = True
-            log.warning("load_skipped_busy", account=account)
-            return result
-        try:
+    clock = now or _now(settings)
+    try:
+        with account_lock(settings, account) as got:
+            if not got:
+                result.busy = True
+                log.warning("load_skipped_busy", account=account)
+                return result
             _run_locked(settings, account, force, progress, result)
-        except Exception as exc:  # one account's crash never stops the others
-            result.crashed = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-            log.error("load_crashed", account=account, error=result.crashed)
-            notify_failure(
-                settings, "Load", account, "-", result.crashed, (now or _now(settings))()
+            folder_log.trim(
+                account_folder(settings, account), settings.loader.log_retention_days, clock()
             )
-        when = (now or _now(settings))()
-        folder_log.trim(account_folder(settings, account), settings.loader.log_retention_days, when)
+    except Exception as exc:  # one account's crash never stops the others
+        result.crashed = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        report_crash(settings, account, result.crashed, clock())
     return result
+
+
+def report_crash(settings: Settings, account: str, error: str, when: datetime) -> None:
+    """A run that broke on our side: tell the client in words, the operators in detail."""
+    get_logger(settings.log_dir, "loader").error("load_crashed", account=account, error=error)
+    # The folder itself may be the problem; the operators still get the e-mail.
+    with contextlib.suppress(OSError):
+        folder_log.append(
+            account_folder(settings, account),
+            settings.zone,
+            "ERROR",
+            "-",
+            "the load stopped because of a problem on our side (the operators were notified); "
+            "the SIS data and any uploaded file stay as they were",
+            when,
+        )
+    notify_failure(settings, "Load", account, "-", error, when)
 
 
 def _now(settings: Settings) -> Callable[[], datetime]:

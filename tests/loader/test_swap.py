@@ -1,0 +1,205 @@
+"""The SIS table swap: readers never see half a load; a killed load leaves the old data.
+
+Run on SQLite and on a real PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import REPO
+
+from loader.nightly import load_file, run_account
+from loader.sis_db import INTERRUPTED, LOADED, SisDB, open_sis_db
+from loader.spec import table_name
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
+def account(request, acme, onboard, settings, kit):
+    if request.param == "sqlite":
+        on = acme
+    else:
+        on = onboard(settings.replace(sis_db_url=request.getfixturevalue("pg_url")), "pgacme")
+    kit.write_data(on.data_file, 3)
+    assert run_account(on.settings, on.name).ok
+    return on
+
+
+def _rows(on) -> list[tuple[str, ...]]:
+    return open_sis_db(on.settings.sis_db_url).table_rows(table_name(on.spec))
+
+
+def test_load_replaces_table_and_records_the_run(account, kit):
+    before = _rows(account)
+    assert [r[0] for r in before] == ["U0000000", "U0000001", "U0000002"]
+    kit.write_data(account.data_file, 5, start=100)
+    result = run_account(account.settings, account.name)
+    assert result.ok, result.summary()
+    assert [r[0] for r in _rows(account)] == [f"U{i:07d}" for i in range(100, 105)]
+    assert not account.data_file.exists()
+    loads = open_sis_db(account.settings.sis_db_url).loads(account.name)
+    done = [r for r in loads if r.status == LOADED]
+    assert [r.rows for r in done] == [3, 5]
+    assert all(len(r.sha256 or "") == 64 and r.finished is not None for r in done)
+
+
+# A child that starts a real nightly run and stops inside the load's transaction (at the
+# first progress report, 10,000 rows in), waiting to be killed.
+CHILD = """
+import json, sys
+from pathlib import Path
+from ingest_core.settings import settings_from_mapping
+from loader.nightly import run_account
+cfg = json.loads(sys.argv[1])
+settings = settings_from_mapping(cfg, Path(cfg["data_root"]))
+def progress(account, file_name, rows):
+    print(rows, flush=True)
+    sys.stdin.readline()
+run_account(settings, sys.argv[2], progress=progress)
+print("finished", flush=True)
+"""
+
+
+def test_kill_9_midway_keeps_previous_data_and_file(account, kit):
+    old = _rows(account)
+    kit.write_data(account.data_file, 25_000, start=1000)
+    content = account.data_file.read_bytes()
+    s = account.settings
+    cfg = {
+        "data_root": str(s.data_root),
+        "log_dir": str(s.log_dir),
+        "control_db_url": s.control_db_url,
+        "sis_db_url": s.sis_db_url,
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, json.dumps(cfg), account.name],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "10000"  # mid-load, inside the transaction
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert _rows(account) == old
+    assert account.data_file.read_bytes() == content
+    assert open_sis_db(s.sis_db_url).loads(account.name)[-1].status == "running"
+
+    result = run_account(s, account.name)
+    assert result.ok, result.summary()
+    rows = _rows(account)
+    assert len(rows) == 25_000 and rows[0][0] == "U0001000"
+    assert not account.data_file.exists()
+    statuses = [r.status for r in open_sis_db(s.sis_db_url).loads(account.name)]
+    assert statuses[-2:] == [INTERRUPTED, LOADED]
+
+
+def test_sqlite_reader_holding_the_table_sees_old_rows_then_new(acme, kit):
+    kit.write_data(acme.data_file, 3)
+    assert run_account(acme.settings, acme.name).ok
+    table = table_name(acme.spec)
+    path = acme.settings.sis_db_url.split("///", 1)[1]
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        cursor = reader.execute(f'SELECT "UUUID" FROM "{table}" ORDER BY rowid')
+        first = cursor.fetchone()
+
+        kit.write_data(acme.data_file, 4, start=50)
+        result = load_file(acme.settings, acme.spec, acme.data_file)
+        assert result.ok, result.message
+
+        assert [first, *cursor.fetchall()] == [("U0000000",), ("U0000001",), ("U0000002",)]
+        reader.execute("COMMIT")
+        fresh = reader.execute(f'SELECT count(*) FROM "{table}"').fetchone()
+        assert fresh == (4,)
+    finally:
+        reader.close()
+
+
+@pytest.mark.postgres
+def test_postgres_swap_waits_for_a_reader_and_never_shows_partial_data(acme_pg, kit):
+    on = acme_pg
+    kit.write_data(on.data_file, 3)
+    assert run_account(on.settings, on.name).ok
+    table = table_name(on.spec)
+    conninfo = on.settings.sis_db_url.replace("postgresql+psycopg", "postgresql")
+    db = SisDB(on.settings.sis_db_url, lock_timeout_ms=100, swap_attempts=200)
+    kit.write_data(on.data_file, 6, start=70)
+    with psycopg.connect(conninfo) as reader:
+        reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        seen = reader.execute(f'SELECT count(*) FROM "{table}"').fetchone()
+        outcome: list[object] = []
+        loader = threading.Thread(
+            target=lambda: outcome.append(load_file(on.settings, on.spec, on.data_file, db=db))
+        )
+        loader.start()
+        time.sleep(1.0)  # the swap is queued behind our ACCESS SHARE lock meanwhile
+        assert loader.is_alive() and not outcome, "the swap did not wait for the reader"
+        again = reader.execute(f'SELECT count(*) FROM "{table}"').fetchone()
+        reader.execute("COMMIT")
+        loader.join(timeout=60)
+        assert seen == again == (3,)
+        assert outcome and outcome[0].ok, outcome
+        assert reader.execute(f'SELECT count(*) FROM "{table}"').fetchone() == (6,)
+    db.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_reader_that_never_lets_go_fails_the_load_cleanly(acme_pg, kit):
+    on = acme_pg
+    kit.write_data(on.data_file, 3)
+    assert run_account(on.settings, on.name).ok
+    table = table_name(on.spec)
+    conninfo = on.settings.sis_db_url.replace("postgresql+psycopg", "postgresql")
+    db = SisDB(on.settings.sis_db_url, lock_timeout_ms=50, swap_attempts=3)
+    kit.write_data(on.data_file, 6, start=70)
+    with psycopg.connect(conninfo) as reader:
+        reader.execute("BEGIN")
+        reader.execute(f'SELECT count(*) FROM "{table}"')
+        result = load_file(on.settings, on.spec, on.data_file, db=db)
+        reader.execute("COMMIT")
+    db.dispose()
+    assert result.status == "failed"
+    assert "stayed in use by readers" in result.internal_error
+    assert "will be loaded at the next run" in result.message
+    assert len(open_sis_db(on.settings.sis_db_url).table_rows(table)) == 3
+    assert on.data_file.exists()
+
+
+def test_staging_and_live_tables_after_loads(account, kit):
+    """No staging table is left behind, and the key column is indexed."""
+    kit.write_data(account.data_file, 4, start=10)
+    assert run_account(account.settings, account.name).ok
+    db = open_sis_db(account.settings.sis_db_url)
+    from sqlalchemy import inspect
+
+    names = inspect(db.engine).get_table_names()
+    table = table_name(account.spec)
+    assert table in names and not any(n.endswith("__staging") for n in names)
+    indexes = inspect(db.engine).get_indexes(table)
+    assert [i["column_names"] for i in indexes] == [["UUUID"]]
+
+
+def test_sqlite_wal_is_checkpointed_after_a_load(acme, kit):
+    kit.write_data(acme.data_file, 20_000)
+    assert run_account(acme.settings, acme.name).ok
+    wal = Path(acme.settings.sis_db_url.split("///", 1)[1] + "-wal")
+    assert not wal.exists() or wal.stat().st_size == 0
