@@ -71,3 +71,15 @@ def test_keygen_makes_a_4096_bit_pair_the_registry_accepts(ingestctl: Run,
     ingestctl("key", "add", "uni", f"{target}.pub", check=True)
     again = ingestctl("keygen", str(target))
     assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_keygen_passphrase_encrypts_the_private_key(tmp_path: Path) -> None:
+    from ingest_core.client_keys import generate_client_keypair
+
+    pair = generate_client_keypair(tmp_path / "id_enc", "enc", passphrase="correct horse")
+    wrong = subprocess.run(["ssh-keygen", "-y", "-P", "wrong", "-f", str(pair.private_path)],
+                           capture_output=True, text=True)
+    assert wrong.returncode != 0
+    right = subprocess.run(["ssh-keygen", "-y", "-P", "correct horse", "-f",
+                            str(pair.private_path)], capture_output=True, text=True, check=True)
+    assert right.stdout.split()[:2] == pair.public_line.split()[:2]
