@@ -171,7 +171,8 @@ class Session:
         local.parent.mkdir(parents=True, exist_ok=True)
         temp = local.parent / f".{local.name}.{secrets.token_hex(4)}.part"
         try:
-            await self.sftp.get(remote, str(temp))
+            # sparse=False: no ranges@asyncssh.com request, which some servers mishandle.
+            await self.sftp.get(remote, str(temp), sparse=False)
             got = temp.stat().st_size
             if expected is not None and got != expected:
                 raise fail(
