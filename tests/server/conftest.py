@@ -25,7 +25,10 @@ def server(
     tmp_path_factory: pytest.TempPathFactory, alpha_key: Path, beta_key: Path
 ) -> Iterator[RunningServer]:
     """A server shared by one test module, with accounts alpha and beta on 127.0.0.1."""
-    running = server_harness.start_server(tmp_path_factory.mktemp("server"))
+    # The defender is off here: these modules fail logins on purpose from 127.0.0.1.
+    running = server_harness.start_server(
+        tmp_path_factory.mktemp("server"), {"defender": {"enabled": False}}
+    )
     server_harness.add_account(running, "alpha", alpha_key)
     server_harness.add_account(running, "beta", beta_key)
     yield running
