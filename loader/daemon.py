@@ -132,6 +132,7 @@ class LoaderDaemon:
         self._pools = ChildRunner(in_process)
         self._prechecks = ChildRunner(in_process)
         self.job_runs: list[tuple[str, str]] = []  # (job, local date) done by this daemon
+        self.waiting: set[str] = set()  # jobs now sleeping until their next run
 
     async def run(self, stop: asyncio.Event) -> None:
         zone = self.settings.zone
@@ -178,7 +179,10 @@ class LoaderDaemon:
             if due is None:
                 due = missed_run(freq, last, self.now(), freq.zone)
             if due is None:
-                if not await wait_until(freq.next_after(self.now()), self.now, self.step, stop):
+                self.waiting.add(job)
+                woke = await wait_until(freq.next_after(self.now()), self.now, self.step, stop)
+                self.waiting.discard(job)
+                if not woke:
                     return
                 continue
             day = local_date(due, freq.zone)

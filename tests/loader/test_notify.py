@@ -1,0 +1,47 @@
+"""Failure e-mail to the operators, against a real SMTP server (aiosmtpd) on 127.0.0.1."""
+
+from __future__ import annotations
+
+from ingest_core.settings import PoolSettings, SmtpSettings
+from loader.nightly import run_account
+from loader.pool import publish_pool
+
+
+def _with_mail(settings, port: int):
+    smtp = SmtpSettings(host="127.0.0.1", port=port, recipients=["ops@example.edu"], timeout=10)
+    return settings.replace(smtp=smtp)
+
+
+def test_failed_load_mails_the_operators(acme, kit, smtp_sink):
+    sink, port = smtp_sink
+    s = _with_mail(acme.settings, port)
+    text = kit.data_text(3).replace("First1\t", "First1\tx\t")
+    acme.data_file.write_text(text, encoding="utf-8", newline="")
+    assert not run_account(s, acme.name).ok
+    (message,) = sink.wait(1)
+    assert message["To"] == "ops@example.edu"
+    assert message["Subject"] == "[sis-ingest] Load failed for acme: sis_hr_user_info.txt"
+    body = message.get_payload(decode=True).decode()
+    assert "account: acme" in body and "file:    sis_hr_user_info.txt" in body
+    assert "line 3: 5 fields, expected 4" in body
+    assert "time:    20" in body
+
+
+def test_good_load_sends_nothing_and_no_smtp_host_means_no_mail(acme, kit, smtp_sink):
+    sink, port = smtp_sink
+    kit.write_data(acme.data_file, 3)
+    assert run_account(_with_mail(acme.settings, port), acme.name).ok
+    acme.data_file.write_text("garbage\n", encoding="utf-8")
+    assert not run_account(acme.settings, acme.name).ok  # smtp.host empty: mail is off
+    assert sink.messages == []
+
+
+def test_failed_pool_publish_mails_the_operators(settings, onboard, smtp_sink, tmp_path):
+    sink, port = smtp_sink
+    on = onboard(settings, "defer", deferred_fetch=True)
+    broken = PoolSettings(source="query", query_url=f"sqlite:///{tmp_path}/x.db", query="SELEC")
+    s = _with_mail(on.settings, port).replace(pool=broken)
+    assert not publish_pool(s, on.name).ok
+    (message,) = sink.wait(1)
+    assert message["Subject"] == "[sis-ingest] Pool publish failed for defer: applicant_pool.txt"
+    assert "SELEC" in message.get_payload(decode=True).decode()  # the operators get the real error

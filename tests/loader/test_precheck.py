@@ -1,0 +1,61 @@
+"""On-arrival pre-check with a real watchdog observer and a real rename into the folder."""
+
+from __future__ import annotations
+
+import time
+
+from ingest_core import folder_log
+from loader.precheck import PreCheckWatcher, precheck_file
+
+
+def _wait_for_lines(folder, count: int, timeout: float = 15.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = folder_log.read_lines(folder)
+        if len(lines) >= count:
+            return lines
+        time.sleep(0.05)
+    return folder_log.read_lines(folder)
+
+
+def test_renamed_upload_gets_a_received_line_and_is_neither_loaded_nor_deleted(acme, kit):
+    watcher = PreCheckWatcher(acme.settings)
+    watcher.start()
+    try:
+        # in flight only: no line
+        tmp = acme.folder.upload_temp(acme.spec.file_name, "abc")
+        tmp.write_text(kit.data_text(12), encoding="utf-8", newline="")
+        assert watcher.idle()
+        # the server's rename into place: one RECEIVED line
+        tmp.rename(acme.data_file)
+        (line,) = _wait_for_lines(acme.folder, 1)
+        assert " RECEIVED sis_hr_user_info.txt passed the checks: 12 rows; it will load at " in line
+        assert line.rstrip().endswith(("T03:00-05:00", "T03:00-04:00"))
+
+        bad = kit.data_text(5).replace("U0000002", "U0000001")  # duplicate key
+        kit.upload(acme.folder, acme.spec.file_name, bad)
+        lines = _wait_for_lines(acme.folder, 2)
+        assert len(lines) == 2
+        assert " RECEIVED sis_hr_user_info.txt will NOT load: " in lines[1]
+        assert "line 4: duplicate key UUUID 'U0000001' (also on line 3" in lines[1]
+    finally:
+        watcher.stop()
+    assert acme.data_file.read_text(encoding="utf-8") == bad  # never deleted
+    assert all(" LOADED " not in line for line in folder_log.read_lines(acme.folder))
+
+
+def test_unknown_name_pre_check_says_which_name_is_approved(acme, kit):
+    path = kit.upload(acme.folder, "sis_hr_user_info.csv", kit.data_text(2))
+    line = precheck_file(acme.settings, path)
+    assert line is not None
+    assert "RECEIVED sis_hr_user_info.csv will NOT load" in line
+    assert "did you mean sis_hr_user_info.txt" in line
+
+
+def test_pre_check_ignores_service_files_and_foreign_folders(acme, kit, settings):
+    assert precheck_file(settings, acme.folder.log_file) is None
+    assert precheck_file(settings, acme.folder.root / ".ingest-upload-x-a.txt") is None
+    stray = settings.data_root / "accounts" / "nobody"
+    stray.mkdir()
+    (stray / "a.txt").write_text(kit.data_text(2), encoding="utf-8")
+    assert precheck_file(settings, stray / "a.txt") is None
