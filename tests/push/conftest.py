@@ -278,8 +278,11 @@ def agent(make_agent: Callable[..., Agent]) -> Agent:
 
 
 @pytest.fixture
-def sshd_connection(sshd: SshdServer, sshd_lab: SshdLab) -> Callable[..., Connection]:
-    """A password connection to the shared sshd's /upload (override any field)."""
+def sshd_connection(
+    sshd: SshdServer, sshd_lab: SshdLab, upload_dir: Path
+) -> Callable[..., Connection]:
+    """A password connection to the shared sshd's /upload (override any field); /upload is
+    emptied after the test."""
 
     def build(name: str = "sis", **changes: object) -> Connection:
         values: dict[str, object] = {
@@ -348,3 +351,32 @@ def push_cli(
 
 def smtp_settings(port: int) -> SmtpSettings:
     return SmtpSettings(host="127.0.0.1", port=port, sender="push@example.test", timeout=5.0)
+
+
+class FakeClock:
+    """An injectable UTC clock: ``clock()`` is now; ``clock.at(...)`` moves it."""
+
+    def __init__(self, start: datetime):
+        self.value = start
+
+    def __call__(self) -> datetime:
+        return self.value
+
+    def at(self, text: str) -> datetime:
+        self.value = datetime.fromisoformat(text)
+        return self.value
+
+
+def ready(agent: Agent, conn: Connection, password: str) -> Connection:
+    """Add a connection and pass Test and Save with its fingerprint confirmed."""
+    import asyncio
+
+    from push_agent import connections, runs
+
+    connections.add(agent, conn, password)
+    first = asyncio.run(runs.test_connection(agent, conn.name))
+    assert first.ok, first.failure
+    if conn.verify_fingerprint:
+        again = asyncio.run(runs.test_connection(agent, conn.name, accept=first.fingerprint))
+        assert again.pinned
+    return conn
