@@ -366,9 +366,10 @@ def profile_upload(run: Run, server: BenchServer, source: Path, out: Path, py_sp
     say(f"  profile: {raw} (collapsed stacks), summary {out}")
 
 
-def summarize_profile(raw: Path, top: int = 25) -> str:
-    """Self and inclusive time per function from py-spy's collapsed stacks."""
-    own: Counter[str] = Counter()
+def summarize_profile(raw: Path, top: int = 20) -> str:
+    """Self time per line and per function, inclusive time per function, from collapsed stacks."""
+    own_line: Counter[str] = Counter()
+    own_function: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
     for line in raw.read_text(errors="replace").splitlines():
@@ -376,20 +377,33 @@ def summarize_profile(raw: Path, top: int = 25) -> str:
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        frames = stack.split(";")
-        # The first frame names the process/thread; idle samples are excluded by py-spy.
-        frames = [f for f in frames if not f.startswith(("process ", "thread "))]
+        # py-spy's first frames name the process and thread; idle samples are not recorded.
+        frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
         if not frames:
             continue
         total += count
-        own[frames[-1]] += count
-        for frame in set(frames):
-            inclusive[frame] += count
-    lines = [f"samples: {total}", "", "self time (where the CPU is):"]
-    lines += [f"{n / total:6.1%}  {f}" for f, n in own.most_common(top)]
-    lines += ["", "inclusive time:"]
-    lines += [f"{n / total:6.1%}  {f}" for f, n in inclusive.most_common(top)]
-    return "\n".join(lines) + "\n"
+        own_line[frames[-1]] += count
+        functions = [_without_line(f) for f in frames]
+        own_function[functions[-1]] += count
+        for function in set(functions):
+            inclusive[function] += count
+    if not total:
+        return "no samples\n"
+    out = [f"samples: {total}"]
+    for title, counter in (
+        ("self time by line", own_line),
+        ("self time by function", own_function),
+        ("inclusive time by function", inclusive),
+    ):
+        out += ["", f"{title}:"]
+        out += [f"{n / total:6.1%}  {f}" for f, n in counter.most_common(top)]
+    return "\n".join(out) + "\n"
+
+
+def _without_line(frame: str) -> str:
+    """'write (pkg/mod.py:90)' -> 'write (pkg/mod.py)'."""
+    head, sep, tail = frame.rpartition(":")
+    return f"{head})" if sep and tail.rstrip(")").isdigit() else frame
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -647,13 +661,26 @@ def main(argv: list[str] | None = None) -> int:
                     say(f"ours listening on 127.0.0.1:{ours.port} (pid {ours.pid})")
             if not servers:
                 raise BenchError("no server to measure")
+            for server in servers:
+                notes.append(f"{server.label} CPU measured by {server.cpu_method}")
+            load_before = os.getloadavg()[0]
             results = measure(run, servers)
+            notes.append(
+                f"load average (1 min) {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
+                f"on {os.cpu_count()} CPUs: above ~0.5 other work competed with the benchmark"
+            )
             summary = summarize(results)
             print(table(summary, args, notes))
             if args.json:
                 Path(args.json).write_text(
                     json.dumps(
-                        {"args": vars(args), "results": results, "summary": summary}, indent=2
+                        {
+                            "args": vars(args),
+                            "results": results,
+                            "summary": summary,
+                            "notes": notes,
+                        },
+                        indent=2,
                     )
                 )
                 say(f"JSON written to {args.json}")
