@@ -39,6 +39,7 @@ from ingest_server.sftp import AccountSFTPServer
 PROXY_HEADER_TIMEOUT = 5.0
 STALE_TEMP_SECONDS = 3600
 _CLOSE_WAIT = 5.0
+LINGER = 1.0
 
 
 def host_keypairs(settings: Settings) -> list[tuple[asyncssh.SSHKeyPair, str]]:
@@ -239,16 +240,23 @@ class Server:
         deadline = loop.time() + self.settings.server.shutdown_grace
         in_flight = tracker.total()
         self.audit.info("server.stopping", uploads_in_flight=in_flight)
+        # A connection idle now is closed now; one that finishes its upload gets a moment
+        # (LINGER) to read the reply and end its session itself, so its client sees success.
+        busy_at_start = {c for c in self.state.connections if tracker.busy(c)}
+        idle_since: dict[Any, float] = {}
         while True:
+            now = loop.time()
             for conn in list(self.state.connections):
-                if not tracker.busy(conn):
+                if tracker.busy(conn):
+                    idle_since.pop(conn, None)
+                elif conn not in busy_at_start or now - idle_since.setdefault(conn, now) > LINGER:
                     conn.close()
-            remaining = deadline - loop.time()
-            if tracker.total() == 0 or remaining <= 0:
+            remaining = deadline - now
+            if not (self.state.connections & busy_at_start) or remaining <= 0:
                 break
             tracker.changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(tracker.changed.wait(), min(remaining, 0.5))
+                await asyncio.wait_for(tracker.changed.wait(), min(remaining, 0.2))
         cut = tracker.total()
         for conn in list(self.state.connections):
             conn.close()
