@@ -181,6 +181,8 @@ class _Format:
                 f"fields are separated by {DELIMITER_NAMES[other]} instead of the approved "
                 f"{self.d_name}"
             )
+        if self.quoted and line.count('"') % 2:
+            return None, "a quote is never closed (the line has an odd number of quote marks)"
         fields, problem = self.split_quoted(line) if self.quoted else self.split_bare(line)
         if fields is None:
             return None, problem

@@ -1,0 +1,321 @@
+"""Streaming validation: one real file per failure kind, each message naming its line."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+
+from loader.validate import (
+    BLOCK_BYTES,
+    ValidationReport,
+    header_difference,
+    iter_rows,
+    validate_file,
+)
+
+if str(Path(__file__).parent) not in sys.path:  # sample_files.py sits beside this file
+    sys.path.append(str(Path(__file__).parent))
+from sample_files import COLUMNS, make_spec, people, render, write, write_people
+
+HEADER = "\t".join(COLUMNS)
+ROW2 = "U0000001\tFirst1\tLast 1\tp1@example.edu\tMain"
+ROW3 = "U0000002\tFirst2\tLast 2\tp2@example.edu\tMain"
+ROW4 = "U0000003\tFirst3\tLast 3\tp3@example.edu\tMain"
+
+
+def only_error(report: ValidationReport) -> str:
+    assert not report.ok
+    assert report.error_count == 1, report.errors
+    return report.errors[0]
+
+
+# -- files that pass ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        {"delimiter": "\t", "terminator": "\n"},
+        {"delimiter": ",", "terminator": "\r\n"},
+        {"delimiter": "|", "terminator": "\n", "bom": True},
+        {"delimiter": ";", "terminator": "\r\n", "quoting": "all"},
+        {"delimiter": "\t", "terminator": "\r\n", "quoting": "all", "bom": True},
+    ],
+)
+def test_a_file_in_its_approved_format_passes_and_yields_every_row(
+    tmp_path: Path, fmt: dict[str, object]
+) -> None:
+    path = write_people(tmp_path / "f.txt", 7, **fmt)
+    report = ValidationReport(path.name)
+    rows = list(iter_rows(path, make_spec(**fmt), report))  # type: ignore[arg-type]
+    assert report.ok, report.errors
+    assert report.rows == 7
+    assert rows == people(7)
+    assert report.summary() == "f.txt: 7 rows, valid"
+
+
+def test_values_are_trimmed_and_the_key_is_compared_trimmed(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "f.txt",
+        f"{HEADER}\n U1 \tAnn\t Lee\ta@x\tMain \nU2\t Mary Ann \tKay\tb@x\tMain\n",
+    )
+    report = ValidationReport(path.name)
+    rows = list(iter_rows(path, make_spec(), report))
+    assert report.ok, report.errors
+    assert rows == [["U1", "Ann", "Lee", "a@x", "Main"], ["U2", "Mary Ann", "Kay", "b@x", "Main"]]
+    dup = write(tmp_path / "g.txt", f"{HEADER}\nU1\ta\tb\tc\td\n U1 \ta\tb\tc\td\n")
+    assert "line 3: duplicate key UUUID 'U1' (also on line 2" in only_error(
+        validate_file(dup, make_spec())
+    )
+
+
+def test_quote_all_values_with_quotes_delimiters_and_spaces_round_trip(tmp_path: Path) -> None:
+    rows = [["U1", 'say "hi"', "a,b;c|d\te", " padded ", ""], ["U2", '"', '""', "x", "y"]]
+    path = tmp_path / "q.csv"
+    with path.open("w", newline="", encoding="utf-8") as out:
+        csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator="\r\n").writerows([COLUMNS, *rows])
+    spec = make_spec(delimiter=",", terminator="\r\n", quoting="all")
+    report = ValidationReport(path.name)
+    got = list(iter_rows(path, spec, report))
+    assert report.ok, report.errors
+    rows[0][3] = "padded"
+    assert got == rows
+
+
+def test_the_last_line_may_lack_its_terminator(tmp_path: Path) -> None:
+    path = write(tmp_path / "f.txt", render(COLUMNS, people(3), final_terminator=False))
+    report = validate_file(path, make_spec())
+    assert report.ok and report.rows == 3
+
+
+def test_a_quote_inside_an_unquoted_value_is_plain_data(tmp_path: Path) -> None:
+    path = write(tmp_path / "f.txt", f'{HEADER}\nU1\tRobert "Bob"\tLee\ta@x\tMain\n')
+    rows = list(iter_rows(path, make_spec(), ValidationReport("f")))
+    assert rows == [["U1", 'Robert "Bob"', "Lee", "a@x", "Main"]]
+
+
+# -- one file per failure kind -----------------------------------------------------------
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    assert only_error(validate_file(write(tmp_path / "f.txt", b""), make_spec())) == (
+        "the file is empty"
+    )
+
+
+def test_header_but_no_rows(tmp_path: Path) -> None:
+    for data in (f"{HEADER}\n", HEADER):
+        path = write(tmp_path / "f.txt", data)
+        assert only_error(validate_file(path, make_spec())) == (
+            "the file has a header (line 1) but no data rows"
+        )
+
+
+def test_wrong_encoding_names_the_line_of_the_first_bad_byte(tmp_path: Path) -> None:
+    data = f"{HEADER}\n{ROW2}\n".encode() + "U2\tJos\xe9\tL\tj@x\tMain\n".encode("latin-1")
+    report = validate_file(write(tmp_path / "f.txt", data + f"{ROW4}\n".encode()), make_spec())
+    assert only_error(report).startswith("line 3: not valid UTF-8 (byte 0xE9 at column 7)")
+
+
+def test_bad_byte_far_into_the_file_is_on_its_exact_line(tmp_path: Path) -> None:
+    rows = people(6000)  # ~ 300 KB: many blocks, the bad byte well past the first
+    rows[4321][1] = "Ren\udce9"  # a lone 0xE9 byte after surrogateescape encoding
+    text = render(COLUMNS, [], final_terminator=True).decode()
+    body = "".join("\t".join(r) + "\n" for r in rows)
+    data = text.encode() + body.encode("utf-8", "surrogateescape")
+    assert len(data) > 4 * BLOCK_BYTES
+    report = validate_file(write(tmp_path / "f.txt", data), make_spec())
+    assert only_error(report).startswith("line 4323: not valid UTF-8 (byte 0xE9 at column 13)")
+
+
+def test_utf16_file_is_refused_as_not_utf8(tmp_path: Path) -> None:
+    path = write(tmp_path / "f.txt", f"{HEADER}\n{ROW2}\n".encode("utf-16"))
+    assert "line 1: not valid UTF-8 (byte 0xFF" in validate_file(path, make_spec()).summary()
+
+
+def test_nul_byte_is_refused_with_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "f.txt", f"{HEADER}\n{ROW2}\nU2\ta\x00\tb\tc\td\n")
+    assert "line 3: contains a NUL byte" in only_error(validate_file(path, make_spec()))
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (
+            "UUUID\tFirst_Name\tLast_Name\tEmail",
+            "line 1: the header differs from the approved one: missing: Campus",
+        ),
+        (
+            "UUUID\tFirst_Name\tLast_Name\tEmail\tCampus\tPhone",
+            "line 1: the header differs from the approved one: extra: 'Phone'",
+        ),
+        (
+            "UUUID\tFirstName\tLast_Name\tEmail\tCampus",
+            "line 1: the header differs from the approved one: renamed: column 2 First_Name "
+            "is now 'FirstName'",
+        ),
+        (
+            "UUUID\tLast_Name\tFirst_Name\tEmail\tCampus",
+            "line 1: the header columns are reordered: got UUUID, Last_Name, First_Name, Email, "
+            "Campus; approved order: UUUID, First_Name, Last_Name, Email, Campus",
+        ),
+    ],
+)
+def test_header_differences_say_which_columns(tmp_path: Path, header: str, expected: str) -> None:
+    n = header.count("\t") + 1
+    path = write(tmp_path / "f.txt", f"{header}\n" + "\t".join(["v"] * n) + "\n")
+    assert only_error(validate_file(path, make_spec(key=None))) == expected
+
+
+def test_header_difference_mixes_missing_extra_and_order() -> None:
+    text = header_difference(("B", "A", "X"), ("A", "B", "C"))
+    assert "renamed: column 3 C is now 'X'" in text
+    assert "reordered: B, A" in text
+
+
+def test_delimiter_differs_for_the_whole_file(tmp_path: Path) -> None:
+    path = write_people(tmp_path / "f.txt", 3, delimiter=",")
+    assert only_error(validate_file(path, make_spec())) == (
+        "line 1: header: fields are separated by comma instead of the approved tab"
+    )
+
+
+def test_delimiter_differs_on_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "f.txt", f"{HEADER}\n{ROW2}\n{ROW3.replace(chr(9), '|')}\n{ROW4}\n")
+    assert only_error(validate_file(path, make_spec())) == (
+        "line 3: fields are separated by pipe instead of the approved tab"
+    )
+
+
+def test_terminator_differs_for_the_whole_file(tmp_path: Path) -> None:
+    path = write_people(tmp_path / "f.txt", 3, terminator="\r\n")
+    assert only_error(validate_file(path, make_spec())) == (
+        "line 1: lines end with CRLF; the approved format ends every line with LF"
+    )
+
+
+def test_mixed_terminators_name_each_odd_line(tmp_path: Path) -> None:
+    lf_file = write(tmp_path / "lf.txt", f"{HEADER}\n{ROW2}\r\n{ROW3}\n{ROW4}\n")
+    assert only_error(validate_file(lf_file, make_spec())) == (
+        "line 2: ends with CRLF; the approved format ends every line with LF only"
+    )
+    crlf_file = write(tmp_path / "crlf.txt", f"{HEADER}\r\n{ROW2}\r\n{ROW3}\r\n{ROW4}\n")
+    assert only_error(validate_file(crlf_file, make_spec(terminator="\r\n"))) == (
+        "line 4: ends with LF only; the approved format ends every line with CRLF"
+    )
+    stray = write(tmp_path / "cr.txt", f"{HEADER}\n{ROW2}\n{ROW3[:10]}\r{ROW3[10:]}\n")
+    assert "line 3: contains a carriage return (CR) inside the row" in (
+        validate_file(stray, make_spec()).summary()
+    )
+
+
+def test_wrong_field_counts_name_every_line(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "f.txt",
+        f"{HEADER}\n{ROW2}\tEXTRA\n{ROW3}\nU3\tonly three\tfields\n\n{ROW4}\n",
+    )
+    report = validate_file(path, make_spec())
+    assert report.errors == [
+        "line 2: 6 fields, expected 5",
+        "line 4: 3 fields, expected 5",
+        "line 5: the line is empty (expected 5 fields)",
+    ]
+
+
+def test_unterminated_quote_in_an_unquoted_file(tmp_path: Path) -> None:
+    path = write(tmp_path / "f.txt", f'{HEADER}\n{ROW2}\nU2\t"First2\tLast\tp@x\tMain\n{ROW4}\n')
+    assert only_error(validate_file(path, make_spec())) == (
+        "line 3: field 2 opens a quote that is never closed (and the approved format quotes "
+        "no field)"
+    )
+
+
+def test_unterminated_quote_in_a_quoted_file_stops_at_its_line(tmp_path: Path) -> None:
+    good = render(COLUMNS, people(3), quoting="all").decode().splitlines(keepends=True)
+    good[2] = good[2].replace('"Last 2"', '"Last 2')
+    path = write(tmp_path / "f.txt", "".join(good))
+    report = validate_file(path, make_spec(quoting="all"))
+    assert only_error(report) == (
+        "line 3: a quote is never closed (the line has an odd number of quote marks)"
+    )
+    assert report.rows == 3
+
+
+def test_mixed_quoting_is_refused_both_ways(tmp_path: Path) -> None:
+    quoted = render(COLUMNS, people(2), quoting="all").decode().replace('"Main"', "Main", 1)
+    report = validate_file(write(tmp_path / "q.txt", quoted), make_spec(quoting="all"))
+    assert only_error(report) == (
+        "line 2: field 5 is not quoted, but the approved format quotes every field (mixed quoting)"
+    )
+    bare = write(tmp_path / "b.txt", f'{HEADER}\n{ROW2}\nU2\t"First2"\tLast\tp@x\tMain\n')
+    assert only_error(validate_file(bare, make_spec())) == (
+        "line 3: field 2 is quoted, but the approved format quotes no field (mixed quoting)"
+    )
+
+
+def test_quoted_header_in_an_unquoted_format(tmp_path: Path) -> None:
+    path = write_people(tmp_path / "f.txt", 2, quoting="all")
+    assert only_error(validate_file(path, make_spec())).startswith(
+        "line 1: header: field 1 is quoted, but the approved format quotes no field"
+    )
+
+
+def test_empty_key_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "f.txt", f"{HEADER}\n{ROW2}\n  \tA\tB\tC\tD\n")
+    assert only_error(validate_file(path, make_spec())) == "line 3: the key column UUUID is empty"
+
+
+def test_duplicate_key_names_the_value_and_both_lines(tmp_path: Path) -> None:
+    rows = people(3000)
+    rows[2500][0] = rows[10][0]
+    path = write(tmp_path / "f.txt", render(COLUMNS, rows))
+    assert only_error(validate_file(path, make_spec())) == (
+        "line 2502: duplicate key UUUID 'U0000011' (also on line 12; each row needs its own)"
+    )
+
+
+def test_bom_must_match_the_approved_sample(tmp_path: Path) -> None:
+    with_bom = write_people(tmp_path / "a.txt", 2, bom=True)
+    assert only_error(validate_file(with_bom, make_spec())) == (
+        "line 1: the file starts with a UTF-8 byte order mark (BOM); the approved format has none"
+    )
+    without = write_people(tmp_path / "b.txt", 2)
+    assert only_error(validate_file(without, make_spec(bom=True))) == (
+        "line 1: the file lacks the UTF-8 byte order mark (BOM) that the approved format has"
+    )
+
+
+# -- the report --------------------------------------------------------------------------
+
+
+def test_report_keeps_the_first_errors_and_counts_them_all(tmp_path: Path) -> None:
+    rows = people(40)
+    for row in rows:
+        row.pop()
+    path = write(tmp_path / "f.txt", render(COLUMNS, rows))
+    report = validate_file(path, make_spec(), max_errors=20)
+    assert report.error_count == 40
+    assert len(report.errors) == 20
+    assert report.errors[0] == "line 2: 4 fields, expected 5"
+    assert report.errors[19] == "line 21: 4 fields, expected 5"
+    summary = report.summary()
+    assert "\n" not in summary
+    assert summary.startswith("f.txt: refused, 40 errors: line 2: 4 fields, expected 5; ")
+    assert summary.endswith("; and 20 more")
+
+
+def test_rows_stop_coming_after_the_first_error_but_errors_are_still_counted(
+    tmp_path: Path,
+) -> None:
+    rows = people(20000)
+    rows[15000].pop()
+    rows[19000].pop()
+    path = write(tmp_path / "f.txt", render(COLUMNS, rows))
+    report = ValidationReport(path.name)
+    yielded = sum(1 for _ in iter_rows(path, make_spec(), report))
+    assert yielded < 15000
+    assert report.rows == 20000
+    assert report.errors == ["line 15002: 4 fields, expected 5", "line 19002: 4 fields, expected 5"]
