@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -131,6 +132,24 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _BackgroundSha256:
+    """SHA-256 of a file computed in a thread while the load reads the same file."""
+
+    def __init__(self, path: Path) -> None:
+        self._value = ""
+        self._thread = threading.Thread(target=self._run, args=(path,), daemon=True)
+        self._thread.start()
+
+    def _run(self, path: Path) -> None:
+        with contextlib.suppress(OSError):
+            self._value = file_sha256(path)
+
+    def result(self) -> str:
+        """The hex digest ("" if the file could not be read; the load itself then fails)."""
+        self._thread.join()
+        return self._value
+
+
 def _guard_message(rows: int, last_rows: int, share: float, last_when: datetime, zone) -> str:
     day = last_when.astimezone(zone).date().isoformat()
     return (
@@ -156,14 +175,14 @@ def load_file(
     db = db or open_sis_db(settings.sis_db_url)
     table = table_name(spec)
     before = FileIdentity.of(path)
-    sha = file_sha256(path)
+    digest = _BackgroundSha256(path)  # hashing releases the GIL: it costs no wall time
     last = db.last_loaded(spec.account, spec.file_name)
-    load_id = db.begin_load(spec.account, spec.file_name, table, path.name, sha)
+    load_id = db.begin_load(spec.account, spec.file_name, table, path.name, None)
     report = ValidationReport(file_name=path.name)
     rows = iter_rows(path, spec, report, max_errors=settings.loader.max_reported_errors)
     replaced = False
 
-    def before_swap(count: int) -> None:
+    def before_swap(count: int) -> str:
         nonlocal replaced
         if not report.ok:
             raise SwapAborted(f"not loaded: {report.summary()}")
@@ -183,6 +202,7 @@ def load_file(
         share = settings.loader.min_row_share
         if not force and last is not None and last.rows and count < share * last.rows:
             raise SwapAborted(_guard_message(count, last.rows, share, last.started, settings.zone))
+        return digest.result()
 
     def result(status: str, count: int, message: str, internal: str = "") -> LoadResult:
         return LoadResult(
@@ -192,7 +212,7 @@ def load_file(
             table=table,
             status=status,
             rows=count,
-            sha256=sha,
+            sha256=digest.result(),
             message=message,
             load_id=load_id,
             internal_error=internal,
@@ -205,15 +225,15 @@ def load_file(
             load_id, table, spec.columns, spec.key_column, rows, before_swap, progress
         )
     except SwapAborted as exc:
-        db.finish_load(load_id, REFUSED, report.rows, str(exc))
+        db.finish_load(load_id, REFUSED, report.rows, str(exc), digest.result())
         return result(REFUSED, report.rows, str(exc))
     except Exception as exc:
         internal = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         if not report.ok:  # the validator's own refusal surfaced through the driver
             message = f"not loaded: {report.summary()}"
-            db.finish_load(load_id, REFUSED, report.rows, message)
+            db.finish_load(load_id, REFUSED, report.rows, message, digest.result())
             return result(REFUSED, report.rows, message)
-        db.finish_load(load_id, FAILED, report.rows, internal)
+        db.finish_load(load_id, FAILED, report.rows, internal, digest.result())
         message = (
             "not loaded: the SIS database could not be updated (a problem on our side; the "
             "operators were notified); the file stays and will be loaded at the next run"

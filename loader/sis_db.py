@@ -12,6 +12,7 @@ a run killed midway still leaves a trace; the next run of that spec marks it ``i
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -43,7 +44,7 @@ STAGING_SUFFIX = "__staging"
 KEY_INDEX_SUFFIX = "__key"
 NEW_KEY_INDEX_SUFFIX = "__key_new"
 MAX_TABLE_NAME = 40  # PostgreSQL cuts identifiers at 63 bytes; suffixes must still fit
-COPY_BLOCK_BYTES = 1 << 20
+COPY_BATCH_ROWS = 5_000  # about 1 MB of a 20-column file per COPY write
 PROGRESS_EVERY = 10_000
 
 metadata = MetaData()
@@ -102,6 +103,19 @@ class LoadRecord:
 def quote_ident(name: str) -> str:
     """Double-quote an identifier (the same rule on SQLite and PostgreSQL)."""
     return '"' + name.replace('"', '""') + '"'
+
+
+def _copy_block(rows: list[list[str]], width: int) -> str:
+    """Rows in COPY text format; one C-speed check per block, escapes only when needed."""
+    text = "\n".join(["\t".join(row) for row in rows]) + "\n"
+    if (
+        "\\" in text
+        or "\r" in text
+        or text.count("\n") != len(rows)
+        or text.count("\t") != len(rows) * (width - 1)
+    ):
+        return "".join(_copy_line(row) for row in rows)
+    return text
 
 
 def _copy_line(row: list[str]) -> str:
@@ -173,13 +187,19 @@ class SisDB:
             )
             return int(result.inserted_primary_key[0])
 
-    def finish_load(self, load_id: int, status: str, rows: int | None, message: str) -> None:
+    def finish_load(
+        self, load_id: int, status: str, rows: int | None, message: str, sha256: str = ""
+    ) -> None:
+        values: dict[str, Any] = {
+            "status": status,
+            "rows": rows,
+            "message": message,
+            "finished": utcnow(),
+        }
+        if sha256:
+            values["sha256"] = sha256
         with self.engine.begin() as conn:
-            conn.execute(
-                update(sis_loads)
-                .where(sis_loads.c.id == load_id)
-                .values(status=status, rows=rows, message=message, finished=utcnow())
-            )
+            conn.execute(update(sis_loads).where(sis_loads.c.id == load_id).values(**values))
 
     def record(
         self, account: str, spec_file: str, table: str, status: str, message: str, **extra: Any
@@ -208,35 +228,32 @@ class SisDB:
         columns: tuple[str, ...],
         key_column: str | None,
         rows: Iterable[list[str]],
-        before_swap: Callable[[int], None] = lambda _n: None,
+        before_swap: Callable[[int], str | None] = lambda _n: None,
         progress: Callable[[int], None] | None = None,
     ) -> int:
         """Load ``rows`` into staging and swap it for ``table``; returns the row count.
 
         ``before_swap(rows)`` runs after the last row and before the swap; raising there
-        (e.g. :class:`SwapAborted` for a validation failure) rolls everything back.
-        The load row ``load_id`` is marked ``loaded`` in the swap's own transaction.
+        (e.g. :class:`SwapAborted` for a validation failure) rolls everything back. It may
+        return the file's SHA-256, recorded with the load. The load row ``load_id`` is marked
+        ``loaded`` in the swap's own transaction. ``progress(rows)`` is called every
+        :data:`PROGRESS_EVERY` rows.
         """
         if len(table) > MAX_TABLE_NAME:
             raise IngestError(f"table name {table!r} is longer than {MAX_TABLE_NAME} characters")
-        counted = _Counter(rows, progress)
-        if self.is_sqlite:
-            self._replace_sqlite(load_id, table, columns, key_column, counted, before_swap)
-        else:
-            self._replace_postgres(load_id, table, columns, key_column, counted, before_swap)
-        return counted.n
+        load = self._replace_sqlite if self.is_sqlite else self._replace_postgres
+        return load(load_id, table, columns, key_column, iter(rows), before_swap, progress)
 
-    def _mark_loaded_sql(self) -> str:
+    def _mark_loaded(self, cur: Any, load_id: int, rows: int, sha256: str | None) -> None:
         mark = "?" if self.is_sqlite else "%s"
-        return (
+        finished: Any = utcnow()
+        if self.is_sqlite:  # SQLAlchemy's SQLite DateTime stores naive UTC text in this form
+            finished = finished.strftime("%Y-%m-%d %H:%M:%S.%f")
+        cur.execute(
             f"UPDATE sis_loads SET status = {mark}, rows = {mark}, finished = {mark}, "
-            f"message = {mark} WHERE id = {mark}"
+            f"message = '', sha256 = COALESCE({mark}, sha256) WHERE id = {mark}",
+            (LOADED, rows, finished, sha256, load_id),
         )
-
-    def _finished_param(self) -> Any:
-        value = utcnow()
-        # SQLAlchemy's SQLite DateTime stores naive UTC text; match its format exactly.
-        return value.strftime("%Y-%m-%d %H:%M:%S.%f") if self.is_sqlite else value
 
     def _replace_sqlite(
         self,
@@ -244,12 +261,13 @@ class SisDB:
         table: str,
         columns: tuple[str, ...],
         key_column: str | None,
-        rows: _Counter,
-        before_swap: Callable[[int], None],
-    ) -> None:
+        rows: Iterator[list[str]],
+        before_swap: Callable[[int], str | None],
+        progress: Callable[[int], None] | None,
+    ) -> int:
         live, staging = quote_ident(table), quote_ident(table + STAGING_SUFFIX)
         cols = ", ".join(f"{quote_ident(c)} TEXT" for c in columns)
-        marks = ", ".join("?" for _ in columns)
+        insert_sql = f"INSERT INTO {staging} VALUES ({', '.join('?' for _ in columns)})"
         raw = self.engine.raw_connection()
         try:
             dbapi = raw.driver_connection
@@ -259,29 +277,35 @@ class SisDB:
             try:
                 cur.execute(f"DROP TABLE IF EXISTS {staging}")
                 cur.execute(f"CREATE TABLE {staging} ({cols})")
-                cur.executemany(f"INSERT INTO {staging} VALUES ({marks})", rows)
-                before_swap(rows.n)
+                total = 0
+                while True:  # chunks, so progress needs no Python call per row
+                    cur.executemany(insert_sql, itertools.islice(rows, PROGRESS_EVERY))
+                    got = max(cur.rowcount, 0)
+                    total += got
+                    if got < PROGRESS_EVERY:
+                        break
+                    if progress is not None:
+                        progress(total)
+                sha256 = before_swap(total)
                 cur.execute(f"DROP TABLE IF EXISTS {live}")
                 cur.execute(f"ALTER TABLE {staging} RENAME TO {live}")
                 if key_column:
                     index = quote_ident(table + KEY_INDEX_SUFFIX)
                     cur.execute(f"CREATE INDEX {index} ON {live} ({quote_ident(key_column)})")
-                cur.execute(
-                    self._mark_loaded_sql(),
-                    (LOADED, rows.n, self._finished_param(), "", load_id),
-                )
+                self._mark_loaded(cur, load_id, total, sha256)
                 cur.execute("COMMIT")
             except BaseException:
                 if dbapi.in_transaction:
                     cur.execute("ROLLBACK")
                 raise
-            # The WAL holds the whole load now; fold it back without waiting on readers.
+            # The WAL holds the whole load now; fold it back without waiting long on readers.
             cur.execute("PRAGMA busy_timeout=1000")
             cur.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
         finally:
             raw.close()
+        return total
 
     def _replace_postgres(
         self,
@@ -289,9 +313,10 @@ class SisDB:
         table: str,
         columns: tuple[str, ...],
         key_column: str | None,
-        rows: _Counter,
-        before_swap: Callable[[int], None],
-    ) -> None:
+        rows: Iterator[list[str]],
+        before_swap: Callable[[int], str | None],
+        progress: Callable[[int], None] | None,
+    ) -> int:
         import psycopg
 
         live, staging = quote_ident(table), quote_ident(table + STAGING_SUFFIX)
@@ -307,36 +332,28 @@ class SisDB:
                 with pg.cursor() as cur:
                     cur.execute(f"DROP TABLE IF EXISTS {staging}")
                     cur.execute(f"CREATE TABLE {staging} ({cols})")
+                    total = 0
                     with cur.copy(f"COPY {staging} ({col_list}) FROM STDIN") as copy:
-                        block: list[str] = []
-                        size = 0
-                        for row in rows:
-                            line = _copy_line(row)
-                            block.append(line)
-                            size += len(line)
-                            if size >= COPY_BLOCK_BYTES:
-                                copy.write("".join(block))
-                                block.clear()
-                                size = 0
-                        if block:
-                            copy.write("".join(block))
-                    before_swap(rows.n)
+                        while batch := list(itertools.islice(rows, COPY_BATCH_ROWS)):
+                            copy.write(_copy_block(batch, len(columns)))
+                            total += len(batch)
+                            if progress is not None and total % PROGRESS_EVERY == 0:
+                                progress(total)
+                    sha256 = before_swap(total)
                     if key_column:
                         new_index = quote_ident(table + NEW_KEY_INDEX_SUFFIX)
                         cur.execute(
                             f"CREATE INDEX {new_index} ON {staging} ({quote_ident(key_column)})"
                         )
                     self._swap_postgres(cur, table, live, staging, key_column)
-                    cur.execute(
-                        self._mark_loaded_sql(),
-                        (LOADED, rows.n, self._finished_param(), "", load_id),
-                    )
+                    self._mark_loaded(cur, load_id, total, sha256)
                 pg.commit()
             except BaseException:
                 pg.rollback()
                 raise
         finally:
             raw.close()
+        return total
 
     def _swap_postgres(
         self, cur: Any, table: str, live: str, staging: str, key_column: str | None
@@ -440,25 +457,6 @@ class SisDB:
                 )
                 or 0
             )
-
-
-class _Counter:
-    """Counts rows as they stream through (and reports progress every so often)."""
-
-    def __init__(self, rows: Iterable[list[str]], progress: Callable[[int], None] | None) -> None:
-        self._rows = iter(rows)
-        self._progress = progress
-        self.n = 0
-
-    def __iter__(self) -> Iterator[list[str]]:
-        return self
-
-    def __next__(self) -> list[str]:
-        row = next(self._rows)
-        self.n += 1
-        if self._progress is not None and self.n % PROGRESS_EVERY == 0:
-            self._progress(self.n)
-        return row
 
 
 _open: dict[str, SisDB] = {}
