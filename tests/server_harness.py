@@ -99,7 +99,12 @@ class RunningServer:
 
     @property
     def known_hosts(self) -> Path:
-        return self.workdir / "known_hosts"
+        """A known_hosts file for this server (written on first use)."""
+        path = self.workdir / "known_hosts"
+        if not path.exists():
+            text = self.ingestctl("hostkey", "show", "--known-hosts", self.host).stdout
+            path.write_text(text, encoding="utf-8")
+        return path
 
     def folder(self, name: str) -> Path:
         return self.workdir / "var" / "accounts" / name
@@ -234,8 +239,6 @@ def start_server(
         os.chmod(keys, 0o700)
     running = RunningServer(workdir, config, host, port, None, raw)
     running.ingestctl("init")
-    with open(running.known_hosts, "w", encoding="utf-8") as handle:
-        handle.write(running.ingestctl("hostkey", "show", "--known-hosts", host).stdout)
     if launch:
         running.process = _launch(running)
     return running

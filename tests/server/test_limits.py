@@ -1,0 +1,158 @@
+"""Limits: file size, account quota, free-disk reserve, disk full, connections per address."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import paramiko
+import pytest
+from server_harness import (
+    CLIENT_TIMEOUT,
+    RunningServer,
+    add_account,
+    sftp_batch,
+    start_server,
+    temp_files,
+    write_random,
+)
+
+MAX_FILE = 1_000_000
+QUOTA = 3_000_000
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory, alpha_key: Path) -> Iterator[RunningServer]:
+    running = start_server(
+        tmp_path_factory.mktemp("limited"),
+        {
+            "limits": {
+                "max_file_bytes": MAX_FILE,
+                "account_quota_bytes": QUOTA,
+                "max_connections_per_address": 3,
+                "free_disk_reserve_bytes": 0,
+            },
+            "defender": {"enabled": False},
+        },
+    )
+    add_account(running, "alpha", alpha_key)
+    yield running
+    running.stop()
+
+
+@pytest.mark.parametrize("legacy_scp", [None, False, True], ids=["sftp", "scp", "scp-O"])
+def test_file_over_the_maximum_is_refused_and_removed(
+    limited: RunningServer, alpha_key: Path, tmp_path: Path, legacy_scp: bool | None
+) -> None:
+    source = tmp_path / "too-big.csv"
+    write_random(source, MAX_FILE + 100_000)
+    if legacy_scp is None:
+        result = sftp_batch(limited, alpha_key, "alpha", f"put {source}\n")
+    else:
+        result = subprocess.run(
+            [*limited.scp_command(alpha_key, legacy_scp), str(source),
+             limited.scp_target("alpha", "too-big.csv")],
+            capture_output=True, text=True, timeout=CLIENT_TIMEOUT,
+        )  # fmt: skip
+    assert result.returncode != 0
+    # OpenSSH's SFTP client shows only the status code; legacy scp shows the server's text.
+    assert "Failure" in result.stderr or "file too large" in result.stderr
+    folder = limited.folder("alpha")
+    assert not (folder / "too-big.csv").exists()
+    assert temp_files(folder) == []
+    limited.wait_for_event("limit.hit", limit="max_file_bytes", name="too-big.csv")
+
+
+def test_client_gets_the_reason(limited: RunningServer, alpha_key: Path, tmp_path: Path) -> None:
+    source = tmp_path / "too-big.csv"
+    write_random(source, MAX_FILE + 1)
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    client.connect(
+        limited.host, limited.port, username="alpha", key_filename=str(alpha_key),
+        look_for_keys=False, allow_agent=False,
+    )  # fmt: skip
+    try:
+        with (
+            pytest.raises(OSError, match="file too large"),
+            client.open_sftp().open("too-big.csv", "wb") as remote,
+        ):
+            remote.write(source.read_bytes())
+    finally:
+        client.close()
+
+
+def test_account_quota(limited: RunningServer, alpha_key: Path, tmp_path: Path) -> None:
+    folder = limited.folder("alpha")
+    for old in folder.iterdir():
+        old.unlink()
+    part = tmp_path / "part.csv"
+    write_random(part, 900_000)
+    for i in range(3):
+        sftp_batch(limited, alpha_key, "alpha", f"put {part} part{i}.csv\n", check=True)
+    result = sftp_batch(limited, alpha_key, "alpha", f"put {part} part3.csv\n")
+    assert result.returncode != 0
+    assert not (folder / "part3.csv").exists()
+    assert temp_files(folder) == []
+    limited.wait_for_event("limit.hit", limit="account_quota_bytes")
+    # Overwriting a file does not count its old size twice.
+    sftp_batch(limited, alpha_key, "alpha", f"put {part} part0.csv\n", check=True)
+
+
+def test_connections_per_address(limited: RunningServer) -> None:
+    held = []
+    try:
+        for _ in range(3):
+            t = paramiko.Transport((limited.host, limited.port))
+            t.start_client(timeout=20)
+            held.append(t)
+        with socket.create_connection((limited.host, limited.port), timeout=10) as sock:
+            assert sock.recv(64) == b""  # dropped before the banner
+        event = limited.wait_for_event("connection.refused", address="127.0.0.1")
+        assert "too many connections" in event["reason"]
+    finally:
+        for t in held:
+            t.close()
+
+
+def test_free_disk_reserve(tmp_path: Path, alpha_key: Path) -> None:
+    running = start_server(tmp_path / "srv", {"limits": {"free_disk_reserve_bytes": 10**17}})
+    try:
+        add_account(running, "alpha", alpha_key)
+        (tmp_path / "x.csv").write_text("x\n")
+        result = sftp_batch(running, alpha_key, "alpha", f"put {tmp_path / 'x.csv'}\n")
+        assert result.returncode != 0
+        assert not (running.folder("alpha") / "x.csv").exists()
+        running.wait_for_event("limit.hit", limit="free_disk_reserve_bytes")
+    finally:
+        running.stop()
+
+
+def test_disk_full_while_writing(limited: RunningServer, tmp_path: Path, make_key) -> None:
+    """A real ENOSPC: the account folder is a 2 MB tmpfs (needs root to mount)."""
+    key = make_key("rsa", 4096, "full")
+    add_account(limited, "full", key)
+    folder = limited.folder("full")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr!r}")
+    try:
+        limited_ok = tmp_path / "fits.csv"
+        write_random(limited_ok, 100_000)
+        source = tmp_path / "huge.csv"
+        write_random(source, 900_000)
+        filler = folder / "filler.bin"
+        filler.write_bytes(b"\0" * 1_500_000)
+        result = sftp_batch(limited, key, "full", f"put {source}\n")
+        assert result.returncode != 0
+        assert not (folder / "huge.csv").exists()
+        assert temp_files(folder) == []
+        filler.unlink()
+        sftp_batch(limited, key, "full", f"put {limited_ok}\n", check=True)  # still serving
+        assert (folder / "fits.csv").stat().st_size == 100_000
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
