@@ -29,6 +29,7 @@ from ingest_core.folders import account_folder, accounts_root, is_data_file_name
 from ingest_core.schedule import Daily, parse_hhmm, utc_now
 from ingest_core.settings import Settings
 from ingest_core.structured_log import get_logger
+from loader.sis_db import open_sis_db
 from loader.spec import closest_spec_hint, match_spec, specs_for
 from loader.validate import validate_file
 
@@ -62,8 +63,19 @@ def precheck_file(settings: Settings, path: Path, now: datetime | None = None) -
             f"{closest_spec_hint(specs, path.name)}"
         )
     else:
-        report = validate_file(path, spec, max_errors=settings.loader.max_reported_errors)
-        if report.ok:
+        try:
+            report = validate_file(path, spec, max_errors=settings.loader.max_reported_errors)
+        except FileNotFoundError:  # loaded or removed meanwhile: nothing to tell
+            return None
+        last = open_sis_db(settings.sis_db_url).last_loaded(account, spec.file_name)
+        share = settings.loader.min_row_share
+        if report.ok and last is not None and last.rows and report.rows < share * last.rows:
+            detail = (
+                f"will NOT load: it has {report.rows:,} data rows, less than {share:.0%} of the "
+                f"{last.rows:,} rows loaded last time; check the export (if the drop is "
+                "expected, ask the operator to load it with --force)"
+            )
+        elif report.ok:
             at = next_load_time(settings, now).isoformat(timespec="minutes")
             detail = f"passed the checks: {report.rows:,} rows; it will load at {at}"
         else:

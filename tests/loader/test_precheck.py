@@ -59,3 +59,53 @@ def test_pre_check_ignores_service_files_and_foreign_folders(acme, kit, settings
     stray.mkdir()
     (stray / "a.txt").write_text(kit.data_text(2), encoding="utf-8")
     assert precheck_file(settings, stray / "a.txt") is None
+
+
+def test_pre_check_warns_when_the_row_count_guard_will_refuse(acme, kit):
+    from loader.nightly import run_account
+
+    kit.write_data(acme.data_file, 100)
+    assert run_account(acme.settings, acme.name).ok
+    path = kit.upload(acme.folder, acme.spec.file_name, kit.data_text(10))
+    line = precheck_file(acme.settings, path)
+    assert line is not None
+    assert "will NOT load: it has 10 data rows, less than 50% of the 100 rows" in line
+
+
+def test_loader_daemon_command_prechecks_in_a_child_and_stops_on_sigterm(
+    acme, kit, config_file, workdir
+):
+    import os
+    import signal
+    import subprocess
+
+    from conftest import INGESTCTL, REPO
+
+    from ingest_core.structured_log import read_events
+
+    def events() -> list[str]:
+        return [e["event"] for e in read_events(acme.settings.log_dir, "loader")]
+
+    daemon = subprocess.Popen(
+        [*INGESTCTL, "--config", str(config_file), "loader", "daemon"],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while "daemon_started" not in events() and time.monotonic() < deadline:
+            assert daemon.poll() is None, daemon.stderr.read() if daemon.stderr else ""
+            time.sleep(0.05)
+        kit.upload(acme.folder, acme.spec.file_name, kit.data_text(6))
+        (line,) = _wait_for_lines(acme.folder, 1, timeout=30)
+        assert "RECEIVED sis_hr_user_info.txt passed the checks: 6 rows" in line
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    assert "daemon_stopped" in events()
+    assert acme.data_file.exists()  # first start: no catch-up load, and a pre-check never loads
