@@ -46,6 +46,7 @@ NEW_KEY_INDEX_SUFFIX = "__key_new"
 MAX_TABLE_NAME = 40  # PostgreSQL cuts identifiers at 63 bytes; suffixes must still fit
 COPY_BATCH_ROWS = 5_000  # about 1 MB of a 20-column file per COPY write
 PROGRESS_EVERY = 10_000
+SQLITE_BUSY_TIMEOUT_MS = 15 * 60 * 1000
 
 metadata = MetaData()
 
@@ -143,6 +144,9 @@ class SisDB:
             @event.listens_for(self.engine, "connect")
             def _autocommit_driver(dbapi_conn: Any, _record: Any) -> None:
                 dbapi_conn.isolation_level = None
+                # One writer at a time: another account's load holds the write lock for as
+                # long as its file takes, so wait for it rather than fail after 30 s.
+                dbapi_conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 
             @event.listens_for(self.engine, "begin")
             def _begin(conn: Any) -> None:
@@ -301,7 +305,7 @@ class SisDB:
             # The WAL holds the whole load now; fold it back without waiting long on readers.
             cur.execute("PRAGMA busy_timeout=1000")
             cur.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cur.close()
         finally:
             raw.close()

@@ -203,3 +203,42 @@ def test_sqlite_wal_is_checkpointed_after_a_load(acme, kit):
     assert run_account(acme.settings, acme.name).ok
     wal = Path(acme.settings.sis_db_url.split("///", 1)[1] + "-wal")
     assert not wal.exists() or wal.stat().st_size == 0
+
+
+def test_sqlite_second_account_waits_for_the_first_accounts_load(settings, onboard, kit):
+    """SQLite has one writer: a load of another account waits for it instead of failing."""
+    first, second = onboard(settings, "first"), onboard(settings, "second")
+    kit.write_data(first.data_file, 25_000)
+    kit.write_data(second.data_file, 5)
+    cfg = {
+        "data_root": str(settings.data_root),
+        "log_dir": str(settings.log_dir),
+        "control_db_url": settings.control_db_url,
+        "sis_db_url": settings.sis_db_url,
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, json.dumps(cfg), "first"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "10000"  # first holds the write lock now
+        results: list[object] = []
+        waiting = threading.Thread(target=lambda: results.append(run_account(settings, "second")))
+        waiting.start()
+        time.sleep(0.5)
+        assert not results, "the second load did not wait for the write lock"
+        child.stdin.write("\n\n\n")  # let the first load go on to the end
+        child.stdin.flush()
+        assert child.stdout.read().strip().endswith("finished")
+        assert child.wait(timeout=60) == 0
+        waiting.join(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert results and results[0].ok, results
+    assert not first.data_file.exists() and not second.data_file.exists()
+    assert len(open_sis_db(settings.sis_db_url).table_rows(table_name(first.spec))) == 25_000
