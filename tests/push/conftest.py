@@ -155,14 +155,30 @@ def _ensure_user(password: str) -> pwd.struct_passwd:
     return pwd.getpwnam(SSH_USER)
 
 
+def _shared_password() -> str:
+    """One password for the test user across parallel workers (each would reset it)."""
+    path = SSHD_BASE / "test-user-password"
+    temp = SSHD_BASE / f".password-{os.getpid()}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_urlsafe(16))
+    try:
+        os.link(temp, path)  # atomic: the first worker's password wins
+    except FileExistsError:
+        pass
+    finally:
+        temp.unlink()
+    return path.read_text()
+
+
 @pytest.fixture(scope="session")
 def sshd_lab() -> Iterator[SshdLab]:
     if os.geteuid() != 0 or not Path(SSHD).exists():
         pytest.fail("these tests start OpenSSH sshd as root (Debian openssh-server)")
-    password = secrets.token_urlsafe(16)
-    user = _ensure_user(password)
     SSHD_BASE.mkdir(mode=0o755, exist_ok=True)
     os.chmod(SSHD_BASE, 0o755)
+    password = _shared_password()
+    user = _ensure_user(password)
     root = SSHD_BASE / f"{os.getpid()}-{secrets.token_hex(3)}"
     root.mkdir(mode=0o755)
     lab = SshdLab(root, password)
