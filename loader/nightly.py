@@ -369,10 +369,26 @@ def _run_locked(
             if progress is not None:
                 progress(account, name, rows)
 
-        outcome = load_file(settings, spec, path, force=force, progress=report_rows, db=db)
-        if outcome.replaced_during_load and path.exists():
-            log.info("load_retry_newer_copy", account=account, file=path.name)
+        try:
             outcome = load_file(settings, spec, path, force=force, progress=report_rows, db=db)
+            if outcome.replaced_during_load and path.exists():
+                log.info("load_retry_newer_copy", account=account, file=path.name)
+                outcome = load_file(settings, spec, path, force=force, progress=report_rows, db=db)
+        except FileNotFoundError:  # removed by the client since the folder was listed
+            line("NO FILE", spec.file_name, "no file received; the SIS data stays as it was")
+            log.info("load_no_file", account=account, file=spec.file_name, vanished=True)
+            continue
+        except Exception as exc:  # e.g. the SIS database is down: the next spec still runs
+            error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            line(
+                "ERROR",
+                path.name,
+                "not loaded: a problem on our side (the operators were notified); the file "
+                "stays and will be loaded at the next run; the SIS data stays as it was",
+            )
+            log.error("load_failed", account=account, file=path.name, error=error)
+            notify_failure(settings, "Load", account, path.name, error, datetime.now(zone))
+            continue
         event = {
             "account": account,
             "file": path.name,

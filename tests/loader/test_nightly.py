@@ -206,3 +206,16 @@ def test_log_is_trimmed_to_the_retention(acme):
     lines = _log(acme)
     assert not any(line.endswith(" old") for line in lines)
     assert any(line.endswith(" recent") for line in lines)
+
+
+def test_sis_database_unreachable_keeps_the_file_and_says_so(acme, kit):
+    kit.write_data(acme.data_file, 3)
+    down = acme.settings.replace(sis_db_url="sqlite:////proc/no-such-dir/sis.db")
+    result = run_account(down, acme.name)
+    assert not result.ok and result.crashed
+    assert acme.data_file.exists()
+    line = _log(acme)[-1]
+    assert " ERROR - the load stopped because of a problem on our side" in line
+    assert "/proc" not in line  # internals go to the operators, not the client's log
+    assert run_account(acme.settings, acme.name).ok  # and the next run loads it
+    assert not acme.data_file.exists()
