@@ -271,6 +271,8 @@ def edit(
         raise Refused(NEEDS_PASSWORD)
     if password is not None:
         store_password(agent, name, password)
+    if new.auth == "key":  # a password no longer used is not kept on disk
+        password_path(agent, name).unlink(missing_ok=True)
     changed = {k for k, _, _ in changes}
     extra: dict[str, Any] = {"updated_at": agent.now()}
     if changed & {*RETEST_FIELDS, "password"}:
