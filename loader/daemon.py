@@ -19,7 +19,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from datetime import datetime
+from datetime import datetime, time
 from typing import Any, TypeVar
 
 from sqlalchemy import select
@@ -164,7 +164,7 @@ class LoaderDaemon:
     async def _job_loop(
         self,
         job: str,
-        at: Any,
+        at: time,
         action: Callable[[datetime], Awaitable[object]],
         stop: asyncio.Event,
     ) -> None:
@@ -190,7 +190,12 @@ class LoaderDaemon:
             try:
                 await action(due)
             except Exception as exc:  # a job's failure must not end the schedule
-                self.log.error("job_failed", job=job, local_date=day, error=str(exc))
+                error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+                self.log.error("job_failed", job=job, local_date=day, error=error)
+                what = "Nightly load" if job == LOAD_JOB else "Pool publish"
+                await asyncio.to_thread(
+                    notify_failure, self.settings, what, "(all accounts)", "-", error, due
+                )
             await asyncio.to_thread(write_last_done, self.settings, job, day)
             self.job_runs.append((job, day))
             self.log.info("job_done", job=job, local_date=day)
