@@ -126,11 +126,12 @@ async def test_connection(
     accepted = normalize_fingerprint(accept) if accept else None
     pinned = row["pinned_fingerprint"] if conn.verify_fingerprint else None
     expected = accepted or pinned
+    endpoint = endpoint_for(agent, conn, expected)
     with connection_lock(agent, name):
         run_id = agent.state.start_run(name, "test", None, agent.now())
         outcome = Outcome(name, ok=False, attempts=1)
         try:
-            async with open_session(endpoint_for(agent, conn, expected)) as session:
+            async with open_session(endpoint) as session:
                 await session.probe_writable(conn.remote_dir)
                 outcome.fingerprint = session.fingerprint
         except PushFailure as exc:
@@ -229,6 +230,10 @@ async def run_locked(agent: Agent, name: str, trigger: str) -> Outcome:
         unconfirmed = unconfirmed_fingerprint(row)
         if unconfirmed:
             raise PushFailure(unconfirmed)
+        if conn.auth == "key" and not connections.key_path(agent, name).exists():
+            raise PushFailure(
+                Failure(Category.AUTHENTICATION, f"no key exists for {name} (key generate)")
+            )
         expected = row["pinned_fingerprint"] if conn.verify_fingerprint else None
         sending: Path | None = None
         if conn.source_kind != "none":

@@ -136,8 +136,9 @@ def _write_query(conn: Connection, since: Since, out: Path) -> None:
         statement = statement.bindparams(*present)
     params = {"since": since.day, "since_time": since.instant}
     quoting = {"minimal": csv.QUOTE_MINIMAL, "all": csv.QUOTE_ALL, "none": csv.QUOTE_NONE}
-    engine = create_engine(conn.source_url or "")
+    engine = None
     try:
+        engine = create_engine(conn.source_url or "")
         with engine.connect() as db, open(out, "w", encoding="utf-8", newline="") as handle:
             result = db.execute(statement, {p.key: params[p.key] for p in present})
             writer = csv.writer(
@@ -159,4 +160,5 @@ def _write_query(conn: Connection, since: Since, out: Path) -> None:
         reason = str(exc.orig if getattr(exc, "orig", None) else exc).splitlines()[0][:200]
         raise fail(Category.TRANSFER, f"the export query failed ({reason})") from None
     finally:
-        engine.dispose()
+        if engine is not None:
+            engine.dispose()
