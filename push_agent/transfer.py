@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import posixpath
+import re
 import secrets
 import socket
 from collections.abc import AsyncIterator
@@ -130,6 +131,7 @@ class Session:
     async def upload(self, local: Path, remote_dir: str, remote_name: str) -> int:
         """Upload to a hidden temporary name, rename into place, verify the size."""
         await self.check_directory(remote_dir)
+        await self._remove_stale_temps(remote_dir, remote_name)
         size = local.stat().st_size
         final = posixpath.join(remote_dir, remote_name)
         temp = posixpath.join(remote_dir, f".{remote_name}.{secrets.token_hex(4)}.part")
@@ -202,6 +204,17 @@ class Session:
                 raise
             await self.sftp.remove(final)
             await self.sftp.rename(temp, final)
+
+    async def _remove_stale_temps(self, remote_dir: str, remote_name: str) -> None:
+        """Temporary files an interrupted earlier attempt of ours could not remove."""
+        stale = re.compile(rf"\.{re.escape(remote_name)}\.[0-9a-f]{{8}}\.part")
+        try:
+            names = await self.sftp.listdir(remote_dir)
+        except asyncssh.SFTPError:  # a drop box may forbid listing: nothing to clean then
+            return
+        for name in names:
+            if stale.fullmatch(name):
+                await self._discard(posixpath.join(remote_dir, name))
 
     async def _discard(self, path: str) -> None:
         with suppress(asyncssh.Error, OSError):

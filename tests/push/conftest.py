@@ -9,6 +9,7 @@ session) by password or by a key written to its own authorized_keys file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pwd
@@ -396,3 +397,60 @@ def ready(agent: Agent, conn: Connection, password: str) -> Connection:
         again = asyncio.run(runs.test_connection(agent, conn.name, accept=first.fingerprint))
         assert again.pinned
     return conn
+
+
+class CuttingProxy:
+    """A loopback TCP proxy that cuts chosen connections after N client bytes: a network
+    interruption in the middle of an upload, for real."""
+
+    def __init__(self, upstream_port: int, cut_after: int, cut: set[int]):
+        import threading
+
+        self.upstream_port = upstream_port
+        self.cut_after = cut_after
+        self.cut = cut
+        self.count = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.count += 1
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            limit = self.cut_after if self.count in self.cut else None
+            for src, dst, lim in ((client, upstream, limit), (upstream, client, None)):
+                threading.Thread(
+                    target=self._pump, args=(src, dst, lim, (client, upstream)), daemon=True
+                ).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, limit: int | None, pair: tuple) -> None:  # type: ignore[type-arg]
+        sent = 0
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+                sent += len(data)
+                if limit is not None and sent >= limit:
+                    break
+        except OSError:
+            pass
+        for sock in pair:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self.listener.close()

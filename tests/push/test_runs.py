@@ -5,6 +5,7 @@ export that touches no state; plus the byte-exact SQL query export."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -86,8 +87,6 @@ def test_upload_replaces_the_remote_file_atomically(
     (source / "old.csv").write_text("old\n")
     newest = source / "new.csv"
     newest.write_text("newest\n")
-    import os
-
     os.utime(source / "old.csv", (1, 1))
     conn = sshd_connection(source_kind="file", source_path=str(source / "*.csv"), remote_name=None)
     ready(agent, conn, sshd_lab.password)
@@ -226,3 +225,43 @@ def test_no_transfer_before_a_passing_test(
     with pytest.raises(Refused, match="no passing test"):
         run(agent)
     assert list(upload_dir.iterdir()) == []
+
+
+def test_interrupted_upload_is_a_transfer_failure_retried_and_cleaned_up(
+    make_agent: Callable[..., Agent],
+    sshd: Any,
+    sshd_lab: SshdLab,
+    sshd_connection: Callable[..., Connection],
+    upload_dir: Path,
+    tmp_path: Path,
+) -> None:
+    from .conftest import CuttingProxy
+
+    payload = tmp_path / "big.txt"
+    payload.write_bytes(os.urandom(3 * 1024 * 1024))
+    # Connections 1 and 2 are cut after 1 MiB from the client, mid-upload; 3 goes through.
+    proxy = CuttingProxy(sshd.port, 1024 * 1024, cut={1, 2})
+    try:
+        conn = sshd_connection(
+            port=proxy.port, source_kind="file", source_path=str(payload), remote_name="big.txt",
+            source_command=None, verify_fingerprint=False,
+        )  # fmt: skip
+        once = make_agent(retries=0)
+        ready(once, conn, sshd_lab.password)
+        # Test and Save used connection 1 (below the cut); reset the count to cut the uploads.
+        proxy.count = 0
+        failed = run(once)
+        assert failed.failure is not None and failed.failure.category is Category.TRANSFER
+        assert "interrupted" in failed.failure.cause and failed.attempts == 1
+        assert not (upload_dir / "big.txt").exists()
+        assert [p.name for p in upload_dir.iterdir() if p.name.endswith(".part")]
+
+        retried = make_agent(retries=1, retry_backoff=0.01, state_dir=once.settings.state_dir)
+        outcome = run(retried)
+        assert outcome.ok and outcome.attempts == 2
+        assert (upload_dir / "big.txt").read_bytes() == payload.read_bytes()
+        assert [p.name for p in upload_dir.iterdir()] == ["big.txt"]  # stale temps removed
+        events = (retried.settings.log_dir / "push-agent.jsonl").read_text()
+        assert '"event": "attempt_failed"' in events
+    finally:
+        proxy.close()
