@@ -20,6 +20,7 @@ from ingest_core.settings import Settings, load_settings
 # One module per noun; each has register(subparsers). Order is the order in --help.
 NOUN_MODULES = (
     "init",
+    "serve",
     "account",
     "key",
     "ip",

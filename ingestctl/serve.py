@@ -48,18 +48,24 @@ def run_all(settings: Settings) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the SFTP/SCP server and the nightly loader together",
-                       description="The main job: the SFTP/SCP server and the loader's "
-                       "scheduler (nightly load, midnight pool file, on-arrival pre-check) in "
-                       "one process. Creates folders and host keys first if missing. Stops "
-                       "cleanly on SIGTERM or Ctrl-C.")
+    p = sub.add_parser(
+        "serve",
+        help="run the SFTP/SCP server and the nightly loader together",
+        description="The main job: the SFTP/SCP server and the loader's "
+        "scheduler (nightly load, midnight pool file, on-arrival pre-check) in "
+        "one process. Creates folders and host keys first if missing. Stops "
+        "cleanly on SIGTERM or Ctrl-C.",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace, ctx) -> int:
     initialize(ctx.settings)
-    print(f"sis-ingest serving SFTP/SCP on {ctx.settings.server.host}:{ctx.settings.server.port};"
-          f" loader at {ctx.settings.schedule.loader_time}, pool at "
-          f"{ctx.settings.schedule.pool_time} {ctx.settings.schedule.timezone}; "
-          f"logs in {ctx.settings.log_dir}", flush=True)
+    print(
+        f"sis-ingest serving SFTP/SCP on {ctx.settings.server.host}:{ctx.settings.server.port};"
+        f" loader at {ctx.settings.schedule.loader_time}, pool at "
+        f"{ctx.settings.schedule.pool_time} {ctx.settings.schedule.timezone}; "
+        f"logs in {ctx.settings.log_dir}",
+        flush=True,
+    )
     return run_all(ctx.settings)
