@@ -44,7 +44,7 @@ STAGING_SUFFIX = "__staging"
 KEY_INDEX_SUFFIX = "__key"
 NEW_KEY_INDEX_SUFFIX = "__key_new"
 MAX_TABLE_NAME = 40  # PostgreSQL cuts identifiers at 63 bytes; suffixes must still fit
-COPY_BATCH_ROWS = 5_000  # about 1 MB of a 20-column file per COPY write
+COPY_BATCH_ROWS = 500  # ~100 KB per write; larger batches keep rows alive and cost more in GC
 PROGRESS_EVERY = 10_000
 SQLITE_BUSY_TIMEOUT_MS = 15 * 60 * 1000
 
