@@ -4,6 +4,7 @@ IP gate, the read-only result log, and a real upload landing in the account fold
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import server_harness
 from server_harness import RunningServer
 
+from ingest_core.client_keys import generate_client_keypair
 from push_agent import connections, runs
 from push_agent.agent import Agent
 from push_agent.connections import Connection
@@ -28,9 +30,20 @@ def ingest_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
     running.stop()
 
 
+@pytest.fixture(scope="module")
+def alpha_key(ingest_server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One agent-style key (RSA 4096, made by the agent's generator) registered as 'alpha'."""
+    path = tmp_path_factory.mktemp("alpha-key") / "alpha"
+    generate_client_keypair(path, comment="ingest-push:alpha")
+    server_harness.add_account(ingest_server, "alpha", path)
+    return path
+
+
 @pytest.fixture
-def alpha(agent: Agent, ingest_server: RunningServer, tmp_path: Path) -> Callable[..., Connection]:
-    """Connection 'alpha' with a key the agent generated, registered at the server."""
+def alpha(
+    agent: Agent, ingest_server: RunningServer, alpha_key: Path, tmp_path: Path
+) -> Callable[..., Connection]:
+    """Connection 'alpha' using the registered key; call it with changes to edit."""
     source = tmp_path / "sis_hr_user_info.txt"
     source.write_bytes(b"uuuid\tfirst_name\r\nU1\tAda\r\n")
     base = Connection(
@@ -46,12 +59,10 @@ def alpha(agent: Agent, ingest_server: RunningServer, tmp_path: Path) -> Callabl
         since_initial="2026-01-01",
     )
     connections.add(agent, base)
-    connections.generate_key(agent, "alpha")
-    if not ingest_server.folder("alpha").exists():
-        server_harness.add_account(ingest_server, "alpha", connections.key_path(agent, "alpha"))
-    else:  # a later test: replace the registered key with this test's new one
-        ingest_server.ingestctl("account", "delete", "alpha", "--yes", check=False)
-        server_harness.add_account(ingest_server, "alpha", connections.key_path(agent, "alpha"))
+    target = connections.key_path(agent, "alpha")
+    shutil.copyfile(alpha_key, target)
+    target.chmod(0o600)
+    shutil.copyfile(f"{alpha_key}.pub", f"{target}.pub")
 
     def edit(**changes: object) -> Connection:
         if changes:
