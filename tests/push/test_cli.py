@@ -124,3 +124,31 @@ def test_errors_are_one_line_and_passwords_never_come_from_argv(push_cli: Cli) -
     argv_pw = push_cli("connection", "add", "x", "--password", "pw")
     assert argv_pw.returncode == 2
     assert sys.executable  # the CLI ran with this interpreter
+
+
+def test_daemon_process_stops_cleanly_on_sigterm(
+    push_cli: Cli, agent_settings: AgentSettings, tmp_path: Path
+) -> None:
+    import os
+    import signal
+    import time
+
+    from .conftest import REPO
+
+    config = tmp_path / "ingest-push.toml"
+    push_cli("status")  # writes the config and creates the state
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "push_agent.cli", "--config", str(config), "daemon"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    log = agent_settings.log_dir / "push-agent.jsonl"
+    deadline = time.monotonic() + 30
+    while "daemon_started" not in (log.read_text() if log.exists() else ""):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert "daemon_stopped" in log.read_text()
