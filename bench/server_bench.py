@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -58,6 +60,7 @@ TARGETS = {
     "sessions_per_s": (">=", 3.0),
 }
 IDLE_TARGET_KB = 50.0
+MEASUREMENTS = ("single", "concurrent", "sessions", "idle")
 
 
 def say(message: str) -> None:
@@ -209,6 +212,7 @@ class Sessions:
     count: int
     seconds: float
     cpu_seconds: float
+    client_cpu_seconds: float
 
     @property
     def per_s(self) -> float:
@@ -218,6 +222,10 @@ class Sessions:
     def cpu_ms(self) -> float:
         return self.cpu_seconds / self.count * 1000
 
+    @property
+    def client_cpu_ms(self) -> float:
+        return self.client_cpu_seconds / self.count * 1000
+
 
 def sequential_sessions(
     run: Run, server: BenchServer, tiny: Path, count: int, tag: str
@@ -225,14 +233,22 @@ def sequential_sessions(
     quiet_disk(server)
     batches = [run.batch([f"put {tiny} bench-{tag}-{i}.txt"]) for i in range(count)]
     cpu_before = settle_cpu(server)
+    client_before = children_cpu_seconds()
     started = time.monotonic()
     for batch in batches:
         run.clients.finish(run.clients.start(run.sftp(server, batch)), 60)
     seconds = time.monotonic() - started
+    client = children_cpu_seconds() - client_before
     cpu = settle_cpu(server) - cpu_before
     check_uploaded(server, [f"bench-{tag}-{i}.txt" for i in range(count)], tiny.stat().st_size)
     server.clear_uploads()
-    return Sessions(count, seconds, cpu)
+    return Sessions(count, seconds, cpu, client)
+
+
+def children_cpu_seconds() -> float:
+    """CPU of the client processes this benchmark has waited for (sftp and its ssh)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 @dataclass
@@ -435,11 +451,33 @@ def median(values: list[float]) -> float:
 def measure(run: Run, servers: list[BenchServer]) -> dict:
     args = run.args
     results: dict = {s.label: {} for s in servers}
-    big = make_file(run.workdir / "big.bin", args.size_mib * MIB)
-    mid = make_file(run.workdir / "mid.bin", args.concurrent_mib * MIB)
-    tiny = run.workdir / "tiny.txt"
-    tiny.write_text("sis-ingest benchmark: one small file per session\n")
+    big = run.workdir / "big.bin"
+    if "single" in args.only or args.profile:
+        say(f"writing a {args.size_mib} MiB file of random bytes")
+        make_file(big, args.size_mib * MIB)
+    if "single" in args.only:
+        measure_single(run, servers, big, results)
+    if "concurrent" in args.only:
+        measure_concurrent(
+            run, servers, make_file(run.workdir / "mid.bin", args.concurrent_mib * MIB), results
+        )
+    if "sessions" in args.only:
+        measure_sessions(run, servers, results)
+    if "idle" in args.only:
+        measure_idle(run, servers, results)
+    ours = next((s for s in servers if s.label == "ours"), None)
+    if args.profile and ours is not None:
+        py_spy = args.py_spy or shutil.which("py-spy")
+        if py_spy is None:
+            say("profile: py-spy not found (pip install py-spy, or --py-spy PATH): skipped")
+        else:
+            say("profile: one more upload to ours under py-spy (not counted)")
+            profile_upload(run, ours, big, Path(args.profile).resolve(), py_spy)
+    return results
 
+
+def measure_single(run: Run, servers: list[BenchServer], big: Path, results: dict) -> None:
+    args = run.args
     say(f"single upload: {args.size_mib} MiB x {args.rounds} rounds, alternating")
     for r, server in alternate(servers, args.rounds):
         t = upload_parallel(run, server, big, 1, f"single{r}")
@@ -452,6 +490,9 @@ def measure(run: Run, servers: list[BenchServer]) -> dict:
             f"{t.cpu_seconds / gib:5.2f} CPU s/GiB  ({t.seconds:.2f} s)"
         )
 
+
+def measure_concurrent(run: Run, servers: list[BenchServer], mid: Path, results: dict) -> None:
+    args = run.args
     say(f"concurrent: {args.concurrent} x {args.concurrent_mib} MiB x {args.rounds} rounds")
     for r, server in alternate(servers, args.rounds):
         t = upload_parallel(run, server, mid, args.concurrent, f"conc{r}")
@@ -464,17 +505,32 @@ def measure(run: Run, servers: list[BenchServer]) -> dict:
         )
         say(f"  round {r + 1} {server.label:4}: {t.mb_s:7.1f} MB/s aggregate ({t.seconds:.2f} s)")
 
+
+def measure_sessions(run: Run, servers: list[BenchServer], results: dict) -> None:
+    args = run.args
+    tiny = run.workdir / "tiny.txt"
+    tiny.write_text("sis-ingest benchmark: one small file per session\n")
     say(f"sessions: {args.sessions} sequential sftp -b sessions x {args.rounds} rounds")
     for r, server in alternate(servers, args.rounds):
         s = sequential_sessions(run, server, tiny, args.sessions, f"sess{r}")
         results[server.label].setdefault("sessions", []).append(
-            {"seconds": s.seconds, "per_s": s.per_s, "cpu_ms": s.cpu_ms}
+            {
+                "seconds": s.seconds,
+                "per_s": s.per_s,
+                "cpu_ms": s.cpu_ms,
+                "client_cpu_ms": s.client_cpu_ms,
+            }
         )
-        say(f"  round {r + 1} {server.label:4}: {s.per_s:6.2f} sessions/s  {s.cpu_ms:6.1f} ms CPU")
+        say(
+            f"  round {r + 1} {server.label:4}: {s.per_s:6.2f} sessions/s  {s.cpu_ms:6.1f} ms "
+            f"server CPU, {s.client_cpu_ms:6.1f} ms client CPU per session"
+        )
 
-    say(f"idle memory: {args.idle} authenticated SFTP sessions held open")
+
+def measure_idle(run: Run, servers: list[BenchServer], results: dict) -> None:
+    say(f"idle memory: {run.args.idle} authenticated SFTP sessions held open")
     for server in servers:
-        m = idle_memory(run, server, args.idle)
+        m = idle_memory(run, server, run.args.idle)
         results[server.label]["idle"] = {
             "sessions": m.sessions,
             "rss_before": m.rss_before,
@@ -490,16 +546,6 @@ def measure(run: Run, servers: list[BenchServer]) -> dict:
             f"({m.rss_kb_per_session:.1f} KB/session; PSS {m.pss_kb_per_session:.1f} KB/session; "
             f"{m.processes_after} processes)"
         )
-
-    ours = next((s for s in servers if s.label == "ours"), None)
-    if args.profile and ours is not None:
-        py_spy = args.py_spy or shutil.which("py-spy")
-        if py_spy is None:
-            say("profile: py-spy not found (pip install py-spy, or --py-spy PATH): skipped")
-        else:
-            say("profile: one more upload to ours under py-spy (not counted)")
-            profile_upload(run, ours, big, Path(args.profile).resolve(), py_spy)
-    return results
 
 
 def summarize(results: dict) -> dict:
@@ -517,17 +563,23 @@ def summarize(results: dict) -> dict:
             ),
             "sessions_per_s": median([x["per_s"] for x in res.get("sessions", [])]),
             "cpu_ms_per_session": median([x["cpu_ms"] for x in res.get("sessions", [])]),
+            "client_cpu_ms_per_session": median(
+                [x["client_cpu_ms"] for x in res.get("sessions", [])]
+            ),
             "idle_kb_per_session": res.get("idle", {}).get("rss_kb_per_session", float("nan")),
             "idle_pss_kb_per_session": res.get("idle", {}).get("pss_kb_per_session", float("nan")),
         }
     if "sshd" in summary and "ours" in summary:
         ratios = {k: summary["ours"][k] / summary["sshd"][k] for k in summary["ours"]}
         summary["ratio"] = ratios
-        met = {}
+        met: dict[str, bool | None] = {}
         for key, (op, target) in TARGETS.items():
             value = ratios[key]
-            met[key] = value >= target if op == ">=" else value <= target
-        met["idle_kb_per_session"] = summary["ours"]["idle_kb_per_session"] <= IDLE_TARGET_KB
+            met[key] = (
+                None if math.isnan(value) else (value >= target if op == ">=" else value <= target)
+            )
+        idle = summary["ours"]["idle_kb_per_session"]
+        met["idle_kb_per_session"] = None if math.isnan(idle) else idle <= IDLE_TARGET_KB
         summary["target_met"] = met
     return summary
 
@@ -540,6 +592,7 @@ ROWS: list[tuple[str, str, str, Callable[[float], str]]] = [
     ("concurrent_cpu_s_per_gib", "concurrent, CPU s per GiB", "", "{:.2f}".format),
     ("sessions_per_s", "sequential sessions/s", ">= 3x", "{:.2f}".format),
     ("cpu_ms_per_session", "server CPU ms per session", "", "{:.1f}".format),
+    ("client_cpu_ms_per_session", "client CPU ms per session", "", "{:.1f}".format),
     ("idle_kb_per_session", "idle session RSS KB", "<= 50 KB", "{:.1f}".format),
     ("idle_pss_kb_per_session", "idle session PSS KB", "", "{:.1f}".format),
 ]
@@ -550,9 +603,13 @@ def table(summary: dict, args: argparse.Namespace, notes: list[str]) -> str:
     header = ["figure", *labels, "ours/sshd", "target", "met"]
     rows = []
     for key, title, target, fmt in ROWS:
-        row = [title, *(fmt(summary[label][key]) for label in labels)]
+        values = [summary[label][key] for label in labels]
+        if all(math.isnan(v) for v in values):
+            continue  # not measured in this run (--only)
+        row = [title, *("-" if math.isnan(v) else fmt(v) for v in values)]
         if "ratio" in summary:
-            row.append(f"{summary['ratio'][key]:.2f}x")
+            ratio = summary["ratio"][key]
+            row.append("-" if math.isnan(ratio) else f"{ratio:.2f}x")
             met = summary["target_met"].get(key)
             row += [target, "" if met is None else ("yes" if met else "NO")]
         else:
@@ -587,6 +644,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="our server's [server] workers (0: leave the setting's default)",
     )
     p.add_argument("--servers", default="sshd,ours", help="which to run: sshd,ours (both)")
+    p.add_argument(
+        "--only",
+        default=",".join(MEASUREMENTS),
+        help=f"which measurements: {','.join(MEASUREMENTS)} (all)",
+    )
+    p.add_argument(
+        "--sshd-default-kex",
+        action="store_true",
+        help="keep sshd's default key exchange (sntrup761) instead of ours (curve25519)",
+    )
     p.add_argument("--quick", action="store_true", help="small sizes, one round: a smoke run")
     p.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
     p.add_argument("--profile", metavar="FILE", help="py-spy our server on one extra upload")
@@ -597,6 +664,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.size_mib, args.rounds = min(args.size_mib, 128), 1
         args.concurrent, args.concurrent_mib = min(args.concurrent, 4), min(args.concurrent_mib, 16)
         args.sessions, args.idle = min(args.sessions, 10), min(args.idle, 20)
+    args.only = {m.strip() for m in args.only.split(",")}
+    if not args.only <= set(MEASUREMENTS):
+        p.error(f"--only takes {','.join(MEASUREMENTS)}")
     for name in ("size_mib", "rounds", "concurrent", "concurrent_mib", "sessions", "idle"):
         if not 0 < getattr(args, name) <= 100_000:
             p.error(f"--{name.replace('_', '-')} must be a positive number")
@@ -605,16 +675,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM cleans up the same way Ctrl-C does."""
+    """SIGTERM and SIGINT both clean up the way Ctrl-C does."""
 
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, handler)
+    # A shell starts background jobs with SIGINT ignored; an interrupt must still clean up.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def use_project_python() -> None:
@@ -642,10 +715,11 @@ def main(argv: list[str] | None = None) -> int:
             run = Run(args, workdir, key)
             pub = key.with_suffix(".pub")
             if "sshd" in wanted:
-                sshd = OpenSshServer(workdir, pub)
+                sshd = OpenSshServer(workdir, pub, same_algorithms=not args.sshd_default_kex)
                 servers.append(sshd)
                 sshd.start()
                 say(f"sshd listening on 127.0.0.1:{sshd.port} (pid {sshd.pid})")
+                notes.append(f"sshd offers {sshd.algorithms}; both offer {CIPHER} first")
             if "ours" in wanted:
                 ours = IngestServer(workdir, pub, args.workers)
                 missing = ours.available()
