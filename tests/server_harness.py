@@ -34,6 +34,7 @@ START_TIMEOUT = 30.0
 CLIENT_TIMEOUT = 60
 
 _host_key_cache: Path | None = None
+_control_db_cache: Path | None = None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -76,6 +77,21 @@ def _cached_host_keys() -> Path:
         ensure_host_keys(folder)
         _host_key_cache = folder
     return _host_key_cache
+
+
+def _cached_control_db() -> Path:
+    """An empty, fully migrated control DB made once per test process (migrations are slow)."""
+    global _control_db_cache
+    if _control_db_cache is None:
+        from ingest_core.db import open_control_db
+        from ingest_core.settings import settings_from_mapping
+
+        folder = Path(tempfile.mkdtemp(prefix="sis-controldb-"))
+        settings = settings_from_mapping({"data_root": "var"}, folder, "template")
+        settings.data_root.mkdir(parents=True)
+        open_control_db(settings.control_db_url).engine.dispose()
+        _control_db_cache = settings.data_root / "control.db"
+    return _control_db_cache
 
 
 @dataclass
@@ -238,7 +254,13 @@ def start_server(
         shutil.copytree(_cached_host_keys(), keys)
         os.chmod(keys, 0o700)
     running = RunningServer(workdir, config, host, port, None, raw)
-    running.ingestctl("init")
+    # What `ingestctl init` does, from cached parts: folders, a migrated DB, host keys.
+    from ingest_core.folders import ensure_base_folders
+
+    ensure_base_folders(running.settings())
+    database = workdir / "var" / "control.db"
+    if not database.exists():
+        shutil.copyfile(_cached_control_db(), database)
     if launch:
         running.process = _launch(running)
     return running
