@@ -337,7 +337,11 @@ class SisDB:
                     cur.execute(f"DROP TABLE IF EXISTS {staging}")
                     cur.execute(f"CREATE TABLE {staging} ({cols})")
                     total = 0
-                    with cur.copy(f"COPY {staging} ({col_list}) FROM STDIN") as copy:
+                    # FREEZE (allowed: staging was created in this transaction) also keeps a
+                    # REPEATABLE READ reader whose snapshot predates the swap from seeing the
+                    # new table empty; it sees the whole new data instead.
+                    copy_sql = f"COPY {staging} ({col_list}) FROM STDIN WITH (FREEZE)"
+                    with cur.copy(copy_sql) as copy:
                         while batch := list(itertools.islice(rows, COPY_BATCH_ROWS)):
                             copy.write(_copy_block(batch, len(columns)))
                             total += len(batch)

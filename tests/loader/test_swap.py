@@ -242,3 +242,22 @@ def test_sqlite_second_account_waits_for_the_first_accounts_load(settings, onboa
     assert results and results[0].ok, results
     assert not first.data_file.exists() and not second.data_file.exists()
     assert len(open_sis_db(settings.sis_db_url).table_rows(table_name(first.spec))) == 25_000
+
+
+@pytest.mark.postgres
+def test_postgres_repeatable_read_snapshot_from_before_the_swap_never_sees_an_empty_table(
+    acme_pg, kit
+):
+    on = acme_pg
+    kit.write_data(on.data_file, 3)
+    assert run_account(on.settings, on.name).ok
+    table = table_name(on.spec)
+    conninfo = on.settings.sis_db_url.replace("postgresql+psycopg", "postgresql")
+    with psycopg.connect(conninfo) as reader:
+        reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        reader.execute("SELECT 1")  # the snapshot is taken now, before the load commits
+        kit.write_data(on.data_file, 6, start=70)
+        assert load_file(on.settings, on.spec, on.data_file).ok
+        count = reader.execute(f'SELECT count(*) FROM "{table}"').fetchone()
+        reader.execute("COMMIT")
+    assert count == (6,)  # without COPY FREEZE this is (0,): an empty table
