@@ -143,15 +143,13 @@ async def test_connection(
         if outcome.failure is None:
             outcome.ok = True
             updates["test_passed_at"] = agent.now()
-            if not conn.verify_fingerprint:
-                pass
-            elif outcome.fingerprint == expected or (
-                confirm is not None and outcome.fingerprint and confirm(outcome.fingerprint)
-            ):
-                updates["pinned_fingerprint"] = outcome.fingerprint
-                outcome.pinned = True
-            else:
-                outcome.needs_confirmation = True
+            if conn.verify_fingerprint:
+                seen = outcome.fingerprint
+                confirmed = seen == expected or bool(confirm and seen and confirm(seen))
+                if confirmed:
+                    updates["pinned_fingerprint"] = seen
+                outcome.pinned = confirmed
+                outcome.needs_confirmation = not confirmed
         if updates:
             agent.state.update(name, **updates)
         _finish(agent, run_id, outcome)
