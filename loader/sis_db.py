@@ -12,6 +12,7 @@ a run killed midway still leaves a trace; the next run of that spec marks it ``i
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import threading
 import time
@@ -104,6 +105,12 @@ class LoadRecord:
 def quote_ident(name: str) -> str:
     """Double-quote an identifier (the same rule on SQLite and PostgreSQL)."""
     return '"' + name.replace('"', '""') + '"'
+
+
+def advisory_key(table: str) -> int:
+    """A stable signed 64-bit key for a table (never Python's per-process ``hash``)."""
+    digest = hashlib.blake2b(f"sis-ingest:{table}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def _copy_block(rows: list[list[str]], width: int) -> str:
@@ -334,6 +341,13 @@ class SisDB:
             pg.autocommit = False
             try:
                 with pg.cursor() as cur:
+                    # Nodes sharing this database: one load per table at a time (freed at
+                    # commit, rollback or disconnect; never held across a pooled connection).
+                    cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (advisory_key(table),))
+                    if not cur.fetchone()[0]:
+                        raise IngestError(
+                            f"another loader (another node?) is loading table {table} right now"
+                        )
                     cur.execute(f"DROP TABLE IF EXISTS {staging}")
                     cur.execute(f"CREATE TABLE {staging} ({cols})")
                     total = 0

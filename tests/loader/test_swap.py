@@ -261,3 +261,23 @@ def test_postgres_repeatable_read_snapshot_from_before_the_swap_never_sees_an_em
         count = reader.execute(f'SELECT count(*) FROM "{table}"').fetchone()
         reader.execute("COMMIT")
     assert count == (6,)  # without COPY FREEZE this is (0,): an empty table
+
+
+@pytest.mark.postgres
+def test_postgres_one_load_per_table_across_nodes(acme_pg, kit):
+    """Another node holding the table's advisory lock makes this load fail cleanly."""
+    from loader.sis_db import advisory_key
+
+    on = acme_pg
+    kit.write_data(on.data_file, 3)
+    assert run_account(on.settings, on.name).ok
+    conninfo = on.settings.sis_db_url.replace("postgresql+psycopg", "postgresql")
+    kit.write_data(on.data_file, 4, start=9)
+    with psycopg.connect(conninfo) as other_node:
+        other_node.execute("BEGIN")
+        other_node.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key(table_name(on.spec)),))
+        result = load_file(on.settings, on.spec, on.data_file)
+        other_node.execute("COMMIT")
+    assert result.status == "failed" and "another loader" in result.internal_error
+    assert len(_rows(on)) == 3
+    assert load_file(on.settings, on.spec, on.data_file).ok
