@@ -65,7 +65,7 @@ class ClientConnection(asyncssh.SSHServer):
         self.conn: asyncssh.SSHServerConnection | None = None
         self.username = ""
         self.view: LoginView | None = None
-        self.tried: set[str] = set()
+        self.refused_keys: set[str] = set()
         self.failures: list[str] = []
         self.accepted_fingerprint: str | None = None
         self.authenticated = False
@@ -123,16 +123,16 @@ class ClientConnection(asyncssh.SSHServer):
         return False
 
     def public_key_auth_supported(self) -> bool:
-        return len(self.tried) < self.state.settings.server.max_auth_attempts
+        # Past max_auth_attempts refused keys, no method is left and the client must go.
+        return len(self.refused_keys) < self.state.settings.server.max_auth_attempts
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         fingerprint = key.get_fingerprint("sha256")
-        if fingerprint not in self.tried:
-            self.tried.add(fingerprint)
-            if len(self.tried) > self.state.settings.server.max_auth_attempts:
-                return False
+        if fingerprint in self.refused_keys:
+            return False
         reason = self._refusal(key)
         if reason is not None:
+            self.refused_keys.add(fingerprint)
             self._fail(fingerprint, reason)
             return False
         if key.algorithm == b"ssh-rsa" and not self.state.settings.server.allow_sha1_rsa_signatures:

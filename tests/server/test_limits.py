@@ -34,6 +34,7 @@ def limited(tmp_path_factory: pytest.TempPathFactory, alpha_key: Path) -> Iterat
                 "max_connections_per_address": 3,
                 "free_disk_reserve_bytes": 0,
             },
+            "server": {"login_timeout": 2.0, "max_auth_attempts": 2},
             "defender": {"enabled": False},
         },
     )
@@ -156,3 +157,26 @@ def test_disk_full_while_writing(limited: RunningServer, tmp_path: Path, make_ke
         assert (folder / "fits.csv").stat().st_size == 100_000
     finally:
         subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_idle_connection_closed_at_login_timeout(limited: RunningServer) -> None:
+    with socket.create_connection((limited.host, limited.port), timeout=30) as sock:
+        assert sock.recv(64).startswith(b"SSH-2.0-")
+        while True:  # say nothing; the server must hang up (login_timeout is 2 s here)
+            try:
+                if not sock.recv(4096):
+                    break
+            except ConnectionResetError:
+                break
+
+
+def test_key_attempts_per_connection_are_capped(
+    limited: RunningServer, alpha_key: Path, make_key
+) -> None:
+    wrong = [make_key("rsa", 4096, "beta"), make_key("rsa", 4096, "guard")]
+    before = len(limited.events("auth.failure"))
+    extra = ("-i", str(wrong[0]), "-i", str(wrong[1]))  # the good key comes third
+    result = sftp_batch(limited, alpha_key, "alpha", "ls\n", extra=extra)
+    assert result.returncode != 0  # max_auth_attempts is 2 here
+    assert len(limited.events("auth.failure")) - before == 2
+    assert sftp_batch(limited, alpha_key, "alpha", "ls\n").returncode == 0

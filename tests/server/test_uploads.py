@@ -170,3 +170,21 @@ def test_download(server: RunningServer, alpha_key: Path, tmp_path: Path) -> Non
     sftp_batch(server, alpha_key, "alpha", f"get dl.txt {tmp_path / 'dl.txt'}\n", check=True)
     assert (tmp_path / "dl.txt").read_text() == "download me\n"
     server.wait_for_event("file.download", name="dl.txt", bytes=12)
+
+
+def test_several_worker_processes_share_the_port(tmp_path: Path, alpha_key: Path) -> None:
+    from server_harness import add_account, start_server
+
+    running = start_server(tmp_path / "srv", {"server": {"workers": 2}})
+    try:
+        add_account(running, "alpha", alpha_key)
+        (tmp_path / "w.txt").write_text("worker\n")
+        for i in range(4):
+            command = f"put {tmp_path / 'w.txt'} w{i}.txt\n"
+            sftp_batch(running, alpha_key, "alpha", command, check=True)
+        assert sorted(p.name for p in running.folder("alpha").iterdir()) == [
+            f"w{i}.txt" for i in range(4)
+        ]
+    finally:
+        assert running.stop() == 0
+    assert len(running.events("server.stopped")) == 2
