@@ -60,6 +60,8 @@ class ServerSettings:
     server_version: str = "sis-ingest"
     login_timeout: float = 30.0
     max_auth_attempts: int = 6
+    # RSA client signatures with SHA-1 (`ssh-rsa`) are refused unless this is true. Turn it
+    # on only for clients that cannot do better: libssh2 1.10 (curl sftp://) signs that way.
     allow_sha1_rsa_signatures: bool = False
     allow_subfolders: bool = False
     kex_algs: list[str] = field(default_factory=lambda: list(DEFAULT_KEX))
