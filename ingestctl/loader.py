@@ -126,7 +126,7 @@ def history(args: argparse.Namespace, ctx) -> int:
     print_table(
         [
             (
-                r.started.isoformat(timespec="seconds"),
+                r.started.astimezone(ctx.settings.zone).isoformat(timespec="seconds"),
                 r.account,
                 r.file_name or r.spec_file,
                 r.status,

@@ -67,6 +67,7 @@ def show(args: argparse.Namespace, ctx) -> int:
     print_fields(
         [
             ("account", view.account),
+            ("deferred fetch", "yes" if view.deferred_fetch else "no (no pool file is published)"),
             ("source", view.source),
             ("IDs in source", "-" if view.ids_in_source is None else f"{view.ids_in_source:,}"),
             ("pool file", view.pool_file),

@@ -42,6 +42,7 @@ class PoolResult:
 @dataclass(frozen=True)
 class PoolView:
     account: str
+    deferred_fetch: bool
     source: str
     ids_in_source: int | None
     pool_file: str
@@ -191,7 +192,7 @@ def publish_pools(settings: Settings, names: list[str] | None = None) -> list[Po
 
 
 def show_pool(settings: Settings, account: str) -> PoolView:
-    Registry(settings).get_account(account)
+    deferred_fetch = Registry(settings).get_account(account).deferred_fetch
     folder = account_folder(settings, account)
     in_source: int | None = None
     if settings.pool.source == "table":
@@ -207,6 +208,7 @@ def show_pool(settings: Settings, account: str) -> PoolView:
             in_file = sum(1 for _ in handle)
     return PoolView(
         account=account,
+        deferred_fetch=deferred_fetch,
         source=(
             "table sis_pool_applicants"
             if settings.pool.source == "table"
