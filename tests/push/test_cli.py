@@ -152,3 +152,60 @@ def test_daemon_process_stops_cleanly_on_sigterm(
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     assert "daemon_stopped" in log.read_text()
+
+
+def _run_in_pty(argv: list[str], answers: dict[str, str], cwd: Path) -> tuple[int, str]:
+    """Run a command on a pseudo-terminal (its controlling tty), answering prompts."""
+    import os
+    import pty
+    import select
+
+    from .conftest import REPO
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: exec the CLI with the pty as its terminal
+        os.chdir(cwd)
+        os.environ["PYTHONPATH"] = str(REPO)
+        os.execv(argv[0], argv)
+    output = b""
+    pending = dict(answers)
+    while True:
+        ready_fds, _, _ = select.select([fd], [], [], 60)
+        if not ready_fds:
+            break
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+        for prompt in list(pending):
+            if output.decode(errors="replace").rstrip().endswith(prompt):
+                os.write(fd, (pending.pop(prompt) + "\n").encode())
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
+
+
+def test_prompts_on_a_terminal_password_and_fingerprint_confirmation(
+    push_cli: Cli, sshd: SshdServer, sshd_lab: SshdLab, upload_dir: Path, tmp_path: Path
+) -> None:
+    push_cli("status")  # writes the config file
+    base = [sys.executable, "-m", "push_agent.cli", "--config", str(tmp_path / "ingest-push.toml")]
+    code, out = _run_in_pty(
+        [*base, "connection", "add", "tty", "--host", "127.0.0.1", "--port", str(sshd.port),
+         "--path", "/upload", "--user", SSH_USER, "--frequency", "hourly",
+         "--command", "echo hi", "--remote-name", "hi.txt"],
+        {"SFTP password:": sshd_lab.password, "Again:": sshd_lab.password},
+        tmp_path,
+    )  # fmt: skip
+    assert code == 0, out
+    assert sshd_lab.password not in out  # not echoed
+    code, out = _run_in_pty(
+        [*base, "connection", "test", "tty"], {"Confirm it? [y/N]": "y"}, tmp_path
+    )
+    assert code == 0, out
+    assert f"fingerprint confirmed: {sshd.fingerprint()}" in out
+    assert push_cli("run", "tty").returncode == 0
+    assert (upload_dir / "hi.txt").read_text() == "hi\n"
