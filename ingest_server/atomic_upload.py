@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import os
 import secrets
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,12 +63,15 @@ class Upload:
         self._hashed_upto = 0
         self._sequential = True
         self.fd = os.open(self.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, TEMP_FILE_MODE)
+        # Without TRUNC the upload starts as the existing file. Its content is copied only if
+        # needed (a write away from the start, a read, a commit with the old tail): OpenSSH
+        # scp overwrites from offset 0 and then truncates, which needs no copy at all.
+        self._base_fd = -1
+        self._covered = 0  # bytes [0, covered) written by the client
         try:
             if not truncate and final.is_file():
-                with open(final, "rb") as src, open(self.fd, "wb", closefd=False) as dst:
-                    shutil.copyfileobj(src, dst, _HASH_BLOCK)
-                self._sequential = os.fstat(self.fd).st_size == 0
-            self.size = os.fstat(self.fd).st_size
+                self._base_fd = os.open(final, os.O_RDONLY | os.O_NOFOLLOW)
+            self.size = os.fstat(self._base_fd).st_size if self._base_fd >= 0 else 0
         except BaseException:
             self.discard()
             raise
@@ -87,10 +89,14 @@ class Upload:
         try:
             if end > self.size:
                 self.limits.check(end, end - self.size)
+            if self._base_fd >= 0 and offset != self._covered:
+                self._materialize()
             written = os.pwrite(self.fd, data, offset)
         except (LimitHit, OSError) as exc:
             self.failed = exc
             raise
+        if self._base_fd >= 0:
+            self._covered = offset + written
         if self._sequential:
             if offset == self._hashed_upto:
                 self._hash.update(data)
@@ -101,18 +107,42 @@ class Upload:
         return written
 
     def read(self, offset: int, size: int) -> bytes:
+        self._materialize()
         return os.pread(self.fd, size, offset)
 
     def truncate(self, size: int) -> None:
         if size > self.size:
             self.limits.check(size, size - self.size)
+        if self._base_fd >= 0 and size <= self._covered:
+            self._drop_base()  # everything kept was written by the client
+        self._materialize()
         os.ftruncate(self.fd, size)
         if size != self._hashed_upto:
             self._sequential = False
         self.size = size
 
     def fstat(self) -> os.stat_result:
+        self._materialize()
         return os.fstat(self.fd)
+
+    def _materialize(self) -> None:
+        """Copy the existing file's bytes the client has not overwritten into the temp file."""
+        if self._base_fd < 0:
+            return
+        offset = self._covered
+        end = os.fstat(self._base_fd).st_size
+        while offset < end:
+            block = os.pread(self._base_fd, min(_HASH_BLOCK, end - offset), offset)
+            if not block:
+                break
+            os.pwrite(self.fd, block, offset)
+            offset += len(block)
+        self._drop_base()
+
+    def _drop_base(self) -> None:
+        if self._base_fd >= 0:
+            os.close(self._base_fd)
+            self._base_fd = -1
 
     def set_times(self, atime: float, mtime: float) -> None:
         os.utime(self.fd, (atime, mtime))
@@ -121,6 +151,7 @@ class Upload:
         """Rename into place (blocking: run it in a thread for big non-sequential files)."""
         if self.failed is not None:
             raise self.failed
+        self._materialize()
         size = os.fstat(self.fd).st_size
         if self._sequential and self._hashed_upto == size:
             digest = self._hash.hexdigest()
@@ -139,6 +170,7 @@ class Upload:
     def discard(self) -> None:
         """Drop the upload: close and remove the temporary file (idempotent)."""
         self.done = True
+        self._drop_base()
         if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.fd)

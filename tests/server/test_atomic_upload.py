@@ -1,0 +1,110 @@
+"""Upload semantics on real files (no SSH): what the final file holds after each pattern."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from ingest_core.folders import AccountFolder
+from ingest_core.settings import LimitSettings
+from ingest_server.atomic_upload import Upload
+from ingest_server.limits import LimitHit, UploadLimits
+
+NO_LIMITS = LimitSettings(
+    max_file_bytes=0, account_quota_bytes=0, free_disk_reserve_bytes=0, max_read_ahead_bytes=0
+)
+
+
+def start(folder: AccountFolder, name: str, truncate: bool, limits: LimitSettings = NO_LIMITS):
+    final = folder.root / name
+    return Upload(
+        folder,
+        final,
+        truncate=truncate,
+        append=False,
+        limits=UploadLimits.for_upload(limits, folder.root, 0),
+    )
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> AccountFolder:
+    return AccountFolder("acct", tmp_path)
+
+
+def hidden(folder: AccountFolder) -> list[str]:
+    return [p.name for p in folder.root.iterdir() if p.name.startswith(".ingest-upload-")]
+
+
+def test_final_name_appears_only_at_commit(folder: AccountFolder) -> None:
+    (folder.root / "f.csv").write_bytes(b"old")
+    upload = start(folder, "f.csv", truncate=True)
+    upload.write(0, b"new content")
+    assert (folder.root / "f.csv").read_bytes() == b"old"
+    received = upload.commit()
+    assert (folder.root / "f.csv").read_bytes() == b"new content"
+    assert received.sha256 == hashlib.sha256(b"new content").hexdigest()
+    assert hidden(folder) == []
+
+
+def test_discard_keeps_the_earlier_file(folder: AccountFolder) -> None:
+    (folder.root / "f.csv").write_bytes(b"old")
+    upload = start(folder, "f.csv", truncate=True)
+    upload.write(0, b"partial")
+    upload.discard()
+    assert (folder.root / "f.csv").read_bytes() == b"old"
+    assert hidden(folder) == []
+
+
+def test_overwrite_without_trunc_then_truncate(folder: AccountFolder) -> None:
+    """OpenSSH scp in SFTP mode: WRITE|CREAT, write from 0, then fsetstat(size)."""
+    (folder.root / "f.csv").write_bytes(b"0123456789" * 10)
+    upload = start(folder, "f.csv", truncate=False)
+    upload.write(0, b"abc")
+    upload.truncate(3)
+    received = upload.commit()
+    assert (folder.root / "f.csv").read_bytes() == b"abc"
+    assert received.sha256 == hashlib.sha256(b"abc").hexdigest()
+
+
+def test_write_over_the_start_keeps_the_old_tail(folder: AccountFolder) -> None:
+    (folder.root / "f.csv").write_bytes(b"0123456789")
+    upload = start(folder, "f.csv", truncate=False)
+    upload.write(0, b"ab")
+    upload.commit()
+    assert (folder.root / "f.csv").read_bytes() == b"ab23456789"
+
+
+def test_resume_at_an_offset(folder: AccountFolder) -> None:
+    (folder.root / "f.csv").write_bytes(b"01234")
+    upload = start(folder, "f.csv", truncate=False)
+    upload.write(5, b"56789")
+    received = upload.commit()
+    assert (folder.root / "f.csv").read_bytes() == b"0123456789"
+    assert received.sha256 == hashlib.sha256(b"0123456789").hexdigest()
+    assert received.bytes == 10
+
+
+def test_existing_file_replaced_meanwhile_does_not_leak_in(folder: AccountFolder) -> None:
+    (folder.root / "f.csv").write_bytes(b"01234")
+    upload = start(folder, "f.csv", truncate=False)
+    (folder.root / "other").write_bytes(b"XXXXXXXX")
+    (folder.root / "other").replace(folder.root / "f.csv")
+    upload.write(5, b"5")
+    upload.commit()
+    assert (folder.root / "f.csv").read_bytes() == b"012345"  # the file as it was at open
+
+
+def test_limit_hit_fails_the_upload(folder: AccountFolder) -> None:
+    limits = LimitSettings(max_file_bytes=10, account_quota_bytes=0, free_disk_reserve_bytes=0)
+    upload = start(folder, "f.csv", truncate=True, limits=limits)
+    upload.write(0, b"12345")
+    with pytest.raises(LimitHit) as info:
+        upload.write(5, b"678901")
+    assert info.value.kind == "max_file_bytes"
+    with pytest.raises(LimitHit):
+        upload.commit()
+    upload.discard()
+    assert not (folder.root / "f.csv").exists()
+    assert hidden(folder) == []
