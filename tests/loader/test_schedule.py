@@ -175,3 +175,22 @@ def test_daemon_runs_loads_in_a_child_process(acme, kit):
     assert not acme.data_file.exists()
     events = [e for e in read_events(s.log_dir, "loader") if e["event"] == "load_done"]
     assert events and events[-1]["rows"] == 4
+
+
+def test_child_runner_survives_a_child_that_dies():
+    """A load child killed (OOM, kill -9) breaks only that call; the next one gets a new child."""
+    import os
+    from concurrent.futures.process import BrokenProcessPool
+
+    from loader.daemon import ChildRunner
+
+    runner = ChildRunner()
+    try:
+        first = runner.call(os.getpid)
+        assert first != os.getpid()
+        with pytest.raises(BrokenProcessPool):
+            runner.call(os._exit, 9)
+        second = runner.call(os.getpid)
+        assert second not in (first, os.getpid())
+    finally:
+        runner.close()
