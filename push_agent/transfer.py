@@ -144,7 +144,15 @@ class Session:
             ) from None
         except asyncssh.SFTPError as exc:
             await self._discard(temp)
-            raise _sftp_failure(exc, f"uploading {local.name} to {temp}") from exc
+            doing = f"uploading {local.name} to {temp}"
+            free = await self._free_bytes(remote_dir)
+            if free is not None and free < size:
+                raise fail(
+                    Category.TRANSFER,
+                    f"{doing}: no space on the SFTP server ({free} bytes free, {size} needed; "
+                    f"the server said: {exc.reason or type(exc).__name__})",
+                ) from exc
+            raise _sftp_failure(exc, doing) from exc
         try:
             await self._rename_into_place(temp, final)
         except asyncssh.SFTPError as exc:
@@ -204,6 +212,15 @@ class Session:
                 raise
             await self.sftp.remove(final)
             await self.sftp.rename(temp, final)
+
+    async def _free_bytes(self, remote_dir: str) -> int | None:
+        """Free space where we write, if the server tells (OpenSSH's statvfs extension):
+        SFTP v3 reports a full disk only as a generic failure."""
+        try:
+            stats = await self.sftp.statvfs(remote_dir)
+        except (asyncssh.SFTPError, asyncssh.Error):
+            return None
+        return int(stats.bavail * stats.frsize)
 
     async def _remove_stale_temps(self, remote_dir: str, remote_name: str) -> None:
         """Temporary files an interrupted earlier attempt of ours could not remove."""

@@ -270,3 +270,38 @@ def test_interrupted_upload_is_a_transfer_failure_retried_and_cleaned_up(
         assert '"event": "attempt_failed"' in events
     finally:
         proxy.close()
+
+
+def test_full_remote_disk_is_a_transfer_failure_naming_the_space(
+    agent: Agent, sshd_lab: SshdLab, sshd_connection: Callable[..., Connection], tmp_path: Path
+) -> None:
+    import pwd
+    import subprocess
+
+    small = sshd_lab.chroot / "small"
+    small.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=128k,mode=0755", "tmpfs", str(small)],
+        capture_output=True,
+    )
+    if mounted.returncode != 0:
+        small.rmdir()
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        user = pwd.getpwnam("ingestpush")
+        os.chown(small, user.pw_uid, user.pw_gid)
+        payload = tmp_path / "big.txt"
+        payload.write_bytes(os.urandom(512 * 1024))
+        conn = sshd_connection(
+            remote_dir="/small", source_kind="file", source_path=str(payload),
+            source_command=None, remote_name="big.txt",
+        )  # fmt: skip
+        ready(agent, conn, sshd_lab.password)  # the small probe file fits
+        outcome = run(agent)
+        assert outcome.failure is not None and outcome.failure.category is Category.TRANSFER
+        assert "no space on the SFTP server" in outcome.failure.cause
+        assert "524288 needed" in outcome.failure.cause
+        assert list(small.iterdir()) == []  # the partial temporary file was removed
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
+        small.rmdir()
