@@ -66,8 +66,12 @@ async def serve(agent: Agent, stop: asyncio.Event) -> None:
     agent.log.info("daemon_started", connections=len(agent.state.all()))
     step = agent.settings.daemon_step
     while not stop.is_set():
-        await tick(agent)
-        wake = next_wakeup(agent)
+        try:
+            await tick(agent)
+            wake = next_wakeup(agent)
+        except Exception as exc:  # a bad row or a locked state file must not end the daemon
+            agent.log.exception("tick_failed", error=str(exc))
+            wake = None
         now = agent.now()
         # Connections may be added or edited meanwhile: never sleep longer than one step.
         target = min(wake, now + timedelta(seconds=step)) if wake else now + timedelta(seconds=step)
