@@ -749,7 +749,10 @@ def main(argv: list[str] | None = None) -> int:
                 Path(args.json).write_text(
                     json.dumps(
                         {
-                            "args": vars(args),
+                            "args": {
+                                k: sorted(v) if isinstance(v, set) else v
+                                for k, v in vars(args).items()
+                            },
                             "results": results,
                             "summary": summary,
                             "notes": notes,
