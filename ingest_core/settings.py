@@ -210,7 +210,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         raise ConfigError(f"{chosen}: not valid TOML ({exc})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{chosen}: cannot read config file ({exc})") from None
-    settings = _build(Settings, raw, str(chosen), "")
+    settings = build_table(Settings, raw, str(chosen), "")
     return _resolve(settings, chosen.resolve().parent, str(chosen))
 
 
@@ -218,7 +218,7 @@ def settings_from_mapping(
     raw: dict[str, typing.Any], base: Path, name: str = "<mapping>"
 ) -> Settings:
     """Build settings from an already-parsed table (tests and tools use this)."""
-    return _resolve(_build(Settings, raw, name, ""), base, name)
+    return _resolve(build_table(Settings, raw, name, ""), base, name)
 
 
 def _resolve(settings: Settings, base: Path, source: str) -> Settings:
@@ -287,7 +287,9 @@ def _check_semantics(s: Settings, source: str) -> None:
             raise bad(url_key, "a sqlite:/// or postgresql+psycopg:// URL", url)
 
 
-def _build(cls: type, raw: object, source: str, prefix: str) -> typing.Any:
+def build_table(cls: type, raw: object, source: str, prefix: str) -> typing.Any:
+    """Check a parsed TOML table against a settings dataclass and build it (also used by
+    the push agent's own config)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: [{prefix.rstrip('.')}]: expected a table, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -307,7 +309,7 @@ def _convert(hint: typing.Any, value: object, source: str, where: str) -> object
         return ConfigError(f"{source}: {where}: expected {expected}, got {value!r}")
 
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, source, f"{where}.")
+        return build_table(hint, value, source, f"{where}.")
     if hint is bool:
         if not isinstance(value, bool):
             raise bad("true or false")

@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
-import json
 import sys
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ingest_core.console import print_fields, print_json, print_table
 from ingest_core.errors import IngestError, Refused
 from push_agent import connections, daemon, runs
 from push_agent.agent import Agent, open_agent
@@ -23,28 +23,6 @@ from push_agent.connections import Connection, parse_delimiter
 from push_agent.settings import load_agent_settings
 
 PROG = "ingest-push"
-
-
-def _json(value: Any) -> None:
-    json.dump(value, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
-
-
-def _fields(pairs: Sequence[tuple[str, Any]]) -> None:
-    width = max(len(k) for k, _ in pairs)
-    for key, value in pairs:
-        print(f"{key.ljust(width)}  {'' if value is None else value}")
-
-
-def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str], empty: str) -> None:
-    if not rows:
-        print(empty)
-        return
-    cells = [["" if c is None else str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    print("  ".join(h.upper().ljust(widths[i]) for i, h in enumerate(headers)).rstrip())
-    for row in cells:
-        print("  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip())
 
 
 def _local(agent: Agent, value: datetime | None) -> str | None:
@@ -154,9 +132,9 @@ def cmd_delete(args: argparse.Namespace, agent: Agent) -> int:
 def cmd_list(args: argparse.Namespace, agent: Agent) -> int:
     rows = [connections.Connection.from_row(r) for r in agent.state.all()]
     if args.json:
-        _json([c.public_view() for c in rows])
+        print_json([c.public_view() for c in rows])
         return 0
-    _table(
+    print_table(
         [
             (
                 c.name,
@@ -187,9 +165,9 @@ def cmd_show(args: argparse.Namespace, agent: Agent) -> int:
         updated_at=row["updated_at"],
     )
     if args.json:
-        _json(view)
+        print_json(view)
         return 0
-    _fields([(k, _local(agent, v) if isinstance(v, datetime) else v) for k, v in view.items()])
+    print_fields([(k, _local(agent, v) if isinstance(v, datetime) else v) for k, v in view.items()])
     return 0
 
 
@@ -202,7 +180,7 @@ def _confirm(fingerprint: str) -> bool:
 
 def _report(outcome: runs.Outcome, args: argparse.Namespace, what: str) -> int:
     if args.json:
-        _json(outcome.as_dict())
+        print_json(outcome.as_dict())
         return 0 if outcome.ok else 1
     if outcome.failure is not None:
         print(f"{what} of {outcome.connection} FAILED")
@@ -247,7 +225,7 @@ def cmd_key_show(args: argparse.Namespace, agent: Agent) -> int:
     connections.get(agent, args.name)
     fingerprint = connections.key_fingerprint(agent, args.name)
     if args.json:
-        _json({"connection": args.name, "fingerprint": fingerprint})
+        print_json({"connection": args.name, "fingerprint": fingerprint})
     else:
         print(fingerprint or f"{args.name} has no key (ingest-push key generate {args.name})")
     return 0
@@ -266,14 +244,14 @@ def cmd_export(args: argparse.Namespace, agent: Agent) -> int:
 def cmd_status(args: argparse.Namespace, agent: Agent) -> int:
     entries = runs.status(agent)
     if args.json:
-        _json(entries)
+        print_json(entries)
         return 0
     if not entries:
         print("no connections")
         return 0
     for entry in entries:
         print(f"{entry['name']}  ({entry['host']}, {entry['frequency']})")
-        _fields(
+        print_fields(
             [
                 ("  last success", _local(agent, entry["last_success"]) or "never"),
                 ("  sends data since", entry["since"]),
@@ -291,9 +269,9 @@ def cmd_status(args: argparse.Namespace, agent: Agent) -> int:
 def cmd_history(args: argparse.Namespace, agent: Agent) -> int:
     rows = agent.state.history(args.name, args.limit)
     if args.json:
-        _json(rows)
+        print_json(rows)
         return 0
-    _table(
+    print_table(
         [
             (
                 _local(agent, r["started_at"]),

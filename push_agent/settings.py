@@ -15,7 +15,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ingest_core.errors import ConfigError
-from ingest_core.settings import SmtpSettings, _build
+from ingest_core.settings import SmtpSettings, build_table
 
 CONFIG_ENV = "INGEST_PUSH_CONFIG"
 DEFAULT_CONFIG_NAME = "ingest-push.toml"
@@ -83,7 +83,7 @@ def load_agent_settings(path: str | os.PathLike[str] | None = None) -> AgentSett
         raise ConfigError(f"{chosen}: not valid TOML ({exc})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{chosen}: cannot read config file ({exc})") from None
-    built = _build(AgentSettings, raw, str(chosen), "")
+    built = build_table(AgentSettings, raw, str(chosen), "")
     return resolve_agent_settings(built, chosen.resolve().parent, str(chosen))
 
 
