@@ -478,6 +478,11 @@ def measure(run: Run, servers: list[BenchServer]) -> dict:
 
 def measure_single(run: Run, servers: list[BenchServer], big: Path, results: dict) -> None:
     args = run.args
+    # The first upload into a fresh server process is slower (heap growth, page faults): a
+    # long-running server does not pay that, so each server gets one unmeasured upload first.
+    say("warm-up: one unmeasured upload per server")
+    for server in servers:
+        upload_parallel(run, server, big, 1, "warmup")
     say(f"single upload: {args.size_mib} MiB x {args.rounds} rounds, alternating")
     for r, server in alternate(servers, args.rounds):
         t = upload_parallel(run, server, big, 1, f"single{r}")
