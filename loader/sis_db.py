@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -46,6 +47,7 @@ KEY_INDEX_SUFFIX = "__key"
 NEW_KEY_INDEX_SUFFIX = "__key_new"
 MAX_TABLE_NAME = 40  # PostgreSQL cuts identifiers at 63 bytes; suffixes must still fit
 COPY_BATCH_ROWS = 500  # ~100 KB per write; larger batches keep rows alive and cost more in GC
+COPY_QUEUE_ITEMS = 32  # buffers of up to 128 KB waiting for the COPY writer thread
 PROGRESS_EVERY = 10_000
 SQLITE_BUSY_TIMEOUT_MS = 15 * 60 * 1000
 
@@ -111,6 +113,19 @@ def advisory_key(table: str) -> int:
     """A stable signed 64-bit key for a table (never Python's per-process ``hash``)."""
     digest = hashlib.blake2b(f"sis-ingest:{table}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+def _copy_writer(cur: Any) -> Any:
+    """Send COPY data from a thread, so validating the next rows overlaps the network wait.
+
+    psycopg's queued writer holds up to 1024 buffers (~128 MB) when the server is slower
+    than we are; a smaller queue keeps the load's memory flat.
+    """
+    from psycopg.copy import QueuedLibpqWriter
+
+    writer = QueuedLibpqWriter(cur)
+    writer._queue = queue.Queue(maxsize=COPY_QUEUE_ITEMS)
+    return writer
 
 
 def _copy_block(rows: list[list[str]], width: int) -> str:
@@ -355,7 +370,7 @@ class SisDB:
                     # REPEATABLE READ reader whose snapshot predates the swap from seeing the
                     # new table empty; it sees the whole new data instead.
                     copy_sql = f"COPY {staging} ({col_list}) FROM STDIN WITH (FREEZE)"
-                    with cur.copy(copy_sql) as copy:
+                    with cur.copy(copy_sql, writer=_copy_writer(cur)) as copy:
                         while batch := list(itertools.islice(rows, COPY_BATCH_ROWS)):
                             copy.write(_copy_block(batch, len(columns)))
                             total += len(batch)

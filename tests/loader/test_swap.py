@@ -281,3 +281,16 @@ def test_postgres_one_load_per_table_across_nodes(acme_pg, kit):
     assert result.status == "failed" and "another loader" in result.internal_error
     assert len(_rows(on)) == 3
     assert load_file(on.settings, on.spec, on.data_file).ok
+
+
+@pytest.mark.postgres
+def test_postgres_copy_writer_queue_is_bounded(pg_url):
+    """Pins the psycopg internal we rely on: QueuedLibpqWriter keeps its buffers in _queue."""
+    from loader.sis_db import COPY_QUEUE_ITEMS, _copy_writer
+
+    with psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql")) as conn:
+        from psycopg.copy import QueuedLibpqWriter
+
+        plain = QueuedLibpqWriter(conn.cursor())
+        assert plain._queue.maxsize > COPY_QUEUE_ITEMS  # the attribute we replace exists
+        assert _copy_writer(conn.cursor())._queue.maxsize == COPY_QUEUE_ITEMS
