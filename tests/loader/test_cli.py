@@ -102,3 +102,17 @@ def test_pool_import_publish_show(settings, onboard, ingestctl, workdir):
     assert "POOL applicant_pool.txt 2 active applicant IDs" in ingestctl("log", "defer").stdout
     refused = ingestctl("pool", "publish", "nosuch")
     assert refused.returncode == 1 and "no account named" in refused.stderr
+
+
+def test_log_json_splits_the_two_word_status():
+    from ingestctl.log import parse_line
+
+    assert parse_line("2026-11-23T03:00:01-05:00 NO FILE sis.txt no file received") == {
+        "time": "2026-11-23T03:00:01-05:00",
+        "status": "NO FILE",
+        "file": "sis.txt",
+        "detail": "no file received",
+    }
+    assert parse_line("2026-11-23T03:00:01-05:00 LOADED sis.txt 5 rows imported")["detail"] == (
+        "5 rows imported"
+    )
