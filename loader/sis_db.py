@@ -18,7 +18,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -515,13 +514,3 @@ def close_sis_dbs() -> None:
         for db in _open.values():
             db.dispose()
         _open.clear()
-
-
-@contextmanager
-def opened(url: str) -> Iterator[SisDB]:
-    """A private handle closed on exit (child processes and tests)."""
-    db = SisDB(url)
-    try:
-        yield db
-    finally:
-        db.dispose()
