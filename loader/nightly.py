@@ -356,10 +356,11 @@ def _run_locked(
             log.warning("file_unknown", account=account, file=path.name)
             notify_failure(settings, "Load", account, path.name, detail, datetime.now(zone))
 
-    present = {p.name: p for p in files}
     for spec in specs:
-        path = present.get(spec.file_name)
-        if path is None:
+        # Looked up at its turn, not from the listing above: a file that landed while an
+        # earlier spec was loading is complete (renamed into place) and loads now.
+        path = folder.root / spec.file_name
+        if not path.is_file() or path.is_symlink():
             db.record(account, spec.file_name, table_name(spec), NO_FILE, "no file received")
             line("NO FILE", spec.file_name, "no file received; the SIS data stays as it was")
             log.info("load_no_file", account=account, file=spec.file_name)

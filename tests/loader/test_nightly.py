@@ -219,3 +219,28 @@ def test_sis_database_unreachable_keeps_the_file_and_says_so(acme, kit):
     assert "/proc" not in line  # internals go to the operators, not the client's log
     assert run_account(acme.settings, acme.name).ok  # and the next run loads it
     assert not acme.data_file.exists()
+
+
+def test_the_second_specs_file_arriving_during_the_first_load_loads_in_the_same_run(
+    acme, kit, tmp_path
+):
+    from ingest_core.registry import Registry
+    from loader.spec import approve_spec
+
+    sample = tmp_path / "custom_fields.txt"
+    sample.write_text("UUUID\tprogram\nU1\tX\n", encoding="utf-8")
+    custom = approve_spec(Registry(acme.settings, actor="test"), acme.name, sample, key="UUUID")
+    kit.write_data(acme.data_file, 20_000)
+    arrived = acme.folder.root / custom.file_name
+
+    def progress(account, file_name, rows):
+        if file_name == acme.spec.file_name and not arrived.exists():
+            kit.upload(acme.folder, custom.file_name, "UUUID\tprogram\nU1\tA\nU2\tB\n")
+
+    result = run_account(acme.settings, acme.name, progress=progress)
+    assert result.ok, result.summary()
+    assert [(o.status, o.file_name, o.rows) for o in result.outcomes] == [
+        ("LOADED", "sis_hr_user_info.txt", 20_000),
+        ("LOADED", "custom_fields.txt", 2),
+    ]
+    assert not arrived.exists()
