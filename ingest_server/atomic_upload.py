@@ -20,11 +20,15 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ingest_core.folders import AccountFolder
 from ingest_server.limits import LimitHit, UploadLimits
 
 TEMP_FILE_MODE = 0o640
+# Writes are gathered into batches of this size and written (and hashed) by a worker thread,
+# off the event loop; at most one batch per upload is in the thread at a time.
+BATCH_BYTES = 512 * 1024
 _HASH_BLOCK = 1024 * 1024
 
 
@@ -68,6 +72,11 @@ class Upload:
         # scp overwrites from offset 0 and then truncates, which needs no copy at all.
         self._base_fd = -1
         self._covered = 0  # bytes [0, covered) written by the client
+        self._base_copy_queued = False
+        self._batch: list[tuple[int, bytes, bool]] = []
+        self._batch_bytes = 0
+        self._times: tuple[float, float] | None = None
+        self.in_flight: Any = None  # the batch being written by a worker thread, if any
         try:
             if not truncate and final.is_file():
                 self._base_fd = os.open(final, os.O_RDONLY | os.O_NOFOLLOW)
@@ -81,55 +90,97 @@ class Upload:
         return self.final.name
 
     def write(self, offset: int, data: bytes) -> int:
+        """Accept a write; the bytes reach the file with the next :meth:`write_batch`."""
         if self.failed is not None:
             raise self.failed
+        if not data:
+            return 0
         if self.append:
             offset = self.size
         end = offset + len(data)
-        try:
-            if end > self.size:
+        if end > self.size:
+            try:
                 self.limits.check(end, end - self.size)
-            if self._base_fd >= 0 and offset != self._covered:
-                self._materialize()
-            written = os.pwrite(self.fd, data, offset)
-        except (LimitHit, OSError) as exc:
-            self.failed = exc
-            raise
-        if self._base_fd >= 0:
-            self._covered = offset + written
+            except LimitHit as exc:
+                self.failed = exc
+                raise
+        if self._base_fd >= 0 and not self._base_copy_queued:
+            if offset == self._covered:
+                self._covered = end
+            else:
+                self._batch.append((self._covered, b"", False))  # copy the old tail first
+                self._base_copy_queued = True
+        hash_it = False
         if self._sequential:
             if offset == self._hashed_upto:
-                self._hash.update(data)
+                hash_it = True
                 self._hashed_upto = end
             else:
                 self._sequential = False
-        self.size = max(self.size, offset + written)
-        return written
+        self._batch.append((offset, data, hash_it))
+        self._batch_bytes += len(data)
+        self.size = max(self.size, end)
+        return len(data)
+
+    def take_batch(self, minimum: int = BATCH_BYTES) -> list[tuple[int, bytes, bool]] | None:
+        """The writes accepted so far, once there are ``minimum`` bytes of them."""
+        if not self._batch or self._batch_bytes < minimum:
+            return None
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        return batch
+
+    def write_batch(self, batch: list[tuple[int, bytes, bool]]) -> None:
+        """Write (and hash) a batch, in order; runs in a worker thread, one batch at a time."""
+        try:
+            for offset, data, hash_it in batch:
+                if not data:
+                    self._materialize(offset)
+                    continue
+                view = memoryview(data)
+                done = 0
+                while done < len(data):
+                    done += os.pwrite(self.fd, view[done:], offset + done)
+                if hash_it:
+                    self._hash.update(data)
+        except OSError as exc:
+            self.failed = exc
+            raise
+
+    def flush(self) -> None:
+        """Write whatever is pending, here and now (no batch may be running elsewhere)."""
+        batch = self.take_batch(1)
+        if batch:
+            self.write_batch(batch)
+        if self.failed is not None:
+            raise self.failed
 
     def read(self, offset: int, size: int) -> bytes:
-        self._materialize()
+        self.flush()
+        self._materialize(self._covered)
         return os.pread(self.fd, size, offset)
 
     def truncate(self, size: int) -> None:
         if size > self.size:
             self.limits.check(size, size - self.size)
+        self.flush()
         if self._base_fd >= 0 and size <= self._covered:
             self._drop_base()  # everything kept was written by the client
-        self._materialize()
+        self._materialize(self._covered)
         os.ftruncate(self.fd, size)
         if size != self._hashed_upto:
             self._sequential = False
         self.size = size
 
     def fstat(self) -> os.stat_result:
-        self._materialize()
+        self.flush()
+        self._materialize(self._covered)
         return os.fstat(self.fd)
 
-    def _materialize(self) -> None:
-        """Copy the existing file's bytes the client has not overwritten into the temp file."""
+    def _materialize(self, start: int) -> None:
+        """Copy the existing file's bytes from ``start`` on (not overwritten by the client)."""
         if self._base_fd < 0:
             return
-        offset = self._covered
+        offset = start
         end = os.fstat(self._base_fd).st_size
         while offset < end:
             block = os.pread(self._base_fd, min(_HASH_BLOCK, end - offset), offset)
@@ -145,13 +196,15 @@ class Upload:
             self._base_fd = -1
 
     def set_times(self, atime: float, mtime: float) -> None:
-        os.utime(self.fd, (atime, mtime))
+        """Remembered and applied at commit, after the last byte is written."""
+        self._times = (atime, mtime)
 
     def commit(self) -> Received:
         """Rename into place (blocking: run it in a thread for big non-sequential files)."""
-        if self.failed is not None:
-            raise self.failed
-        self._materialize()
+        self.flush()
+        self._materialize(self._covered)
+        if self._times is not None:
+            os.utime(self.fd, self._times)
         size = os.fstat(self.fd).st_size
         if self._sequential and self._hashed_upto == size:
             digest = self._hash.hexdigest()

@@ -32,7 +32,7 @@ from ingest_core.structured_log import get_logger
 from ingest_server.connection import ClientConnection, ServerState, refusing_session
 from ingest_server.defender import Defender
 from ingest_server.gate import ConnectionGate
-from ingest_server.host_keys import ensure_host_keys, load_host_keys
+from ingest_server.host_keys import HOST_KEY_FILES, ensure_host_keys, load_host_keys
 from ingest_server.proxy_protocol import ProxyHeaderError, read_proxy_header
 from ingest_server.sftp import AccountSFTPServer
 
@@ -105,7 +105,8 @@ class Server:
     async def serve(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then shut down gracefully and return."""
         s = self.settings.server
-        ensure_host_keys(s.host_key_dir)
+        if not all((s.host_key_dir / n).exists() for n in HOST_KEY_FILES.values()):
+            ensure_host_keys(s.host_key_dir)  # first start without `ingestctl init`
         pairs = host_keypairs(self.settings)
         self._keypairs = [pair for pair, _ in pairs]
         removed = remove_stale_uploads(self.settings)
@@ -266,7 +267,7 @@ class Server:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
-        tracker.discard_all()
+        await tracker.discard_all()
         if cut:
             self.audit.warning("server.uploads_cut", count=cut)
 

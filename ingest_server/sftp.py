@@ -10,6 +10,7 @@ pool file are read-only. Every write goes to an :class:`Upload` (temp file + ren
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 import sys
@@ -67,10 +68,14 @@ class UploadTracker:
     def total(self) -> int:
         return sum(len(u) for u in self._by_conn.values())
 
-    def discard_all(self) -> None:
+    async def discard_all(self) -> None:
         """Last resort at shutdown: no temporary file outlives the server."""
-        for uploads in self._by_conn.values():
-            for upload in uploads:
+        for uploads in list(self._by_conn.values()):
+            for upload in list(uploads):
+                pending, upload.in_flight = upload.in_flight, None
+                if pending is not None:
+                    with contextlib.suppress(OSError):
+                        await pending
                 upload.discard()
         self._by_conn.clear()
 
@@ -181,20 +186,38 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         self.tracker.add(self.conn, upload)
         return upload
 
-    def write(self, file_obj: object, offset: int, data: bytes) -> int:
+    async def write(self, file_obj: object, offset: int, data: bytes) -> int:
         if not isinstance(file_obj, Upload):
             raise SFTPPermissionDenied("file was opened for reading")
+        upload = file_obj
         try:
-            return file_obj.write(offset, data)
+            written = upload.write(offset, data)
+            batch = upload.take_batch()
+            if batch is not None:
+                # Double buffering: the previous batch was written while this one filled up.
+                await self._settle(upload)
+                if upload.failed is not None:
+                    raise upload.failed
+                loop = asyncio.get_running_loop()
+                upload.in_flight = loop.run_in_executor(None, upload.write_batch, batch)
+            return written
         except LimitHit as exc:
-            self._drop(file_obj, reason=exc.kind)
-            self._limit_hit(file_obj.name, exc)
+            await self._drop(upload, reason=exc.kind)
+            self._limit_hit(upload.name, exc)
             raise SFTPFailure(str(exc)) from None
         except OSError as exc:
-            self._drop(file_obj, reason=f"write error: {exc.strerror or exc}")
+            await self._drop(upload, reason=f"write error: {exc.strerror or exc}")
             raise SFTPFailure(
                 f"server could not store the file ({exc.strerror or exc}): upload discarded"
             ) from None
+
+    @staticmethod
+    async def _settle(upload: Upload) -> None:
+        """Wait for the upload's batch in the worker thread, if any (its error is kept)."""
+        pending, upload.in_flight = upload.in_flight, None
+        if pending is not None:
+            with contextlib.suppress(OSError):
+                await pending
 
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
         # Wait while earlier replies still sit in the channel: a client asking for a whole
@@ -206,6 +229,7 @@ class AccountSFTPServer(asyncssh.SFTPServer):
             await asyncio.sleep(_BACKPRESSURE_POLL)
         size = min(size, MAX_READ_CHUNK)
         if isinstance(file_obj, Upload):
+            await self._settle(file_obj)
             return file_obj.read(offset, size)
         assert isinstance(file_obj, _Download)
         data = os.pread(file_obj.fd, size, offset)
@@ -231,18 +255,20 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         if not isinstance(file_obj, Upload):
             return
         upload = file_obj
+        await self._settle(upload)
         if upload.done:
             self._forget(upload)
             if upload.failed is not None and not aborting:
                 raise SFTPFailure(f"upload failed and was discarded: {upload.failed}")
             return
         if aborting:
-            self._drop(upload, reason="session ended before the file was closed")
+            await self._drop(upload, reason="session ended before the file was closed")
+            self._forget(upload)
             return
         try:
             received = await asyncio.to_thread(upload.commit)
         except OSError as exc:
-            self._drop(upload, reason=f"commit failed: {exc.strerror or exc}")
+            await self._drop(upload, reason=f"could not store the file: {exc.strerror or exc}")
             raise SFTPFailure(f"server could not store the file ({exc.strerror or exc})") from None
         finally:
             self._forget(upload)
@@ -257,22 +283,27 @@ class AccountSFTPServer(asyncssh.SFTPServer):
             seconds=round(received.seconds, 3),
         )
 
-    def fstat(self, file_obj: object) -> os.stat_result:
+    async def fstat(self, file_obj: object) -> os.stat_result:
         if isinstance(file_obj, Upload):
+            await self._settle(file_obj)
             return file_obj.fstat()
         assert isinstance(file_obj, _Download)
         return os.fstat(file_obj.fd)
 
-    def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
+    async def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
         if not isinstance(file_obj, Upload):
             raise SFTPPermissionDenied("file was opened for reading")
+        await self._settle(file_obj)
         if attrs.size is not None:
             try:
                 file_obj.truncate(attrs.size)
             except LimitHit as exc:
-                self._drop(file_obj, reason=exc.kind)
+                await self._drop(file_obj, reason=exc.kind)
                 self._limit_hit(file_obj.name, exc)
                 raise SFTPFailure(str(exc)) from None
+            except OSError as exc:
+                await self._drop(file_obj, reason=f"write error: {exc.strerror or exc}")
+                raise SFTPFailure(f"server could not store the file ({exc.strerror})") from None
         if attrs.atime is not None and attrs.mtime is not None:
             file_obj.set_times(attrs.atime, attrs.mtime)
 
@@ -280,7 +311,8 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         self._uploads.discard(upload)
         self.tracker.remove(self.conn, upload)
 
-    def _drop(self, upload: Upload, reason: str) -> None:
+    async def _drop(self, upload: Upload, reason: str) -> None:
+        await self._settle(upload)
         if not upload.done:
             upload.discard()
             self.audit.info(
@@ -386,9 +418,9 @@ class AccountSFTPServer(asyncssh.SFTPServer):
     def readlink(self, path: bytes) -> bytes:
         raise SFTPPermissionDenied("symbolic links are not served")
 
-    def exit(self) -> None:
+    async def exit(self) -> None:
         for upload in list(self._uploads):
-            self._drop(upload, reason="session ended before the file was closed")
+            await self._drop(upload, reason="session ended before the file was closed")
             self._forget(upload)
         if self.is_sftp and not self.channel.is_closing():
             # OpenSSH scp (SFTP mode) exits 1 after a good upload without an exit status.
