@@ -109,3 +109,15 @@ def test_loader_daemon_command_prechecks_in_a_child_and_stops_on_sigterm(
             daemon.kill()
     assert "daemon_stopped" in events()
     assert acme.data_file.exists()  # first start: no catch-up load, and a pre-check never loads
+
+
+def test_an_account_created_while_the_watcher_runs_is_watched_too(settings, onboard, kit):
+    watcher = PreCheckWatcher(settings)
+    watcher.start()
+    try:
+        late = onboard(settings, "late")  # folder made after the observer started
+        kit.upload(late.folder, late.spec.file_name, kit.data_text(3))
+        (line,) = _wait_for_lines(late.folder, 1)
+    finally:
+        watcher.stop()
+    assert "RECEIVED sis_hr_user_info.txt passed the checks: 3 rows" in line
