@@ -182,10 +182,14 @@ class Server:
             conn = await asyncssh.run_server(sock, **self._options(address))
             await conn.wait_closed()
         except (asyncssh.Error, OSError, TimeoutError) as exc:
+            # Failed logins are logged by ClientConnection; this is the SSH layer's reason.
             self.audit.debug("connection.ended", address=address, error=str(exc))
         except asyncio.CancelledError:
             sock.close()
             raise
+        except Exception as exc:  # a bug must cost one connection, never the accept loop
+            sock.close()
+            self.audit.exception("connection.error", address=address, error=repr(exc))
         finally:
             self.gate.release(address)
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
+import inspect
 import os
 import stat
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,45 @@ from ingest_server.limits import LimitHit, UploadLimits
 # Largest single read served (SFTP allows short reads; bounds memory per request).
 MAX_READ_CHUNK = 256 * 1024
 _BACKPRESSURE_POLL = 0.002
+
+
+_ERRNO_ERRORS: dict[int, type[asyncssh.SFTPError]] = {
+    errno.ENOENT: SFTPNoSuchFile,
+    errno.ENOTDIR: SFTPNoSuchFile,
+    errno.EACCES: SFTPPermissionDenied,
+    errno.EPERM: SFTPPermissionDenied,
+    errno.ELOOP: SFTPPermissionDenied,
+    errno.EEXIST: asyncssh.SFTPFileAlreadyExists,
+    errno.ENOTEMPTY: asyncssh.SFTPDirNotEmpty,
+    errno.ENOSPC: asyncssh.SFTPNoSpaceOnFilesystem,
+}
+
+
+def _without_paths(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn OSErrors into SFTP errors that carry no server path (legacy SCP prints str(exc))."""
+
+    def convert(exc: OSError) -> asyncssh.SFTPError:
+        return _ERRNO_ERRORS.get(exc.errno or 0, SFTPFailure)(exc.strerror or "failed")
+
+    if inspect.iscoroutinefunction(method):
+
+        @functools.wraps(method)
+        async def run_async(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await method(*args, **kwargs)
+            except OSError as exc:
+                raise convert(exc) from None
+
+        return run_async
+
+    @functools.wraps(method)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except OSError as exc:
+            raise convert(exc) from None
+
+    return run
 
 
 class UploadTracker:
@@ -149,6 +191,7 @@ class AccountSFTPServer(asyncssh.SFTPServer):
 
     # -- files ------------------------------------------------------------------------------
 
+    @_without_paths
     def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> object:
         writing = bool(pflags & (FXF_WRITE | FXF_APPEND | FXF_CREAT | FXF_TRUNC))
         if not writing:
@@ -186,6 +229,7 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         self.tracker.add(self.conn, upload)
         return upload
 
+    @_without_paths
     async def write(self, file_obj: object, offset: int, data: bytes) -> int:
         if not isinstance(file_obj, Upload):
             raise SFTPPermissionDenied("file was opened for reading")
@@ -219,6 +263,7 @@ class AccountSFTPServer(asyncssh.SFTPServer):
             with contextlib.suppress(OSError):
                 await pending
 
+    @_without_paths
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
         # Wait while earlier replies still sit in the channel: a client asking for a whole
         # file at once (paramiko's get) must not make us queue the file in memory.
@@ -236,6 +281,7 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         file_obj.sent += len(data)
         return data
 
+    @_without_paths
     async def close(self, file_obj: object) -> None:
         # asyncssh calls close() for the client's CLOSE and also for every handle left open
         # when a session dies; only the latter runs while an exception is being handled
@@ -283,6 +329,7 @@ class AccountSFTPServer(asyncssh.SFTPServer):
             seconds=round(received.seconds, 3),
         )
 
+    @_without_paths
     async def fstat(self, file_obj: object) -> os.stat_result:
         if isinstance(file_obj, Upload):
             await self._settle(file_obj)
@@ -290,6 +337,7 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         assert isinstance(file_obj, _Download)
         return os.fstat(file_obj.fd)
 
+    @_without_paths
     async def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
         if not isinstance(file_obj, Upload):
             raise SFTPPermissionDenied("file was opened for reading")
@@ -337,12 +385,15 @@ class AccountSFTPServer(asyncssh.SFTPServer):
 
     # -- names ------------------------------------------------------------------------------
 
+    @_without_paths
     def lstat(self, path: bytes) -> os.stat_result:
         return os.lstat(self._resolve(path))
 
+    @_without_paths
     def stat(self, path: bytes) -> os.stat_result:
         return os.stat(self._resolve(path))
 
+    @_without_paths
     def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
         local = self._resolve(path, write=True)
         if attrs.size is not None and attrs.size != os.stat(local).st_size:
@@ -357,14 +408,18 @@ class AccountSFTPServer(asyncssh.SFTPServer):
 
     async def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
         self._resolve(path)
-        async for entry in super().scandir(path):
-            name = entry.filename
-            if isinstance(name, bytes) and name.startswith(b".ingest-"):
-                continue
-            if isinstance(name, str) and is_service_name(name):
-                continue
-            yield entry
+        try:
+            async for entry in super().scandir(path):
+                name = entry.filename
+                if isinstance(name, bytes) and name.startswith(b".ingest-"):
+                    continue
+                if isinstance(name, str) and is_service_name(name):
+                    continue
+                yield entry
+        except OSError as exc:
+            raise _ERRNO_ERRORS.get(exc.errno or 0, SFTPFailure)(exc.strerror or "failed") from None
 
+    @_without_paths
     def remove(self, path: bytes) -> None:
         local = self._resolve(path, write=True)
         size = os.lstat(local).st_size
@@ -374,6 +429,7 @@ class AccountSFTPServer(asyncssh.SFTPServer):
             bytes=size,
         )  # fmt: skip
 
+    @_without_paths
     def rename(self, oldpath: bytes, newpath: bytes) -> None:
         old = self._resolve(oldpath, write=True)
         new = self._resolve(newpath, write=True)
@@ -382,6 +438,7 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         os.rename(old, new)
         self._log_rename(old, new)
 
+    @_without_paths
     def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
         old = self._resolve(oldpath, write=True)
         new = self._resolve(newpath, write=True)
@@ -399,11 +456,13 @@ class AccountSFTPServer(asyncssh.SFTPServer):
             old_name=str(old.relative_to(self.root)),
         )
 
+    @_without_paths
     def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
         if not self.settings.server.allow_subfolders:
             raise SFTPPermissionDenied("subfolders are not enabled: upload into the top folder")
         os.mkdir(self._resolve(path, write=True), 0o750)
 
+    @_without_paths
     def rmdir(self, path: bytes) -> None:
         if not self.settings.server.allow_subfolders:
             raise SFTPPermissionDenied("subfolders are not enabled")

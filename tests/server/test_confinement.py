@@ -145,3 +145,25 @@ def test_any_file_name_can_be_uploaded(
     source.write_text("odd\n")
     sftp_batch(server, alpha_key, "alpha", f'put "{source}"\n', check=True)
     assert (server.folder("alpha") / "odd name (1).TXT").read_text() == "odd\n"
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["scp", "scp-O"])
+def test_errors_never_show_server_paths(
+    server: RunningServer, alpha_key: Path, tmp_path: Path, legacy: bool
+) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("a")
+    for args in (
+        [server.scp_target("alpha", "missing.txt"), str(tmp_path / "m")],
+        ["-r", str(tmp_path / "d"), server.scp_target("alpha", "")],
+        [server.scp_target("alpha", "../../../etc/passwd"), str(tmp_path / "p")],
+    ):
+        result = subprocess.run(
+            [*server.scp_command(alpha_key, legacy=legacy), *args],
+            capture_output=True,
+            text=True,
+            timeout=CLIENT_TIMEOUT,
+        )
+        assert result.returncode != 0
+        assert str(server.workdir) not in result.stderr, result.stderr
+        assert "accounts" not in result.stderr, result.stderr
