@@ -188,3 +188,25 @@ def test_several_worker_processes_share_the_port(tmp_path: Path, alpha_key: Path
     finally:
         assert running.stop() == 0
     assert len(running.events("server.stopped")) == 2
+
+
+def test_first_start_makes_host_keys_and_logs_fingerprints(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from server_harness import _launch, start_server
+
+    running = start_server(tmp_path / "srv", launch=False)
+    shutil.rmtree(running.host_key_dir)  # as if `ingestctl init` never ran
+    running.process = _launch(running)
+    try:
+        started = running.events("server.started")[-1]
+        shown = json.loads(running.ingestctl("hostkey", "show", "--json").stdout)
+        assert {k["algorithm"]: k["bits"] for k in shown} == {"ssh-ed25519": 256, "ssh-rsa": 4096}
+        assert sorted(k["fingerprint"] for k in started["host_keys"]) == sorted(
+            k["fingerprint"] for k in shown
+        )
+        stderr = (running.workdir / "server.stderr").read_text()
+        assert all(k["fingerprint"] in stderr for k in shown)
+    finally:
+        assert running.stop() == 0
