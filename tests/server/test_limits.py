@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,13 +33,14 @@ def limited(tmp_path_factory: pytest.TempPathFactory, alpha_key: Path) -> Iterat
                 "max_file_bytes": MAX_FILE,
                 "account_quota_bytes": QUOTA,
                 "max_connections_per_address": 3,
+                "max_connections_total": 4,
                 "free_disk_reserve_bytes": 0,
             },
             "server": {"login_timeout": 2.0, "max_auth_attempts": 2},
             "defender": {"enabled": False},
         },
     )
-    add_account(running, "alpha", alpha_key)
+    add_account(running, "alpha", alpha_key, ips=("127.0.0.1", "127.0.0.7"))
     yield running
     running.stop()
 
@@ -106,9 +108,17 @@ def test_connections_per_address(limited: RunningServer) -> None:
     held = []
     try:
         for _ in range(3):
-            t = paramiko.Transport((limited.host, limited.port))
-            t.start_client(timeout=20)
-            held.append(t)
+            for _attempt in range(50):  # connections of earlier tests may still be closing
+                t = paramiko.Transport((limited.host, limited.port))
+                try:
+                    t.start_client(timeout=20)
+                except paramiko.SSHException:
+                    t.close()
+                    time.sleep(0.2)
+                    continue
+                held.append(t)
+                break
+        assert len(held) == 3
         with socket.create_connection((limited.host, limited.port), timeout=10) as sock:
             assert sock.recv(64) == b""  # dropped before the banner
         event = limited.wait_for_event("connection.refused", address="127.0.0.1")
@@ -116,6 +126,31 @@ def test_connections_per_address(limited: RunningServer) -> None:
     finally:
         for t in held:
             t.close()
+
+
+def test_connections_in_total(limited: RunningServer) -> None:
+    held = []
+    try:
+        for source in ("127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.7"):
+            for _ in range(50):  # connections of earlier tests may still be closing
+                sock = socket.create_connection(
+                    (limited.host, limited.port), timeout=10, source_address=(source, 0)
+                )
+                if sock.recv(64).startswith(b"SSH-2.0-"):
+                    held.append(sock)
+                    break
+                sock.close()
+                time.sleep(0.2)
+        assert len(held) == 4
+        with socket.create_connection(
+            (limited.host, limited.port), timeout=10, source_address=("127.0.0.7", 0)
+        ) as sock:
+            assert sock.recv(64) == b""
+        event = limited.wait_for_event("connection.refused", address="127.0.0.7")
+        assert "server full" in event["reason"]
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def test_free_disk_reserve(tmp_path: Path, alpha_key: Path) -> None:
