@@ -40,6 +40,7 @@ PROXY_HEADER_TIMEOUT = 5.0
 STALE_TEMP_SECONDS = 3600
 _CLOSE_WAIT = 5.0
 LINGER = 1.0
+REFUSAL_LOG_WINDOW = 10.0
 
 
 def host_keypairs(settings: Settings) -> list[tuple[asyncssh.SSHKeyPair, str]]:
@@ -98,6 +99,7 @@ class Server:
         self.listening = asyncio.Event()
         self.port = settings.server.port
         self._tasks: set[asyncio.Task[None]] = set()
+        self._refusals: dict[tuple[str, str], tuple[float, int]] = {}
         self._keypairs: list[asyncssh.SSHKeyPair] = []
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -166,7 +168,7 @@ class Server:
             try:
                 client = await read_proxy_header(sock, PROXY_HEADER_TIMEOUT)
             except (ProxyHeaderError, TimeoutError, OSError) as exc:
-                self.audit.warning("connection.refused", address=address, reason=f"PROXY: {exc}")
+                self._log_refusal(address, f"PROXY: {exc}")
                 sock.close()
                 return
             if client is None:  # the balancer's own health check
@@ -176,7 +178,7 @@ class Server:
         refusal = await self.gate.admit(address)
         if refusal is not None:
             sock.close()
-            self.audit.warning("connection.refused", address=address, reason=refusal)
+            self._log_refusal(address, refusal)
             return
         try:
             conn = await asyncssh.run_server(sock, **self._options(address))
@@ -192,6 +194,24 @@ class Server:
             self.audit.exception("connection.error", address=address, error=repr(exc))
         finally:
             self.gate.release(address)
+
+    def _log_refusal(self, address: str, reason: str) -> None:
+        """Log a refused connection; repeats within REFUSAL_LOG_WINDOW are only counted.
+
+        A banned or unknown address hammering the port must not fill the disk with lines.
+        """
+        now = time.monotonic()
+        key = (address, reason)
+        since, repeated = self._refusals.get(key, (0.0, 0))
+        if now - since < REFUSAL_LOG_WINDOW:
+            self._refusals[key] = (since, repeated + 1)
+            return
+        if len(self._refusals) > 10_000:
+            self._refusals.clear()
+        self._refusals[key] = (now, 0)
+        self.audit.warning(
+            "connection.refused", address=address, reason=reason, repeated_before=repeated
+        )
 
     def _options(self, address: str) -> dict[str, Any]:
         s = self.settings.server

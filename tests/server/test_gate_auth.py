@@ -250,3 +250,10 @@ def test_x11_forwarding_refused(server: RunningServer, alpha_key: Path) -> None:
             chan.request_x11(single_connection=True)
     finally:
         t.close()
+
+
+def test_repeated_refusals_are_counted_not_logged(server: RunningServer) -> None:
+    for _ in range(5):
+        assert raw_connect(server, "127.0.0.8") == b""
+    server.wait_for_event("connection.refused", address="127.0.0.8")
+    assert len([e for e in server.events("connection.refused") if e["address"] == "127.0.0.8"]) == 1
