@@ -36,7 +36,12 @@ from asyncssh import (
     SFTPPermissionDenied,
 )
 
-from ingest_core.folders import AccountFolder, is_read_only_name, is_service_name
+from ingest_core.folders import (
+    AccountFolder,
+    create_account_folder,
+    is_read_only_name,
+    is_service_name,
+)
 from ingest_core.settings import Settings
 from ingest_server.atomic_upload import Upload
 from ingest_server.limits import LimitHit, UploadLimits
@@ -145,7 +150,8 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         audit: Any,
         tracker: UploadTracker,
     ):
-        folder.root.mkdir(parents=True, exist_ok=True)
+        if not folder.root.is_dir():  # made by `account create`; recreate it if it went away
+            folder = create_account_folder(settings, folder.name)
         super().__init__(chan, chroot=os.fsencode(folder.root))
         self.settings = settings
         self.folder = folder
