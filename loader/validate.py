@@ -33,9 +33,9 @@ rolls back when ``report.ok`` is False at the end.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 BLOCK_BYTES = 1 << 15  # small blocks keep a block's row objects in the CPU cache
 MAX_LINE_BYTES = 16 << 20
 KEY_BUCKETS = 64
+SET_CHECK_ROWS = 2_000_000
 MAX_SHOWN_VALUE = 60
 
 Fail = Callable[[int | None, str], None]
@@ -99,8 +100,7 @@ class _Format:
         self.t_name = TERMINATOR_NAMES[self.t]
         self.quoted_sep = f'"{self.d}"'
         self.two_n = 2 * self.n
-        self.trim_bytes = tuple(ch.encode() for ch in self.trim)
-        # Substrings that show a value with a space (or tab) at its start or end.
+        # Substrings that show a value with a space (or tab) at its start or end, per line...
         if self.quoted:
             pads = ['" ', ' "'] + (['"\t', '\t"'] if self.d != "\t" else [])
             self.edges: frozenset[str] = frozenset()
@@ -108,11 +108,39 @@ class _Format:
             pads = [f"{ch}{self.d}" for ch in self.trim] + [f"{self.d}{ch}" for ch in self.trim]
             self.edges = frozenset(self.trim)
         self.pads = tuple(pads * 2)[:4]
+        # ... and per block of text, where line starts and ends show too. CPython's substring
+        # search tests a needle's last character first (find) and rfind its first: search so
+        # that the character tested is the rare one (the space), not the delimiter.
+        joined = list(pads)
+        if not self.quoted:
+            pads += [f"{ch}{self.t[0]}" for ch in self.trim] + [f"\n{ch}" for ch in self.trim]
+        self.text_find, self.text_rfind = self._by_direction(pads)
+        self.joined_find, self.joined_rfind = self._by_direction(joined)
+        self.edge_chars = tuple(self.edges)
 
-    def needs_trim(self, block: bytes) -> bool:
-        """Could a value in this block have spaces around it? (one memchr per trim byte;
-        the rows of a block with spaces are then checked one by one)."""
-        return any(ch in block for ch in self.trim_bytes)
+    @staticmethod
+    def _by_direction(needles: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        forward = tuple(p for p in needles if p[-1] in " \t" and p[0] != " ")
+        return forward, tuple(p for p in needles if p not in forward)
+
+    def needs_trim(self, text: str) -> bool:
+        """Could a value in this block of lines have spaces around it? (a few C-speed scans;
+        the lines of a block that could are then checked one by one)."""
+        if any(text.find(p) >= 0 for p in self.text_find):
+            return True
+        if any(text.rfind(p) >= 0 for p in self.text_rfind):
+            return True
+        if not self.edge_chars:
+            return False
+        return text.startswith(self.edge_chars) or text.rstrip("\r\n").endswith(self.edge_chars)
+
+    def joined_needs_trim(self, joined: str) -> bool:
+        """The same for a block whose line ends were replaced by the delimiter."""
+        if any(joined.find(p) >= 0 for p in self.joined_find):
+            return True
+        if any(joined.rfind(p) >= 0 for p in self.joined_rfind):
+            return True
+        return joined.startswith(self.edge_chars) or joined.endswith(self.edge_chars)
 
     # -- slow paths: exact messages -------------------------------------------------------
 
@@ -232,26 +260,69 @@ def _lines_slowly(block: bytes, fmt: _Format, first: int, last: bool, fail: Fail
     return lines
 
 
-def _lines(block: bytes, fmt: _Format, first: int, last: bool, fail: Fail) -> list[str]:
-    """The block's lines without terminators; exact per-line errors when anything is off."""
+def _clean_text(block: bytes, fmt: _Format) -> str | None:
+    """The block decoded, if it is valid UTF-8 without NUL and every line end is the approved
+    one (a few C-speed scans); None sends the block to the line-by-line path."""
     try:
         text = block.decode("utf-8")
     except UnicodeDecodeError:
-        return _lines_slowly(block, fmt, first, last, fail)
+        return None
     if "\x00" in text:
-        return _lines_slowly(block, fmt, first, last, fail)
+        return None
     if fmt.t == "\r\n":
         lf = text.count("\n")
         if text.count("\r\n") != lf or text.count("\r") != lf:
-            return _lines_slowly(block, fmt, first, last, fail)
-        lines = text.split("\r\n")
-    else:
-        if "\r" in text:
-            return _lines_slowly(block, fmt, first, last, fail)
-        lines = text.split("\n")
+            return None
+    elif "\r" in text:
+        return None
+    return text
+
+
+def _split_lines(text: str, fmt: _Format, last: bool) -> list[str]:
+    lines = text.split(fmt.t)
     if not last:
-        lines.pop()
+        lines.pop()  # the empty piece after the final line end
     return lines
+
+
+def _bare_rows(
+    text: str, lines: list[str], fmt: _Format, last: bool, add_hashes: Callable[..., None]
+) -> Iterator[tuple[str, ...]] | None:
+    """Rows of a clean, quote-free block with no Python code per row, or None when any line
+    needs a closer look (a wrong field count, an empty key).
+
+    Every line must hold exactly n-1 delimiters (one C-level count per line); then the line
+    ends become delimiters, one split makes every field of the block, and ``zip`` cuts them
+    into rows as the database driver asks for them.
+    """
+    n, d = fmt.n, fmt.d
+    if n > 1:
+        counts = list(map(str.count, lines, repeat(d)))
+        if counts.count(n - 1) != len(counts):
+            return None
+        joined = text.replace(fmt.t, d)
+        fields = joined.split(d)
+        if not last:
+            fields.pop()  # after the final line end, now a delimiter
+        trim = fmt.joined_needs_trim(joined)
+    else:
+        fields, trim = lines, fmt.needs_trim(text)
+    if trim:
+        fields = list(map(str.strip, fields, repeat(fmt.trim)))
+    if fmt.key is not None:
+        keys = fields[fmt.key :: n]
+        if not all(keys):
+            return None
+        add_hashes(map(hash, keys))
+    return zip(*[iter(fields)] * n, strict=False)
+
+
+def _lines(block: bytes, fmt: _Format, first: int, last: bool, fail: Fail) -> list[str]:
+    """The block's lines without terminators; exact per-line errors when anything is off."""
+    text = _clean_text(block, fmt)
+    if text is None:
+        return _lines_slowly(block, fmt, first, last, fail)
+    return _split_lines(text, fmt, last)
 
 
 def header_difference(got: tuple[str, ...], approved: tuple[str, ...]) -> str:
@@ -349,19 +420,30 @@ def _check_header(stream: BinaryIO, fmt: _Format, fail: Fail) -> bool:
 
 
 class _KeyIndex:
-    """Per-row 64-bit hashes of the key, bucketed so duplicates are found with small sets."""
+    """A 64-bit hash of each row's key; duplicates are found at the end with small sets."""
 
     def __init__(self) -> None:
-        self.hashes = [array("q") for _ in range(KEY_BUCKETS)]
+        self.hashes = array("q")
 
     def duplicate_hashes(self) -> set[int]:
-        """Hashes seen on more than one row (to be confirmed by value: hashes can collide)."""
+        """Hashes seen on more than one row (to be confirmed by value: hashes can collide).
+
+        Up to SET_CHECK_ROWS rows one C-level set answers "any repeat?" (~64 bytes a row, for
+        a moment); larger files are split into buckets first so memory stays small.
+        """
+        if len(self.hashes) <= SET_CHECK_ROWS and len(set(self.hashes)) == len(self.hashes):
+            return set()
+        buckets = [array("q") for _ in range(KEY_BUCKETS)]
+        adds = [b.append for b in buckets]
+        mask = KEY_BUCKETS - 1
+        for h in self.hashes:
+            adds[h & mask](h)
         shared: set[int] = set()
-        for hashes in self.hashes:
-            if len(set(hashes)) == len(hashes):
+        for bucket in buckets:
+            if len(set(bucket)) == len(bucket):
                 continue
             seen: set[int] = set()
-            for h in hashes:
+            for h in bucket:
                 if h in seen:
                     shared.add(h)
                 seen.add(h)
@@ -399,7 +481,7 @@ def _block_rows(
     fmt: _Format,
     stripping: bool,
     checks_quotes: bool,
-    key_hashes: list[Callable[[int], None]],
+    add_hash: Callable[[int], None],
     fail: Fail,
 ) -> list[list[str]]:
     """Check one block's lines (the hot loop) and return their rows; errors go to ``fail``."""
@@ -408,7 +490,6 @@ def _block_rows(
     k, n, d, trim, sep, two_n = fmt.key, fmt.n, fmt.d, fmt.trim, fmt.quoted_sep, fmt.two_n
     quoted = fmt.quoted
     edges, (p0, p1, p2, p3) = fmt.edges, fmt.pads
-    mask = KEY_BUCKETS - 1
     for number, line in enumerate(lines, first):
         if quoted:
             # Fast path: exactly "v1"<d>"v2"... with no other quote character in the line.
@@ -440,16 +521,15 @@ def _block_rows(
             if not key:
                 fail(number, f"the key column {fmt.spec.key_column} is empty")
                 continue
-            h = hash(key)
-            key_hashes[h & mask](h)
+            add_hash(hash(key))
         add(fields)
     return rows
 
 
 def iter_row_blocks(
     path: Path, spec: Spec, report: ValidationReport, max_errors: int = 20
-) -> Iterator[list[list[str]]]:
-    """The rows of each ~128 KiB block as one list, while the file is clean so far.
+) -> Iterator[Iterable[Sequence[str]]]:
+    """The rows of each 32 KiB block, while the file is clean so far.
 
     The same single pass as :func:`iter_rows`, for a bulk loader that wants whole blocks.
     """
@@ -463,8 +543,8 @@ def iter_row_blocks(
     with open(path, "rb") as stream:
         if not _check_header(stream, fmt, fail):
             return
-        keys = _KeyIndex() if fmt.key is not None else None
-        key_hashes = [a.append for a in keys.hashes] if keys else []
+        keys = _KeyIndex()
+        add_hash, add_hashes = keys.hashes.append, keys.hashes.extend
         line_no = 1  # lines consumed so far (the header)
         pending = b""
         while True:
@@ -483,23 +563,27 @@ def iter_row_blocks(
                 block, pending, last = pending, b"", True
             else:
                 break
-            lines = _lines(block, fmt, line_no + 1, last, fail)
-            rows = _block_rows(
-                lines,
-                line_no + 1,
-                fmt,
-                fmt.needs_trim(block),
-                not fmt.quoted and b'"' in block,
-                key_hashes,
-                fail,
-            )
+            first = line_no + 1
+            text = _clean_text(block, fmt)
+            rows: Iterable[Sequence[str]] | None = None
+            if text is None:
+                lines = _lines_slowly(block, fmt, first, last, fail)
+                stripping = True
+            else:
+                lines = _split_lines(text, fmt, last)
+                if not fmt.quoted and '"' not in text:
+                    rows = _bare_rows(text, lines, fmt, last, add_hashes)
+                stripping = rows is None and fmt.needs_trim(text)
+            if rows is None:
+                quotes = not fmt.quoted and (text is None or '"' in text)
+                rows = _block_rows(lines, first, fmt, stripping, quotes, add_hash, fail)
             line_no += len(lines)
             report.rows += len(lines)
             if report.error_count == 0:
                 yield rows
         if report.rows == 0:
             fail(None, "the file has a header (line 1) but no data rows")
-        if keys is not None:
+        if fmt.key is not None:
             shared = keys.duplicate_hashes()
             if shared:
                 _report_duplicates(stream, fmt, shared, fail)
@@ -507,7 +591,7 @@ def iter_row_blocks(
 
 def iter_rows(
     path: Path, spec: Spec, report: ValidationReport, max_errors: int = 20
-) -> Iterator[list[str]]:
+) -> Iterator[Sequence[str]]:
     """Yield each data row's (trimmed) values while validating; record problems in ``report``.
 
     One pass; rows stop coming after the first problem (from the block it is in), but the

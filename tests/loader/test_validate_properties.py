@@ -115,7 +115,7 @@ def test_valid_files_pass_with_every_value_intact(folder: Path, data: DataFile) 
     path = folder / "data.txt"
     path.write_bytes(data.encode())
     report = ValidationReport(path.name)
-    rows = list(iter_rows(path, data.spec, report))
+    rows = [list(r) for r in iter_rows(path, data.spec, report)]
     assert report.ok, report.errors
     assert report.rows == len(data.rows)
     assert rows == data.expected_rows()
