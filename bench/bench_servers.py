@@ -305,8 +305,9 @@ class IngestServer(BenchServer):
 
     label = "ours"
 
-    def __init__(self, workdir: Path, client_pub: Path, workers: int) -> None:
+    def __init__(self, workdir: Path, client_pub: Path, workers: int, source: Path = REPO) -> None:
         super().__init__()
+        self.source = source
         self.dir = workdir / "ours"
         self.client_pub = client_pub
         self.workers = workers
@@ -318,7 +319,8 @@ class IngestServer(BenchServer):
 
     def _env(self) -> dict[str, str]:
         path = os.environ.get("PYTHONPATH")
-        return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO)}
+        src = str(self.source)
+        return {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{path}" if path else src}
 
     def available(self) -> str | None:
         """None if ``ingestctl server`` exists, else why not."""
@@ -328,7 +330,7 @@ class IngestServer(BenchServer):
             text=True,
             timeout=60,
             env=self._env(),
-            cwd=REPO,
+            cwd=self.source,
         )
         if result.returncode != 0:
             return (

@@ -659,6 +659,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="keep sshd's default key exchange (sntrup761) instead of ours (curve25519)",
     )
+    p.add_argument(
+        "--ours-source",
+        metavar="DIR",
+        default=str(REPO),
+        help="run our server from this source tree (e.g. a 'git archive' of an older commit)",
+    )
     p.add_argument("--quick", action="store_true", help="small sizes, one round: a smoke run")
     p.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
     p.add_argument("--profile", metavar="FILE", help="py-spy our server on one extra upload")
@@ -726,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"sshd listening on 127.0.0.1:{sshd.port} (pid {sshd.pid})")
                 notes.append(f"sshd offers {sshd.algorithms}; both offer {CIPHER} first")
             if "ours" in wanted:
-                ours = IngestServer(workdir, pub, args.workers)
+                ours = IngestServer(workdir, pub, args.workers, Path(args.ours_source).resolve())
                 missing = ours.available()
                 if missing:
                     notes.append(f"ours not measured: {missing}")
@@ -738,6 +744,8 @@ def main(argv: list[str] | None = None) -> int:
                     except BenchError as exc:
                         raise BenchError(f"ours: {exc}\n{ours.log_tail()}") from None
                     say(f"ours listening on 127.0.0.1:{ours.port} (pid {ours.pid})")
+                    if ours.source != REPO:
+                        notes.append(f"ours run from {ours.source}")
             if not servers:
                 raise BenchError("no server to measure")
             for server in servers:
