@@ -12,6 +12,7 @@ from loader.validate import (
     BLOCK_BYTES,
     ValidationReport,
     header_difference,
+    iter_copy_blocks,
     iter_rows,
     validate_file,
 )
@@ -319,3 +320,39 @@ def test_rows_stop_coming_after_the_first_error_but_errors_are_still_counted(
     assert yielded < 15000
     assert report.rows == 20000
     assert report.errors == ["line 15002: 4 fields, expected 5", "line 19002: 4 fields, expected 5"]
+
+
+# -- COPY text for PostgreSQL -------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_copy_blocks_load_into_postgresql_exactly_as_the_rows_read(
+    tmp_path: Path, pg_url: str
+) -> None:
+    import psycopg
+
+    rows = people(3000)
+    rows[5][1] = "back\\slash \\N"
+    rows[6][2] = "  padded  "
+    rows[7][3] = "Zoë 東京 😀"
+    rows[8][4] = ""
+    plain = write(tmp_path / "plain.txt", render(COLUMNS, rows, terminator="\r\n"))
+    rows[9][1] = 'tab\tand "quote" and, comma'
+    quoted = write(tmp_path / "quoted.csv", render(COLUMNS, rows, delimiter=",", quoting="all"))
+    cases = [
+        (plain, make_spec(terminator="\r\n")),
+        (quoted, make_spec(delimiter=",", quoting="all")),
+    ]
+    cols = ", ".join(f"{c} text" for c in COLUMNS)
+    with psycopg.connect(dbname=pg_url.rsplit("/", 1)[1]) as conn:
+        for path, spec in cases:
+            expected = [list(r) for r in iter_rows(path, spec, ValidationReport(path.name))]
+            report = ValidationReport(path.name)
+            conn.execute(f"DROP TABLE IF EXISTS t; CREATE TABLE t (n serial, {cols})")
+            with conn.cursor().copy(f"COPY t ({', '.join(COLUMNS)}) FROM STDIN") as copy:
+                for _, text in iter_copy_blocks(path, spec, report):
+                    copy.write(text)
+            assert report.ok, report.errors
+            got = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM t ORDER BY n").fetchall()
+            assert [list(r) for r in got] == expected
+            assert expected[6][2] == "padded" and expected[5][1] == "back\\slash \\N"

@@ -18,7 +18,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from loader.spec import BOM, DELIMITERS, SQL_RESERVED_WORDS, Spec, detect_spec
-from loader.validate import ValidationReport, iter_rows, validate_file
+from loader.validate import ValidationReport, iter_copy_blocks, iter_rows, validate_file
 
 PROPERTY_SETTINGS = hsettings(
     max_examples=150,
@@ -119,8 +119,33 @@ def test_valid_files_pass_with_every_value_intact(folder: Path, data: DataFile) 
     assert report.ok, report.errors
     assert report.rows == len(data.rows)
     assert rows == data.expected_rows()
+    copy_report = ValidationReport(path.name)
+    blocks = list(iter_copy_blocks(path, data.spec, copy_report))
+    assert copy_report.ok, copy_report.errors
+    assert sum(count for count, _ in blocks) == len(data.rows)
+    assert parse_copy_text("".join(text for _, text in blocks)) == data.expected_rows()
     if len(data.spec.columns) > 1:  # a single column has no delimiter to detect
         assert detect_spec(path, "acme", None, data.spec.key_column) == data.spec
+
+
+def parse_copy_text(text: str) -> list[list[str]]:
+    """PostgreSQL COPY text format back to values (what the server does with it)."""
+    escapes = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+    rows = []
+    for line in text.split("\n")[:-1]:
+        values = []
+        for raw in line.split("\t"):
+            out, i = [], 0
+            while i < len(raw):
+                if raw[i] == "\\":
+                    out.append(escapes[raw[i + 1]])
+                    i += 2
+                else:
+                    out.append(raw[i])
+                    i += 1
+            values.append("".join(out))
+        rows.append(values)
+    return rows
 
 
 CORRUPTIONS = (
@@ -212,6 +237,10 @@ def test_any_single_corruption_is_caught_and_its_line_named(folder: Path, kind: 
 def caught(folder: Path, kind: str, data: DataFile, corrupted: bytes, number: int) -> None:
     path = folder / "data.txt"
     path.write_bytes(corrupted)
+    copy_report = ValidationReport(path.name)
+    for _ in iter_copy_blocks(path, data.spec, copy_report):
+        pass
+    assert not copy_report.ok, f"{kind} was not caught on the COPY path"
     report = validate_file(path, data.spec)
     assert not report.ok, f"{kind} was not caught"
     assert any(error.startswith(f"line {number}: ") for error in report.errors), (
