@@ -20,14 +20,14 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ingest_core.folders import AccountFolder
 from ingest_server.limits import LimitHit, UploadLimits
 
 TEMP_FILE_MODE = 0o640
-# Writes are gathered into batches of this size and written (and hashed) by a worker thread,
-# off the event loop; at most one batch per upload is in the thread at a time.
+# Writes are gathered into batches of this size and written (and hashed) in one go: one
+# pwrite per batch instead of one per 32 KiB packet. (Writing batches in a worker thread was
+# measured too: about a fifth more server CPU on two cores for no throughput gained.)
 BATCH_BYTES = 512 * 1024
 _HASH_BLOCK = 1024 * 1024
 
@@ -40,6 +40,29 @@ class Received:
     bytes: int
     sha256: str
     seconds: float
+
+
+def _runs(batch: list[tuple[int, bytes, bool]]) -> list[tuple[int, bytes, bool]]:
+    """Merge consecutive contiguous writes with the same hashing flag into one."""
+    runs: list[tuple[int, bytes, bool]] = []
+    pieces: list[bytes] = []
+    start = end = 0
+    hashing = False
+    for offset, data, hash_it in batch:
+        if pieces and data and offset == end and hash_it == hashing:
+            pieces.append(data)
+            end += len(data)
+            continue
+        if pieces:
+            runs.append((start, b"".join(pieces), hashing))
+            pieces = []
+        if not data:  # a marker: copy the existing file's tail here, in order
+            runs.append((offset, b"", False))
+            continue
+        pieces, start, end, hashing = [data], offset, offset + len(data), hash_it
+    if pieces:
+        runs.append((start, b"".join(pieces), hashing))
+    return runs
 
 
 class Upload:
@@ -76,7 +99,6 @@ class Upload:
         self._batch: list[tuple[int, bytes, bool]] = []
         self._batch_bytes = 0
         self._times: tuple[float, float] | None = None
-        self.in_flight: Any = None  # the batch being written by a worker thread, if any
         try:
             if not truncate and final.is_file():
                 self._base_fd = os.open(final, os.O_RDONLY | os.O_NOFOLLOW)
@@ -90,7 +112,7 @@ class Upload:
         return self.final.name
 
     def write(self, offset: int, data: bytes) -> int:
-        """Accept a write; the bytes reach the file with the next :meth:`write_batch`."""
+        """Accept a write; the bytes reach the file when the batch is full or flushed."""
         if self.failed is not None:
             raise self.failed
         if not data:
@@ -120,6 +142,8 @@ class Upload:
         self._batch.append((offset, data, hash_it))
         self._batch_bytes += len(data)
         self.size = max(self.size, end)
+        if self._batch_bytes >= BATCH_BYTES:
+            self.flush()
         return len(data)
 
     def take_batch(self, minimum: int = BATCH_BYTES) -> list[tuple[int, bytes, bool]] | None:
@@ -130,9 +154,9 @@ class Upload:
         return batch
 
     def write_batch(self, batch: list[tuple[int, bytes, bool]]) -> None:
-        """Write (and hash) a batch, in order; runs in a worker thread, one batch at a time."""
+        """Write (and hash) a batch in order, contiguous writes joined into one pwrite."""
         try:
-            for offset, data, hash_it in batch:
+            for offset, data, hash_it in _runs(batch):
                 if not data:
                     self._materialize(offset)
                     continue
@@ -147,7 +171,7 @@ class Upload:
             raise
 
     def flush(self) -> None:
-        """Write whatever is pending, here and now (no batch may be running elsewhere)."""
+        """Write whatever is pending."""
         batch = self.take_batch(1)
         if batch:
             self.write_batch(batch)

@@ -291,7 +291,7 @@ class Server:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
-        await tracker.discard_all()
+        tracker.discard_all()
         if cut:
             self.audit.warning("server.uploads_cut", count=cut)
 

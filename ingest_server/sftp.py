@@ -10,7 +10,6 @@ pool file are read-only. Every write goes to an :class:`Upload` (temp file + ren
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import functools
 import inspect
@@ -115,14 +114,10 @@ class UploadTracker:
     def total(self) -> int:
         return sum(len(u) for u in self._by_conn.values())
 
-    async def discard_all(self) -> None:
+    def discard_all(self) -> None:
         """Last resort at shutdown: no temporary file outlives the server."""
         for uploads in list(self._by_conn.values()):
             for upload in list(uploads):
-                pending, upload.in_flight = upload.in_flight, None
-                if pending is not None:
-                    with contextlib.suppress(OSError):
-                        await pending
                 upload.discard()
         self._by_conn.clear()
 
@@ -236,38 +231,21 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         return upload
 
     @_without_paths
-    async def write(self, file_obj: object, offset: int, data: bytes) -> int:
+    def write(self, file_obj: object, offset: int, data: bytes) -> int:
         if not isinstance(file_obj, Upload):
             raise SFTPPermissionDenied("file was opened for reading")
         upload = file_obj
         try:
-            written = upload.write(offset, data)
-            batch = upload.take_batch()
-            if batch is not None:
-                # Double buffering: the previous batch was written while this one filled up.
-                await self._settle(upload)
-                if upload.failed is not None:
-                    raise upload.failed
-                loop = asyncio.get_running_loop()
-                upload.in_flight = loop.run_in_executor(None, upload.write_batch, batch)
-            return written
+            return upload.write(offset, data)
         except LimitHit as exc:
-            await self._drop(upload, reason=exc.kind)
+            self._drop(upload, reason=exc.kind)
             self._limit_hit(upload.name, exc)
             raise SFTPFailure(str(exc)) from None
         except OSError as exc:
-            await self._drop(upload, reason=f"write error: {exc.strerror or exc}")
+            self._drop(upload, reason=f"write error: {exc.strerror or exc}")
             raise SFTPFailure(
                 f"server could not store the file ({exc.strerror or exc}): upload discarded"
             ) from None
-
-    @staticmethod
-    async def _settle(upload: Upload) -> None:
-        """Wait for the upload's batch in the worker thread, if any (its error is kept)."""
-        pending, upload.in_flight = upload.in_flight, None
-        if pending is not None:
-            with contextlib.suppress(OSError):
-                await pending
 
     @_without_paths
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
@@ -280,7 +258,6 @@ class AccountSFTPServer(asyncssh.SFTPServer):
             await asyncio.sleep(_BACKPRESSURE_POLL)
         size = min(size, MAX_READ_CHUNK)
         if isinstance(file_obj, Upload):
-            await self._settle(file_obj)
             return file_obj.read(offset, size)
         assert isinstance(file_obj, _Download)
         data = os.pread(file_obj.fd, size, offset)
@@ -307,20 +284,19 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         if not isinstance(file_obj, Upload):
             return
         upload = file_obj
-        await self._settle(upload)
         if upload.done:
             self._forget(upload)
             if upload.failed is not None and not aborting:
                 raise SFTPFailure(f"upload failed and was discarded: {upload.failed}")
             return
         if aborting:
-            await self._drop(upload, reason="session ended before the file was closed")
+            self._drop(upload, reason="session ended before the file was closed")
             self._forget(upload)
             return
         try:
             received = await asyncio.to_thread(upload.commit)
         except OSError as exc:
-            await self._drop(upload, reason=f"could not store the file: {exc.strerror or exc}")
+            self._drop(upload, reason=f"could not store the file: {exc.strerror or exc}")
             raise SFTPFailure(f"server could not store the file ({exc.strerror or exc})") from None
         finally:
             self._forget(upload)
@@ -336,27 +312,25 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         )
 
     @_without_paths
-    async def fstat(self, file_obj: object) -> os.stat_result:
+    def fstat(self, file_obj: object) -> os.stat_result:
         if isinstance(file_obj, Upload):
-            await self._settle(file_obj)
             return file_obj.fstat()
         assert isinstance(file_obj, _Download)
         return os.fstat(file_obj.fd)
 
     @_without_paths
-    async def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
+    def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
         if not isinstance(file_obj, Upload):
             raise SFTPPermissionDenied("file was opened for reading")
-        await self._settle(file_obj)
         if attrs.size is not None:
             try:
                 file_obj.truncate(attrs.size)
             except LimitHit as exc:
-                await self._drop(file_obj, reason=exc.kind)
+                self._drop(file_obj, reason=exc.kind)
                 self._limit_hit(file_obj.name, exc)
                 raise SFTPFailure(str(exc)) from None
             except OSError as exc:
-                await self._drop(file_obj, reason=f"write error: {exc.strerror or exc}")
+                self._drop(file_obj, reason=f"write error: {exc.strerror or exc}")
                 raise SFTPFailure(f"server could not store the file ({exc.strerror})") from None
         if attrs.atime is not None and attrs.mtime is not None:
             file_obj.set_times(attrs.atime, attrs.mtime)
@@ -365,8 +339,7 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         self._uploads.discard(upload)
         self.tracker.remove(self.conn, upload)
 
-    async def _drop(self, upload: Upload, reason: str) -> None:
-        await self._settle(upload)
+    def _drop(self, upload: Upload, reason: str) -> None:
         if not upload.done:
             upload.discard()
             self.audit.info(
@@ -483,9 +456,9 @@ class AccountSFTPServer(asyncssh.SFTPServer):
     def readlink(self, path: bytes) -> bytes:
         raise SFTPPermissionDenied("symbolic links are not served")
 
-    async def exit(self) -> None:
+    def exit(self) -> None:
         for upload in list(self._uploads):
-            await self._drop(upload, reason="session ended before the file was closed")
+            self._drop(upload, reason="session ended before the file was closed")
             self._forget(upload)
         if self.is_sftp and not self.channel.is_closing():
             # OpenSSH scp (SFTP mode) exits 1 after a good upload without an exit status.
