@@ -1,0 +1,326 @@
+"""Loader benchmark: validate + load + swap against the databases' own bulk import tools.
+
+Generates an N-row x 20-column tab-delimited file (default 1,000,000 rows) and measures, in
+the same run and on the same file:
+
+- the validator alone (``loader.validate.validate_file``);
+- the loader into SQLite (``loader.nightly.load_file``: validate + staging load + swap)
+  against ``sqlite3 .import`` of the same file into a fresh table;
+- the loader into PostgreSQL against ``psql \\copy`` of the same file into a fresh table.
+
+Each measurement runs in its own child process, so its peak memory (``ru_maxrss`` from
+``os.wait4``) is its own. Targets (issue 4): SQLite >= 0.6x ``.import``, PostgreSQL >= 0.9x
+``\\copy``, peak memory < 200 MB at 1M rows and no growth with file size beyond the key index
+(run with ``--rows 5000000`` to see it).
+
+    .venv/bin/python bench/loader_bench.py [--rows N] [--no-postgres] [--workdir DIR]
+
+PostgreSQL: the machine's cluster is started if needed (``pg_ctlcluster 15 main start``) and a
+throw-away database is created and dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+COLUMNS = ("UUUID", *(f"Col_{i:02d}" for i in range(1, 20)))
+ACCOUNT = "bench"
+FILE_NAME = "sis_hr_user_info.txt"
+
+
+def tty_progress(label: str, done: int, total: int) -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r  {label}: {done:,}/{total:,} rows ({100 * done // total}%)   ")
+        sys.stderr.flush()
+
+
+def tty_done() -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + " " * 70 + "\r")
+        sys.stderr.flush()
+
+
+def generate(path: Path, rows: int) -> None:
+    """Realistic-looking rows: a UUUID key, names with spaces, e-mails, dates, codes."""
+    step = 50_000
+    with path.open("w", encoding="utf-8", newline="") as out:
+        out.write("\t".join(COLUMNS) + "\n")
+        for start in range(0, rows, step):
+            lines = []
+            for i in range(start, min(start + step, rows)):
+                k = i % 9973
+                lines.append(
+                    f"{uuid.UUID(int=i * 2654435761 % (1 << 128))}\tFirst{k}\tvan der Last{k}\t"
+                    f"user{i}@example.edu\t19{70 + k % 30}-0{1 + k % 9}-1{k % 10}\tMain Campus\t"
+                    f"Computer Science {k % 7}\tBSc\t{k % 5}\tFull time\t{k}\t"
+                    f"+1 555 01{k:04d}\t{k % 50} Elm Street\tSpringfield\tIL\t627{k % 100:02d}\t"
+                    f"US\tActive\t2026-0{1 + k % 9}-01\tnote {k}\n"
+                )
+            out.write("".join(lines))
+            tty_progress("generating", min(start + step, rows), rows)
+    tty_done()
+
+
+# -- child processes --------------------------------------------------------------------------
+
+
+def child_validate(path: Path) -> dict[str, object]:
+    from loader.validate import validate_file
+
+    start = time.perf_counter()
+    report = validate_file(path, bench_spec())
+    elapsed = time.perf_counter() - start
+    return {"rows": report.rows, "seconds": elapsed, "ok": report.ok}
+
+
+def child_load(path: Path, sis_url: str, data_root: Path) -> dict[str, object]:
+    from ingest_core.settings import settings_from_mapping
+    from loader.nightly import load_file
+    from loader.sis_db import open_sis_db
+
+    settings = settings_from_mapping(
+        {"data_root": str(data_root), "log_dir": str(data_root / "logs"), "sis_db_url": sis_url},
+        data_root,
+        "bench",
+    )
+    db = open_sis_db(sis_url)  # schema creation is not part of the load
+    total = int(os.environ.get("BENCH_ROWS", "0")) or 1
+    start = time.perf_counter()
+    result = load_file(
+        settings,
+        bench_spec(),
+        path,
+        force=True,
+        progress=lambda n: tty_progress("loading", n, total),
+        db=db,
+    )
+    elapsed = time.perf_counter() - start
+    tty_done()
+    return {"rows": result.rows, "seconds": elapsed, "ok": result.status == "loaded",
+            "message": result.message}  # fmt: skip
+
+
+def child_copy_fast(path: Path, database: str) -> dict[str, object]:
+    """validate + COPY straight from :func:`loader.validate.iter_copy_blocks` into a fresh
+    table, then the key index: what ``loader/sis_db.py`` gains if it takes COPY text."""
+    import psycopg
+
+    from loader.validate import ValidationReport, iter_copy_blocks
+
+    cols = ", ".join(f'"{c}" text' for c in COLUMNS)
+    report = ValidationReport(path.name)
+    total = int(os.environ.get("BENCH_ROWS", "0")) or 1
+    start = time.perf_counter()
+    with psycopg.connect(dbname=database) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE TABLE fast_copy ({cols})")
+        rows = 0
+        with cur.copy("COPY fast_copy FROM STDIN WITH (FREEZE)") as copy:
+            for count, text in iter_copy_blocks(path, bench_spec(), report):
+                copy.write(text)
+                rows += count
+                if rows % 50_000 < count:
+                    tty_progress("copying", rows, total)
+        if not report.ok:
+            raise SystemExit(report.summary())
+        cur.execute('CREATE INDEX fast_copy_key ON fast_copy ("UUUID")')
+    elapsed = time.perf_counter() - start
+    tty_done()
+    return {"rows": report.rows, "seconds": elapsed, "ok": report.ok}
+
+
+def bench_spec():
+    from loader.spec import Spec
+
+    return Spec(
+        account=ACCOUNT,
+        file_name=FILE_NAME,
+        encoding="utf-8",
+        bom=False,
+        delimiter="\t",
+        terminator="\n",
+        quoting="none",
+        columns=COLUMNS,
+        key_column="UUUID",
+    )
+
+
+# -- the parent -------------------------------------------------------------------------------
+
+
+def run_child(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
+    """Run a child; returns (wall seconds, peak RSS in KiB, stdout)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{out}")
+    return elapsed, usage.ru_maxrss, out
+
+
+def python_child(mode: str, *args: str, rows: int) -> tuple[dict[str, object], int]:
+    env = {**os.environ, "BENCH_ROWS": str(rows), "PYTHONPATH": str(REPO)}
+    _, rss, out = run_child([sys.executable, __file__, "--child", mode, *args], env)
+    return json.loads(out.strip().splitlines()[-1]), rss
+
+
+def sqlite_import(path: Path, db: Path) -> tuple[float, int]:
+    """``sqlite3 .import`` into a fresh table (the header row names the columns)."""
+    script = f".mode tabs\n.import {path} t\n"
+    start = time.perf_counter()
+    proc = subprocess.Popen(["sqlite3", str(db)], stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write(script.encode())
+    proc.stdin.close()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit("sqlite3 .import failed")
+    return time.perf_counter() - start, usage.ru_maxrss
+
+
+def pg_start() -> None:
+    def ready() -> bool:
+        return subprocess.run(["pg_isready", "-q"], capture_output=True).returncode == 0
+
+    if not ready():
+        subprocess.run(["pg_ctlcluster", "15", "main", "start"], capture_output=True)
+        for _ in range(100):
+            if ready():
+                break
+            time.sleep(0.1)
+    if not ready():
+        raise SystemExit("PostgreSQL did not start (pg_ctlcluster 15 main start)")
+    if os.geteuid() == 0:
+        user = os.environ.get("USER") or "root"
+        subprocess.run(["su", "postgres", "-c", f"createuser -s {user}"], capture_output=True)
+
+
+def psql_copy(path: Path, database: str) -> tuple[float, int]:
+    """``psql \\copy`` into a fresh table, in one transaction like the loader's."""
+    cols = ", ".join(f'"{c}" text' for c in COLUMNS)
+    script = (
+        f"BEGIN;\nCREATE TABLE copy_target ({cols});\n"
+        f"\\copy copy_target FROM '{path}' WITH (FORMAT text, HEADER true)\nCOMMIT;\n"
+    )
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        ["psql", "-q", "-v", "ON_ERROR_STOP=1", "-d", database], stdin=subprocess.PIPE
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(script.encode())
+    proc.stdin.close()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit("psql \\copy failed")
+    return time.perf_counter() - start, usage.ru_maxrss
+
+
+def mb(kib: int) -> str:
+    return f"{kib / 1024:,.0f} MB"
+
+
+def line(label: str, rows: int, seconds: float, rss_kib: int, note: str = "") -> None:
+    print(
+        f"  {label:<38} {seconds:7.2f} s  {rows / seconds:>10,.0f} rows/s  "
+        f"peak {mb(rss_kib):>7}{note}",
+        flush=True,
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--workdir", type=Path, help="where to put the file and the databases")
+    parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        mode, *rest = args.child
+        if mode == "validate":
+            print(json.dumps(child_validate(Path(rest[0]))))
+        elif mode == "copy-fast":
+            print(json.dumps(child_copy_fast(Path(rest[0]), rest[1])))
+        else:
+            print(json.dumps(child_load(Path(rest[0]), rest[1], Path(rest[2]))))
+        return 0
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="loader-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / FILE_NAME
+    rows = args.rows
+    print(f"loader benchmark: {rows:,} rows x {len(COLUMNS)} columns, tab-delimited, in {work}")
+    generate(data, rows)
+    print(f"  file: {data.stat().st_size / 1e6:,.0f} MB; CPUs: {os.cpu_count()}")
+
+    result, rss = python_child("validate", str(data), rows=rows)
+    assert result["ok"], result
+    line("validation only", rows, float(result["seconds"]), rss)
+
+    # SQLite: the loader, then the CLI's .import into a fresh database file.
+    version = subprocess.run(["sqlite3", "--version"], capture_output=True, text=True).stdout
+    print(f"SQLite ({version.split()[0]})")
+    sis = work / "sis.db"
+    for old in work.glob("*.db*"):
+        old.unlink()
+    loaded, rss_loader = python_child("load", str(data), f"sqlite:///{sis}", str(work), rows=rows)
+    assert loaded["ok"], loaded
+    line("loader (validate+load+swap)", rows, float(loaded["seconds"]), rss_loader)
+    again, rss_again = python_child("load", str(data), f"sqlite:///{sis}", str(work), rows=rows)
+    assert again["ok"], again
+    line("loader again (replaces the loaded table)", rows, float(again["seconds"]), rss_again)
+    seconds, rss_import = sqlite_import(data, work / "import.db")
+    line("sqlite3 .import (fresh table)", rows, seconds, rss_import)
+    sqlite_ratio = float(loaded["seconds"]) and seconds / float(loaded["seconds"])
+    print(f"  ratio loader / .import: {sqlite_ratio:.2f}x (target >= 0.6x)")
+    peak = max(rss_loader, rss_again)
+
+    if not args.no_postgres:
+        pg_start()
+        database = f"loader_bench_{uuid.uuid4().hex[:8]}"
+        subprocess.run(["createdb", database], check=True)
+        try:
+            version = subprocess.run(
+                ["psql", "-tAc", "SHOW server_version", "-d", database],
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            print(f"PostgreSQL ({version})")
+            url = f"postgresql+psycopg:///{database}"
+            loaded, rss_pg = python_child("load", str(data), url, str(work), rows=rows)
+            assert loaded["ok"], loaded
+            line("loader (validate+load+swap)", rows, float(loaded["seconds"]), rss_pg)
+            seconds, rss_copy = psql_copy(data, database)
+            line("psql \\copy (fresh table)", rows, seconds, rss_copy)
+            pg_ratio = seconds / float(loaded["seconds"])
+            print(f"  ratio loader / \\copy: {pg_ratio:.2f}x (target >= 0.9x)")
+            fast, rss_fast = python_child("copy-fast", str(data), database, rows=rows)
+            line("iter_copy_blocks -> COPY + key index", rows, float(fast["seconds"]), rss_fast)
+            print(f"  ratio iter_copy_blocks / \\copy: {seconds / float(fast['seconds']):.2f}x")
+            peak = max(peak, rss_pg)
+        finally:
+            subprocess.run(["dropdb", "--if-exists", "--force", database], capture_output=True)
+
+    print(f"peak memory of the loader: {mb(peak)} (target < 200 MB at 1M rows)")
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
