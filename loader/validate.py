@@ -7,12 +7,15 @@ apart line by line, so an error always names the exact line (the line of the fir
 for an encoding error), while clean blocks stay fast. One row is one line: a value never
 contains a line break, so a quote left open is reported on the line that opens it.
 
-Rows are split with ``str.split`` rather than the ``csv`` module: for files quoted "none" a
-quote character is plain data (but a field may not start with one), and for files quoted
-"all" a line is accepted on the fast path only when it is exactly ``"v1"<d>"v2"...`` with no
-other quote; anything else goes to a small exact parser that understands ``""`` (what
-``csv.writer(quoting=QUOTE_ALL)`` writes) and says what is wrong. This is faster than
-``csv.reader`` and knows whether a field was quoted, which ``csv`` does not tell.
+Fields are split with ``str.split``, not the ``csv`` module: for files quoted "none" a quote
+character is plain data (but a field may not start with one), and for files quoted "all" a
+line is accepted on the fast path only when it is exactly ``"v1"<d>"v2"...`` with no other
+quote; anything else goes to a small exact parser that understands ``""`` (what
+``csv.writer(quoting=QUOTE_ALL)`` writes) and says what is wrong. ``csv`` cannot tell
+whether a field was quoted. A clean block of an unquoted file runs no Python code per row at
+all: C-level counts check every line's delimiters, one split makes every field of the block
+and ``zip`` cuts them into rows; :func:`iter_copy_blocks` even skips the split and hands the
+block's own text to PostgreSQL's ``COPY``.
 
 Policies (Terra Dotta's guidance for SIS feeds):
 
@@ -25,8 +28,8 @@ Policies (Terra Dotta's guidance for SIS feeds):
   only when hashes repeat is the file read a second time to confirm the duplicates by value
   and name both lines.
 
-Rows are yielded only while the file is clean so far: once an error is found the rest is
-still checked (to count and report errors) but no more rows are handed to the loader, which
+Rows are tuples of str, yielded only while the file is clean so far (a block holding an error
+yields nothing): once an error is found the rest is still checked (to count and report errors) but no more rows are handed to the loader, which
 rolls back when ``report.ok`` is False at the end.
 """
 
