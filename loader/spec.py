@@ -396,11 +396,11 @@ def _name_differences(file_name: str, approved: str) -> list[str]:
         return []
     differences = []
     if undated != stem:
-        differences.append("by a date stamp (the name must be the same every day)")
+        differences.append("a date stamp")
     if ext.lower() != their_ext.lower():
-        differences.append(f"in its extension ({ext or 'none'} instead of {their_ext or 'none'})")
+        differences.append(f"its extension, {ext or 'none'} instead of {their_ext or 'none'}")
     if undated != their_stem or (ext != their_ext and ext.lower() == their_ext.lower()):
-        differences.append("in upper/lower case")
+        differences.append("upper/lower case")
     return differences
 
 
@@ -413,7 +413,11 @@ def closest_spec_hint(specs: list[Spec], file_name: str) -> str:
     for name in names:
         differences = _name_differences(file_name, name)
         if differences:
-            return f"did you mean {name}? (the name differs {' and '.join(differences)})"
+            said = ", ".join(differences[:-1]) + " and " if len(differences) > 1 else ""
+            return (
+                f"did you mean {name}? (the name differs in {said}{differences[-1]}; "
+                "it must be exactly the approved name every day)"
+            )
     close = difflib.get_close_matches(file_name, names, n=1, cutoff=0.6)
     if close:
         return f"did you mean {close[0]}? ({approved})"

@@ -222,14 +222,15 @@ def test_match_spec_is_exact() -> None:
     ("file_name", "hint"),
     [
         ("SIS_HR_USER_INFO.txt", "did you mean sis_hr_user_info.txt? (the name differs in "
-         "upper/lower case)"),
+         "upper/lower case; it must be exactly the approved name every day)"),
         ("sis_hr_user_info.csv", "did you mean sis_hr_user_info.txt? (the name differs in its "
-         "extension (.csv instead of .txt))"),
+         "extension, .csv instead of .txt;"),
         ("sis_hr_user_info_20261123.txt", "did you mean sis_hr_user_info.txt? (the name differs "
-         "by a date stamp (the name must be the same every day))"),
-        ("sis_hr_user_info-2026-11-23.txt", "did you mean sis_hr_user_info.txt?"),
+         "in a date stamp;"),
+        ("Sis_hr_user_info-2026-11-23.CSV", "did you mean sis_hr_user_info.txt? (the name "
+         "differs in a date stamp, its extension, .CSV instead of .txt and upper/lower case;"),
         ("custom_fields.txt", "did you mean custom_fields.csv? (the name differs in its "
-         "extension (.txt instead of .csv))"),
+         "extension, .txt instead of .csv;"),
         ("sis_hr_user_inf.txt", "did you mean sis_hr_user_info.txt? (approved names: "
          "sis_hr_user_info.txt, custom_fields.csv)"),
         ("payroll.xlsx", "approved names: sis_hr_user_info.txt, custom_fields.csv"),
