@@ -28,9 +28,10 @@ Policies (Terra Dotta's guidance for SIS feeds):
   only when hashes repeat is the file read a second time to confirm the duplicates by value
   and name both lines.
 
-Rows are tuples of str, yielded only while the file is clean so far (a block holding an error
-yields nothing): once an error is found the rest is still checked (to count and report errors) but no more rows are handed to the loader, which
-rolls back when ``report.ok`` is False at the end.
+Rows are tuples of str, yielded only while the file is clean so far (a block holding an
+error yields nothing): once an error is found the rest is still checked (to count and report
+errors) but no more rows are handed to the loader, which rolls back when ``report.ok`` is
+False at the end.
 """
 
 from __future__ import annotations
@@ -681,6 +682,6 @@ def iter_rows(
 def validate_file(path: Path, spec: Spec, max_errors: int = 20) -> ValidationReport:
     """Check a whole file against its spec without loading it (the on-arrival pre-check)."""
     report = ValidationReport(file_name=Path(path).name)
-    for _ in iter_rows(path, spec, report, max_errors):
-        pass
+    for _ in iter_row_blocks(path, spec, report, max_errors):
+        pass  # a block is fully checked before it is handed out; its rows need not be made
     return report
