@@ -167,3 +167,23 @@ def test_errors_never_show_server_paths(
         assert result.returncode != 0
         assert str(server.workdir) not in result.stderr, result.stderr
         assert "accounts" not in result.stderr, result.stderr
+
+
+def test_subfolders_when_enabled(tmp_path: Path, alpha_key: Path) -> None:
+    from server_harness import add_account, start_server, temp_files
+
+    running = start_server(tmp_path / "srv", {"server": {"allow_subfolders": True}})
+    try:
+        add_account(running, "alpha", alpha_key)
+        (tmp_path / "in-sub.txt").write_text("nested\n")
+        commands = f"mkdir sub\nput {tmp_path / 'in-sub.txt'} sub/in-sub.txt\nls sub\n"
+        sftp_batch(running, alpha_key, "alpha", commands, check=True)
+        sub = running.folder("alpha") / "sub"
+        assert (sub / "in-sub.txt").read_text() == "nested\n"
+        assert temp_files(sub) == []
+        escape = sftp_batch(running, alpha_key, "alpha", "cd sub\nget ../../secret.txt\n")
+        assert escape.returncode != 0
+        sftp_batch(running, alpha_key, "alpha", "rm sub/in-sub.txt\nrmdir sub\n", check=True)
+        assert not sub.exists()
+    finally:
+        assert running.stop() == 0
