@@ -433,13 +433,18 @@ class _KeyIndex:
         """Hashes seen on more than one row (to be confirmed by value: hashes can collide).
 
         Split into buckets first so the sets stay small: memory stays ~8 bytes a row (a single
-        set over all rows would cost ~64 bytes a row, for no gain in speed).
+        set over all rows would cost ~64 bytes a row, for no gain in speed). Called once: the
+        hashes move into the buckets.
         """
         buckets = [array("q") for _ in range(KEY_BUCKETS)]
         adds = [b.append for b in buckets]
         mask = KEY_BUCKETS - 1
-        for h in self.hashes:
-            adds[h & mask](h)
+        hashes = self.hashes
+        while hashes:  # move the hashes over from the end, so they are never held twice
+            chunk = hashes[-65536:]
+            del hashes[-65536:]
+            for h in chunk:
+                adds[h & mask](h)
         shared: set[int] = set()
         for bucket in buckets:
             if len(set(bucket)) == len(bucket):
