@@ -69,6 +69,7 @@ class ClientConnection(asyncssh.SSHServer):
         self.failures: list[str] = []
         self.accepted_fingerprint: str | None = None
         self.authenticated = False
+        self.registry_failed = False  # not the client's fault: no defender score
         self.started = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -93,7 +94,7 @@ class ClientConnection(asyncssh.SSHServer):
             # The key was acceptable but the signature was not: a SHA-1 `ssh-rsa` signature
             # (refused unless server.allow_sha1_rsa_signatures) or a bad one.
             self._fail(self.accepted_fingerprint, "signature refused (SHA-1 or invalid)")
-        if not self.failures:
+        if not self.failures or self.registry_failed:
             return
         unknown = self.view is None
         ban = self.state.defender.record_failure(self.address, unknown_user=unknown)
@@ -110,7 +111,12 @@ class ClientConnection(asyncssh.SSHServer):
 
     async def begin_auth(self, username: str) -> bool:
         self.username = username
-        self.view = await asyncio.to_thread(self.state.registry.login_view, username)
+        try:
+            self.view = await asyncio.to_thread(self.state.registry.login_view, username)
+        except Exception as exc:  # control DB unreachable: nobody logs in, nothing crashes
+            self.view = None
+            self.registry_failed = True
+            self.state.audit.error("registry.error", account=username, error=repr(exc))
         return True  # always ask for a key: unknown users look like known ones
 
     def password_auth_supported(self) -> bool:
@@ -145,6 +151,8 @@ class ClientConnection(asyncssh.SSHServer):
 
     def _refusal(self, key: asyncssh.SSHKey) -> str | None:
         view = self.view
+        if self.registry_failed:
+            return "registry unavailable"
         if view is None:
             return "unknown account"
         if not view.active:

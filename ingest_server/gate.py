@@ -34,7 +34,10 @@ class ConnectionGate:
         return None
 
     async def admit(self, address: str) -> str | None:
-        """None if the connection may proceed (and is then counted), else why not."""
+        """None if the connection may proceed (and is then counted), else why not.
+
+        Raises whatever the control DB raises; the caller refuses the connection then.
+        """
         refusal = await asyncio.to_thread(self._lookup, address)
         if refusal is not None:
             return refusal

@@ -175,7 +175,11 @@ class Server:
                 sock.close()
                 return
             address = normalize_peer_address(client)
-        refusal = await self.gate.admit(address)
+        try:
+            refusal = await self.gate.admit(address)
+        except Exception as exc:  # control DB unreachable: fail closed, keep serving others
+            refusal = "registry unavailable"
+            self.audit.error("registry.error", address=address, error=repr(exc))
         if refusal is not None:
             sock.close()
             self._log_refusal(address, refusal)
