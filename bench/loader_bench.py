@@ -235,7 +235,15 @@ def mb(kib: int) -> str:
     return f"{kib / 1024:,.0f} MB"
 
 
+def status(label: str) -> None:
+    """Say on a terminal what runs now (the result line overwrites it)."""
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r  {label} ...")
+        sys.stderr.flush()
+
+
 def line(label: str, rows: int, seconds: float, rss_kib: int, note: str = "") -> None:
+    tty_done()
     print(
         f"  {label:<38} {seconds:7.2f} s  {rows / seconds:>10,.0f} rows/s  "
         f"peak {mb(rss_kib):>7}{note}",
@@ -269,6 +277,7 @@ def main() -> int:
     generate(data, rows)
     print(f"  file: {data.stat().st_size / 1e6:,.0f} MB; CPUs: {os.cpu_count()}")
 
+    status("validating")
     result, rss = python_child("validate", str(data), rows=rows)
     assert result["ok"], result
     line("validation only", rows, float(result["seconds"]), rss)
@@ -285,6 +294,7 @@ def main() -> int:
     again, rss_again = python_child("load", str(data), f"sqlite:///{sis}", str(work), rows=rows)
     assert again["ok"], again
     line("loader again (replaces the loaded table)", rows, float(again["seconds"]), rss_again)
+    status("sqlite3 .import")
     seconds, rss_import = sqlite_import(data, work / "import.db")
     line("sqlite3 .import (fresh table)", rows, seconds, rss_import)
     sqlite_ratio = float(loaded["seconds"]) and seconds / float(loaded["seconds"])
@@ -306,6 +316,7 @@ def main() -> int:
             loaded, rss_pg = python_child("load", str(data), url, str(work), rows=rows)
             assert loaded["ok"], loaded
             line("loader (validate+load+swap)", rows, float(loaded["seconds"]), rss_pg)
+            status("psql \\copy")
             seconds, rss_copy = psql_copy(data, database)
             line("psql \\copy (fresh table)", rows, seconds, rss_copy)
             pg_ratio = seconds / float(loaded["seconds"])
