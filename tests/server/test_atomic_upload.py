@@ -108,3 +108,33 @@ def test_limit_hit_fails_the_upload(folder: AccountFolder) -> None:
     upload.discard()
     assert not (folder.root / "f.csv").exists()
     assert hidden(folder) == []
+
+
+def test_append_mode_writes_at_the_end(folder: AccountFolder) -> None:
+    (folder.root / "f.csv").write_bytes(b"head,")
+    upload = Upload(
+        folder,
+        folder.root / "f.csv",
+        truncate=False,
+        append=True,
+        limits=UploadLimits.for_upload(NO_LIMITS, folder.root, 0),
+    )
+    upload.write(0, b"tail")  # the offset is ignored in append mode
+    upload.commit()
+    assert (folder.root / "f.csv").read_bytes() == b"head,tail"
+
+
+def test_empty_upload(folder: AccountFolder) -> None:
+    received = start(folder, "empty.txt", truncate=True).commit()
+    assert (folder.root / "empty.txt").read_bytes() == b""
+    assert received.sha256 == hashlib.sha256(b"").hexdigest()
+
+
+def test_big_sequential_upload_is_hashed_on_the_way(folder: AccountFolder) -> None:
+    upload = start(folder, "big.bin", truncate=True)
+    chunks = [bytes([i]) * 32768 for i in range(64)]  # 2 MiB: several batches
+    for i, chunk in enumerate(chunks):
+        upload.write(i * 32768, chunk)
+    received = upload.commit()
+    assert received.sha256 == hashlib.sha256(b"".join(chunks)).hexdigest()
+    assert (folder.root / "big.bin").read_bytes() == b"".join(chunks)
