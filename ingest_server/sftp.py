@@ -230,8 +230,8 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         self.tracker.add(self.conn, upload)
         return upload
 
-    @_without_paths
     def write(self, file_obj: object, offset: int, data: bytes) -> int:
+        # The hot path (once per 32 KiB packet): OSErrors are converted here, no decorator.
         if not isinstance(file_obj, Upload):
             raise SFTPPermissionDenied("file was opened for reading")
         upload = file_obj
