@@ -54,6 +54,7 @@ class ServerState:
     tracker: UploadTracker = field(default_factory=UploadTracker)
     keys: KeyCache = field(default_factory=KeyCache)
     connections: set[asyncssh.SSHServerConnection] = field(default_factory=set)
+    background: set[asyncio.Future[None]] = field(default_factory=set)
 
 
 class ClientConnection(asyncssh.SSHServer):
@@ -97,15 +98,26 @@ class ClientConnection(asyncssh.SSHServer):
         if not self.failures or self.registry_failed:
             return
         unknown = self.view is None
-        ban = self.state.defender.record_failure(self.address, unknown_user=unknown)
-        if ban is not None:
-            audit.warning(
-                "defender.ban",
-                address=ban.address,
-                score=ban.score,
-                banned_until=ban.banned_until,
-                reason=ban.reason,
-            )
+        score = self.state.defender.record_failure(self.address, unknown_user=unknown)
+        if score is not None:
+            task = asyncio.ensure_future(self._ban(score))
+            self.state.background.add(task)
+            task.add_done_callback(self.state.background.discard)
+
+    async def _ban(self, score: int) -> None:
+        audit = self.state.audit
+        try:
+            ban = await asyncio.to_thread(self.state.defender.ban, self.address, score)
+        except Exception as exc:
+            audit.error("defender.error", address=self.address, error=repr(exc))
+            return
+        audit.warning(
+            "defender.ban",
+            address=ban.address,
+            score=ban.score,
+            banned_until=ban.banned_until,
+            reason=ban.reason,
+        )
 
     # -- authentication -------------------------------------------------------------------
 

@@ -47,8 +47,9 @@ class Defender:
             )
         return until is not None and until > utcnow()
 
-    def record_failure(self, address: str, unknown_user: bool) -> BanView | None:
-        """Add one failed connection's score; returns the ban if this one caused it."""
+    def record_failure(self, address: str, unknown_user: bool) -> int | None:
+        """Add one failed connection's score (in memory, cheap); the score if it calls for a
+        ban, which the caller then makes with :meth:`ban` (a DB write, off the event loop)."""
         if not self.settings.enabled:
             return None
         s = self.settings
@@ -61,9 +62,10 @@ class Defender:
         if score < s.threshold:
             return None
         del self._events[address]
-        return self._ban(address, score)
+        return score
 
-    def _ban(self, address: str, score: int) -> BanView:
+    def ban(self, address: str, score: int) -> BanView:
+        """Record a ban in the control DB (blocking)."""
         now = utcnow()
         until = now + timedelta(seconds=self.settings.ban_seconds)
         reason = f"score {score} >= {self.settings.threshold} in {self.settings.window_seconds}s"

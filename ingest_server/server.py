@@ -295,6 +295,8 @@ class Server:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
+        if self.state.background:  # bans being written
+            await asyncio.wait(set(self.state.background), timeout=_CLOSE_WAIT)
         tracker.discard_all()
         if cut:
             self.audit.warning("server.uploads_cut", count=cut)
