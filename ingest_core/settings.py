@@ -293,7 +293,10 @@ def build_table(cls: type, raw: object, source: str, prefix: str) -> typing.Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: [{prefix.rstrip('.')}]: expected a table, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    # Settings.source records where the settings came from; it is not a setting itself.
+    names = {
+        f.name for f in dataclasses.fields(cls) if not (cls is Settings and f.name == "source")
+    }
     values: dict[str, typing.Any] = {}
     for key, value in raw.items():
         where = f"{prefix}{key}"

@@ -110,3 +110,13 @@ def test_cli_config_error_exits_2_without_traceback(tmp_path: Path) -> None:
     assert "server.port" in subprocess.run(
         [*INGESTCTL, "--config", str(conf), "account", "list"], capture_output=True, text=True
     ).stderr
+
+
+def test_a_setting_named_source_in_a_section_is_read(tmp_path: Path) -> None:
+    conf = tmp_path / "pool.toml"
+    conf.write_text('[pool]\nsource = "query"\nquery_url = "sqlite:///x.db"\nquery = "select 1"\n')
+    assert load_settings(conf).pool.source == "query"
+    top = tmp_path / "top.toml"
+    top.write_text('source = "x"\n')
+    with pytest.raises(ConfigError, match="source: unknown setting"):
+        load_settings(top)
