@@ -90,18 +90,19 @@ def test_client_killed_mid_upload(
 def test_sigterm_lets_short_uploads_finish_and_cuts_long_ones(
     tmp_path: Path, alpha_key: Path, big_file: Path
 ) -> None:
-    running = start_server(tmp_path / "srv", {"server": {"shutdown_grace": 3.0}})
+    running = start_server(tmp_path / "srv", {"server": {"shutdown_grace": 5.0}})
     add_account(running, "alpha", alpha_key)
     small = tmp_path / "small.csv"
     small_data = write_random(small, 2 * 1024 * 1024)
     folder = running.folder("alpha")
     long_upload = start_upload(running, alpha_key, "scp", big_file)
     wait_for_partial_upload(folder)
+    # 2 MB/s: about a second, well inside the grace period.
     short_upload = subprocess.Popen(
         [
             *running.scp_command(alpha_key)[:1],
             "-l",
-            "8000",
+            "16000",
             *running.scp_command(alpha_key)[1:],
             str(small),
             running.scp_target("alpha", "small.csv"),
@@ -109,7 +110,7 @@ def test_sigterm_lets_short_uploads_finish_and_cuts_long_ones(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
-    )  # fmt: skip  1 MB/s: about two seconds, inside the grace period
+    )
     wait_until(lambda: len(temp_files(folder)) == 2, what="both uploads in flight")
     assert running.process is not None
     running.process.send_signal(15)
