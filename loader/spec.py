@@ -12,7 +12,7 @@ Quoting is ``"none"`` (no field is quoted; a quote character inside a value is p
 so a sample that quotes only some fields ("minimal" quoting) is refused, and so is a file that
 mixes the two styles later. Values never contain a line break: one row is one line.
 
-Header names must be SQL identifiers that need no quoting anywhere: letters, digits and
+Header names must be SQL identifiers that need no quoting anywhere: ASCII letters, digits and
 underscores, starting with a letter or underscore, at most 63 characters (PostgreSQL's limit),
 no SQL reserved word of SQLite or PostgreSQL, no duplicates (compared case-insensitively, as
 SQL compares unquoted names).
@@ -127,7 +127,7 @@ def header_name_problem(name: str) -> str | None:
     if not _IDENTIFIER.match(name):
         if name[0].isdigit():
             return f"column name {name!r} starts with a digit"
-        return f"column name {name!r} contains characters other than letters, digits and '_'"
+        return f"column name {name!r} contains characters other than A-Z, a-z, 0-9 and '_'"
     if len(name) > MAX_COLUMN_NAME:
         return f"column name {name!r} is longer than {MAX_COLUMN_NAME} characters"
     if name.lower() in SQL_RESERVED_WORDS:
@@ -144,7 +144,7 @@ def check_header_names(columns: tuple[str, ...]) -> None:
         problem = header_name_problem(name)
         if problem:
             raise Refused(
-                f"header column {position}: {problem}; accepted: letters, digits and '_', "
+                f"header column {position}: {problem}; accepted: A-Z, a-z, 0-9 and '_', "
                 "starting with a letter or '_', no SQL reserved words"
             )
         lowered = name.lower()

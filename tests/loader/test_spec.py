@@ -65,7 +65,7 @@ def test_single_column_file_defaults_to_tab(tmp_path: Path) -> None:
         (b"UUUID\tName", "sample s.txt has a header but no data rows"),
         (b"UUUID\tName\n", "sample s.txt: the file has a header (line 1) but no data rows"),
         (b"UUUID\tFirst Name\nx\ty\n", "column name 'First Name' contains a space"),
-        (b"UUUID\tName-2\nx\ty\n", "column name 'Name-2' contains characters other than"),
+        (b"UUUID\tName-2\nx\ty\n", "column name 'Name-2' contains characters other than A-Z"),
         (b"UUUID\t2nd\nx\ty\n", "column name '2nd' starts with a digit"),
         (b"UUUID\tGroup\nx\ty\n", "column name 'Group' is an SQL reserved word"),
         (b"UUUID\t\nx\ty\n", "header column 2: a column name is empty"),
@@ -197,7 +197,7 @@ def test_cli_approve_show_remove(tmp_path: Path, ingestctl) -> None:
     assert refused.stdout == ""
     assert refused.stderr.splitlines() == [
         "ingestctl: header column 2: column name 'First Name' contains a space; accepted: "
-        "letters, digits and '_', starting with a letter or '_', no SQL reserved words"
+        "A-Z, a-z, 0-9 and '_', starting with a letter or '_', no SQL reserved words"
     ]
 
     removed = ingestctl("spec", "remove", "acme", "custom.csv", check=True)
