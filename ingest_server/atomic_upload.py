@@ -183,6 +183,12 @@ class Upload:
         self._materialize(self._covered)
         return os.pread(self.fd, size, offset)
 
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        """For asyncssh's sparse-range reply: the temp file as the client would read it."""
+        self.flush()
+        self._materialize(self._covered)
+        return os.lseek(self.fd, offset, whence)
+
     def truncate(self, size: int) -> None:
         if size > self.size:
             self.limits.check(size, size - self.size)

@@ -131,6 +131,10 @@ class _Download:
         self.sent = 0
         self.started = time.monotonic()
 
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        """asyncssh's sparse-range reply (``ranges@asyncssh.com``) seeks SEEK_DATA/SEEK_HOLE."""
+        return os.lseek(self.fd, offset, whence)
+
 
 class AccountSFTPServer(asyncssh.SFTPServer):
     """One SFTP or SCP session, confined to ``folder``."""
