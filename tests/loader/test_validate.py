@@ -356,3 +356,9 @@ def test_copy_blocks_load_into_postgresql_exactly_as_the_rows_read(
             got = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM t ORDER BY n").fetchall()
             assert [list(r) for r in got] == expected
             assert expected[6][2] == "padded" and expected[5][1] == "back\\slash \\N"
+
+
+def test_a_line_without_end_is_cut_off_at_16_mib(tmp_path: Path) -> None:
+    path = write(tmp_path / "f.txt", f"{HEADER}\n{ROW2}\n".encode() + b"x" * (17 << 20))
+    report = validate_file(path, make_spec())
+    assert only_error(report) == "line 3: longer than 16 MiB (no line end)"
