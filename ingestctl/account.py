@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ingest_core.console import print_fields, print_json, print_table
 from ingest_core.errors import Refused
 from ingest_core.registry import AccountView
-from ingestctl.output import print_fields, print_json, print_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:

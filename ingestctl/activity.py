@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ingest_core.console import print_json, print_table
 from ingest_core.structured_log import read_events
-from ingestctl.output import print_json, print_table
 
 SHOWN_EVENTS = (
     "auth.success",

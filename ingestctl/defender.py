@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ingest_core.console import print_json, print_table
 from ingest_server.defender import list_bans, unban
-from ingestctl.output import print_json, print_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:

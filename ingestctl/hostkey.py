@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from ingest_core.console import print_json, print_table
 from ingest_core.errors import NotFound
 from ingest_server.host_keys import HOST_KEY_FILES, describe_host_key, known_hosts_lines
-from ingestctl.output import print_json, print_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from ingest_core.console import print_json, print_table
 from ingest_core.db import open_control_db
 from ingest_core.folders import ensure_base_folders
 from ingest_core.settings import Settings
 from ingest_server.host_keys import HostKeyInfo, ensure_host_keys
-from ingestctl.output import print_json, print_table
 
 
 def initialize(settings: Settings) -> list[HostKeyInfo]:

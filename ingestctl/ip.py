@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ingestctl.output import print_json, print_table, warn
+from ingest_core.console import print_json, print_table, warn
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ingest_core.console import print_json, print_table
 from ingest_core.errors import Refused
-from ingestctl.output import print_json, print_table
 
 MAX_KEY_FILE_BYTES = 64 * 1024
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from ingest_core.client_keys import generate_client_keypair
+from ingest_core.console import print_json
 from ingest_core.errors import Refused
-from ingestctl.output import print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ingestctl.output import print_json, print_table
+from ingest_core.console import print_json, print_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:

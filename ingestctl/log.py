@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from ingest_core.console import print_json
 from ingest_core.folder_log import STATUSES, read_lines
 from ingest_core.folders import account_folder
-from ingestctl.output import print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ingestctl.output import print_fields, print_json
+from ingest_core.console import print_fields, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
