@@ -186,31 +186,39 @@ class Settings:
 _TOP_KEYS = {"data_root", "log_dir", "control_db_url", "sis_db_url"}
 
 
-def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
-    """Find and read the config file (or take the defaults) and resolve every path."""
-    chosen: Path | None
+def find_config_file(
+    path: str | os.PathLike[str] | None, env_var: str, default_name: str
+) -> Path | None:
+    """``path``, else the file named by ``$env_var``, else ``./default_name`` if present."""
     if path is not None:
         chosen = Path(path)
         if not chosen.is_file():
             raise ConfigError(f"{chosen}: config file not found (give an existing TOML file)")
-    elif os.environ.get(CONFIG_ENV):
-        chosen = Path(os.environ[CONFIG_ENV])
+        return chosen
+    if os.environ.get(env_var):
+        chosen = Path(os.environ[env_var])
         if not chosen.is_file():
-            raise ConfigError(f"{chosen}: config file named by ${CONFIG_ENV} not found")
-    elif Path(DEFAULT_CONFIG_NAME).is_file():
-        chosen = Path(DEFAULT_CONFIG_NAME)
-    else:
-        chosen = None
+            raise ConfigError(f"{chosen}: config file named by ${env_var} not found")
+        return chosen
+    return Path(default_name) if Path(default_name).is_file() else None
 
+
+def read_config_file(path: Path) -> dict[str, typing.Any]:
+    """The file's TOML table; unreadable or invalid TOML is one ConfigError line."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc})") from None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Find and read the config file (or take the defaults) and resolve every path."""
+    chosen = find_config_file(path, CONFIG_ENV, DEFAULT_CONFIG_NAME)
     if chosen is None:
         return _resolve(Settings(), Path.cwd(), "built-in defaults")
-    try:
-        raw = tomllib.loads(chosen.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{chosen}: not valid TOML ({exc})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{chosen}: cannot read config file ({exc})") from None
-    settings = build_table(Settings, raw, str(chosen), "")
+    settings = build_table(Settings, read_config_file(chosen), str(chosen), "")
     return _resolve(settings, chosen.resolve().parent, str(chosen))
 
 

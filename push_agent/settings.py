@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ingest_core.errors import ConfigError
-from ingest_core.settings import SmtpSettings, build_table
+from ingest_core.settings import (
+    SmtpSettings,
+    build_table,
+    find_config_file,
+    read_config_file,
+)
 
 CONFIG_ENV = "INGEST_PUSH_CONFIG"
 DEFAULT_CONFIG_NAME = "ingest-push.toml"
@@ -66,24 +70,10 @@ class AgentSettings:
 
 def load_agent_settings(path: str | os.PathLike[str] | None = None) -> AgentSettings:
     """Find and read the agent's config file (or take the defaults) and resolve every path."""
-    chosen: Path | None = None
-    if path is not None:
-        chosen = Path(path)
-    elif os.environ.get(CONFIG_ENV):
-        chosen = Path(os.environ[CONFIG_ENV])
-    elif Path(DEFAULT_CONFIG_NAME).is_file():
-        chosen = Path(DEFAULT_CONFIG_NAME)
+    chosen = find_config_file(path, CONFIG_ENV, DEFAULT_CONFIG_NAME)
     if chosen is None:
         return resolve_agent_settings(AgentSettings(), Path.cwd(), "built-in defaults")
-    if not chosen.is_file():
-        raise ConfigError(f"{chosen}: config file not found (give an existing TOML file)")
-    try:
-        raw = tomllib.loads(chosen.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{chosen}: not valid TOML ({exc})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{chosen}: cannot read config file ({exc})") from None
-    built = build_table(AgentSettings, raw, str(chosen), "")
+    built = build_table(AgentSettings, read_config_file(chosen), str(chosen), "")
     return resolve_agent_settings(built, chosen.resolve().parent, str(chosen))
 
 
