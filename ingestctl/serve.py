@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 
+from ingest_core.lifecycle import run_until_signalled
 from ingest_core.settings import Settings
 from ingestctl.init import initialize
 
@@ -36,14 +36,7 @@ async def serve_all(settings: Settings, stop: asyncio.Event) -> None:
 
 
 def run_all(settings: Settings) -> int:
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve_all(settings, stop)
-
-    asyncio.run(main())
+    run_until_signalled(lambda stop: serve_all(settings, stop))
     return 0
 
 

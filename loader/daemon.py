@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from sqlalchemy import select
 
 from ingest_core.db import JobRun, open_control_db, utcnow
+from ingest_core.lifecycle import run_until_signalled
 from ingest_core.schedule import Daily, local_date, missed_run, parse_hhmm, utc_now, wait_until
 from ingest_core.settings import Settings
 from ingest_core.structured_log import get_logger
@@ -244,13 +245,4 @@ class LoaderDaemon:
 
 def run_forever(settings: Settings) -> None:
     """``ingestctl loader daemon``: run until SIGTERM or SIGINT."""
-    import signal
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await LoaderDaemon(settings).run(stop)
-
-    asyncio.run(main())
+    run_until_signalled(LoaderDaemon(settings).run)

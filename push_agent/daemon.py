@@ -9,10 +9,10 @@ never several times. The clock is injected, so tests drive days of schedule in m
 from __future__ import annotations
 
 import asyncio
-import signal
 from datetime import datetime, timedelta
 
 from ingest_core.errors import IngestError
+from ingest_core.lifecycle import run_until_signalled
 from ingest_core.schedule import wait_until
 from push_agent import runs
 from push_agent.agent import Agent
@@ -82,12 +82,4 @@ async def serve(agent: Agent, stop: asyncio.Event) -> None:
 
 def run_daemon(agent: Agent) -> None:
     """Serve until SIGTERM or SIGINT; a run in progress finishes first."""
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(agent, stop)
-
-    asyncio.run(main())
+    run_until_signalled(lambda stop: serve(agent, stop))
