@@ -5,6 +5,7 @@ Shared by `ingestctl` and `ingest-push`.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import sys
@@ -51,3 +52,10 @@ def print_fields(pairs: Sequence[tuple[str, Any]]) -> None:
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit 2, like every other refusal."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")

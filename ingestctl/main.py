@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from functools import cached_property
 
+from ingest_core.console import OneLineErrorParser
 from ingest_core.errors import IngestError
 from ingest_core.registry import Registry
 from ingest_core.settings import Settings, load_settings
@@ -52,13 +53,8 @@ class Context:
         return Registry(self.settings)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, like every other refusal
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineErrorParser(
         prog="ingestctl",
         description="Operate sis-ingest: client accounts, keys, allowed addresses, host keys, "
         "the SFTP/SCP server and the nightly loader.",
@@ -68,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="TOML settings file (default: $INGEST_CONFIG, else ./ingest.toml, else built-in)",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     sub.required = True
     for name in NOUN_MODULES:
         importlib.import_module(f"ingestctl.{name}").register(sub)

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ingest_core.console import print_fields, print_json, print_table
+from ingest_core.console import OneLineErrorParser, print_fields, print_json, print_table
 from ingest_core.errors import IngestError, Refused
 from push_agent import connections, daemon, runs
 from push_agent.agent import Agent, open_agent
@@ -298,11 +298,6 @@ def cmd_daemon(args: argparse.Namespace, agent: Agent) -> int:
 # -- parser ----------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
 def _connection_options(p: argparse.ArgumentParser, adding: bool) -> None:
     p.add_argument("name", help="connection name (letters, digits, _ . -)")
     p.add_argument("--host", required=adding, help="SFTP server host name or IP")
@@ -349,7 +344,7 @@ def _connection_options(p: argparse.ArgumentParser, adding: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineErrorParser(
         prog=PROG,
         description="Push files to SFTP servers on a schedule, with Test and Save, fingerprint "
         "pinning, classified failures and e-mail notifications.",
@@ -359,11 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="agent TOML (default: $INGEST_PUSH_CONFIG, else ./ingest-push.toml, else built-in)",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     sub.required = True
 
     conn = sub.add_parser("connection", help="add, edit, delete, list, show, test connections")
-    csub = conn.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    csub = conn.add_subparsers(dest="action", metavar="ACTION", parser_class=OneLineErrorParser)
     csub.required = True
     p = csub.add_parser("add", help="create a connection")
     _connection_options(p, adding=True)
@@ -388,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_test)
 
     key = sub.add_parser("key", help="generate, regenerate or show a connection's SSH key")
-    ksub = key.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    ksub = key.add_subparsers(dest="action", metavar="ACTION", parser_class=OneLineErrorParser)
     ksub.required = True
     p = ksub.add_parser("generate", help="make a 4096-bit RSA key; prints the public key once")
     p.add_argument("name")

@@ -13,8 +13,16 @@ Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def test_create_makes_a_private_folder_and_shows_up(ingestctl: Run, workdir: Path) -> None:
-    created = ingestctl("account", "create", "study_abroad", "--institution", "Uni A",
-                        "--deferred-fetch", "--json", check=True)
+    created = ingestctl(
+        "account",
+        "create",
+        "study_abroad",
+        "--institution",
+        "Uni A",
+        "--deferred-fetch",
+        "--json",
+        check=True,
+    )
     view = json.loads(created.stdout)
     folder = Path(view["folder"])
     assert folder == workdir / "var" / "accounts" / "study_abroad"
@@ -82,8 +90,15 @@ def test_help_reads_well(ingestctl: Run) -> None:
     top = ingestctl("--help", check=True).stdout
     for noun in ("init", "account", "key", "ip", "hostkey", "keygen", "audit"):
         assert noun in top
-    for args in (["account", "--help"], ["account", "create", "--help"], ["key", "add", "--help"],
-                 ["ip", "add", "--help"], ["hostkey", "show", "--help"], ["keygen", "--help"],
-                 ["audit", "--help"], ["init", "--help"]):
+    for args in (
+        ["account", "--help"],
+        ["account", "create", "--help"],
+        ["key", "add", "--help"],
+        ["ip", "add", "--help"],
+        ["hostkey", "show", "--help"],
+        ["keygen", "--help"],
+        ["audit", "--help"],
+        ["init", "--help"],
+    ):
         result = ingestctl(*args, check=True)
         assert result.stdout.startswith("usage: ingestctl")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 
-from ingest_core.settings import Settings, load_settings
-
 from conftest import REPO
+
+from ingest_core.settings import Settings, load_settings
 
 EXAMPLE = REPO / "deploy" / "ingest.example.toml"
 

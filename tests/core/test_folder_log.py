@@ -28,8 +28,9 @@ def folder(settings: Settings) -> AccountFolder:
 
 def test_line_format_has_offset_status_file_and_detail(folder: AccountFolder) -> None:
     when = datetime(2026, 3, 8, 7, 30, tzinfo=UTC)
-    line = folder_log.append(folder, NY, "LOADED", "sis_hr_user_info.txt", "12345 rows imported",
-                             when=when)
+    line = folder_log.append(
+        folder, NY, "LOADED", "sis_hr_user_info.txt", "12345 rows imported", when=when
+    )
     assert line == "2026-03-08T03:30:00-04:00 LOADED sis_hr_user_info.txt 12345 rows imported\n"
     folder_log.append(folder, NY, "NO FILE", "", "no data file was received", when=when)
     assert folder_log.read_lines(folder)[-1].endswith("NO FILE - no data file was received")
@@ -50,8 +51,9 @@ def _append_many(root: str, n: int, tag: str) -> None:
 
 def test_concurrent_writers_never_interleave(folder: AccountFolder) -> None:
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_append_many, args=(str(folder.root), 200, f"w{i}"))
-             for i in range(4)]
+    procs = [
+        ctx.Process(target=_append_many, args=(str(folder.root), 200, f"w{i}")) for i in range(4)
+    ]
     for p in procs:
         p.start()
     for p in procs:

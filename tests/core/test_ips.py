@@ -27,14 +27,12 @@ def test_four_addresses_then_the_fifth_is_refused(ingestctl: Run, account: str) 
     for address in ("203.0.113.7", "198.51.100.20", "2001:db8::7", "192.0.2.1/32"):
         result = ingestctl("ip", "add", account, address)
         assert result.returncode == 0, result.stderr
-    assert ips(ingestctl, account) == ["203.0.113.7", "198.51.100.20", "2001:db8::7",
-                                       "192.0.2.1"]
+    assert ips(ingestctl, account) == ["203.0.113.7", "198.51.100.20", "2001:db8::7", "192.0.2.1"]
     audit_before = ingestctl("audit", "--json").stdout
     fifth = ingestctl("ip", "add", account, "203.0.113.8")
     assert fifth.returncode == 1
     assert "already has 4 addresses, the most allowed is 4" in fifth.stderr
-    assert ips(ingestctl, account) == ["203.0.113.7", "198.51.100.20", "2001:db8::7",
-                                       "192.0.2.1"]
+    assert ips(ingestctl, account) == ["203.0.113.7", "198.51.100.20", "2001:db8::7", "192.0.2.1"]
     assert ingestctl("audit", "--json").stdout == audit_before
     ingestctl("ip", "remove", account, "198.51.100.20", check=True)
     ingestctl("ip", "add", account, "203.0.113.8", check=True)
@@ -55,8 +53,9 @@ def test_four_addresses_then_the_fifth_is_refused(ingestctl: Run, account: str) 
         ("fe80::1%eth0", "zone index"),
     ],
 )
-def test_ranges_names_and_junk_are_refused(ingestctl: Run, account: str, address: str,
-                                           expected: str) -> None:
+def test_ranges_names_and_junk_are_refused(
+    ingestctl: Run, account: str, address: str, expected: str
+) -> None:
     result = ingestctl("ip", "add", account, address)
     assert result.returncode == 1
     assert expected in result.stderr

@@ -61,7 +61,11 @@ def test_rsa_4096_and_8192_are_accepted_with_ssh_keygen_fingerprint(
     ],
 )
 def test_keys_outside_the_policy_are_refused_and_nothing_changes(
-    ingestctl: Run, account: str, make_key: Callable[..., Path], key_type: str, bits: int,
+    ingestctl: Run,
+    account: str,
+    make_key: Callable[..., Path],
+    key_type: str,
+    bits: int,
     expected: str,
 ) -> None:
     try:
@@ -123,13 +127,17 @@ def test_putty_rfc4716_public_key_is_accepted(
     ingestctl: Run, account: str, make_key: Callable[..., Path]
 ) -> None:
     pub = Path(f"{make_key('rsa', 4096)}.pub")
-    rfc4716 = subprocess.run(["ssh-keygen", "-e", "-f", str(pub)], capture_output=True,
-                             text=True, check=True).stdout
+    rfc4716 = subprocess.run(
+        ["ssh-keygen", "-e", "-f", str(pub)], capture_output=True, text=True, check=True
+    ).stdout
     assert "BEGIN SSH2 PUBLIC KEY" in rfc4716
-    key = json.loads(ingestctl("key", "add", account, "-", "--json", input=rfc4716,
-                               check=True).stdout)
-    assert key["fingerprint"] in subprocess.run(["ssh-keygen", "-lf", str(pub)],
-                                                capture_output=True, text=True).stdout
+    key = json.loads(
+        ingestctl("key", "add", account, "-", "--json", input=rfc4716, check=True).stdout
+    )
+    assert (
+        key["fingerprint"]
+        in subprocess.run(["ssh-keygen", "-lf", str(pub)], capture_output=True, text=True).stdout
+    )
 
 
 def test_a_key_belongs_to_one_account(

@@ -6,11 +6,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import INGESTCTL, REPO
 
 from ingest_core.errors import ConfigError
 from ingest_core.settings import load_settings
-
-from conftest import INGESTCTL, REPO
 
 
 def test_defaults_work_in_a_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -57,8 +56,8 @@ def test_every_section_can_be_set(tmp_path: Path) -> None:
     conf = tmp_path / "c.toml"
     conf.write_text(
         'sis_db_url = "postgresql+psycopg:///sis"\n'
-        '[keys]\nmin_rsa_bits = 8192\naccept_ed25519 = true\n'
-        '[ips]\nmax_per_account = 2\n'
+        "[keys]\nmin_rsa_bits = 8192\naccept_ed25519 = true\n"
+        "[ips]\nmax_per_account = 2\n"
         '[schedule]\ntimezone = "Australia/Sydney"\nloader_time = "02:30"\n'
         '[smtp]\nhost = "127.0.0.1"\nrecipients = ["ops@example.edu"]\n'
     )
@@ -101,15 +100,20 @@ def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, expected: str)
 def test_cli_config_error_exits_2_without_traceback(tmp_path: Path) -> None:
     conf = tmp_path / "bad.toml"
     conf.write_text("[server]\nport = 'abc'\n")
-    for args in (["--config", str(conf), "account", "list"],
-                 ["--config", str(tmp_path / "missing.toml"), "account", "list"]):
+    for args in (
+        ["--config", str(conf), "account", "list"],
+        ["--config", str(tmp_path / "missing.toml"), "account", "list"],
+    ):
         result = subprocess.run([*INGESTCTL, *args], capture_output=True, text=True, cwd=REPO)
         assert result.returncode == 2
         assert "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
-    assert "server.port" in subprocess.run(
-        [*INGESTCTL, "--config", str(conf), "account", "list"], capture_output=True, text=True
-    ).stderr
+    assert (
+        "server.port"
+        in subprocess.run(
+            [*INGESTCTL, "--config", str(conf), "account", "list"], capture_output=True, text=True
+        ).stderr
+    )
 
 
 def test_a_setting_named_source_in_a_section_is_read(tmp_path: Path) -> None:
