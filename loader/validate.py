@@ -104,7 +104,8 @@ class _Format:
         self.t_name = TERMINATOR_NAMES[self.t]
         self.quoted_sep = f'"{self.d}"'
         self.two_n = 2 * self.n
-        # Substrings that show a value with a space (or tab) at its start or end, per line...
+        # Substrings that show a value with a space (or tab) at its start or end. For a block
+        # of unquoted lines, line ends are first turned into delimiters so they show too.
         if self.quoted:
             pads = ['" ', ' "'] + (['"\t', '\t"'] if self.d != "\t" else [])
             self.edges: frozenset[str] = frozenset()
@@ -112,14 +113,10 @@ class _Format:
             pads = [f"{ch}{self.d}" for ch in self.trim] + [f"{self.d}{ch}" for ch in self.trim]
             self.edges = frozenset(self.trim)
         self.pads = tuple(pads * 2)[:4]
-        # ... and per block of text, where line starts and ends show too. CPython's substring
-        # search tests a needle's last character first (find) and rfind its first: search so
-        # that the character tested is the rare one (the space), not the delimiter.
-        joined = list(pads)
-        if not self.quoted:
-            pads += [f"{ch}{self.t[0]}" for ch in self.trim] + [f"\n{ch}" for ch in self.trim]
-        self.text_find, self.text_rfind = self._by_direction(pads)
-        self.joined_find, self.joined_rfind = self._by_direction(joined)
+        # CPython's substring search tests a needle's last character first (find) and rfind
+        # its first: search so that the character tested is the rare one (the space), not the
+        # delimiter.
+        self.pad_find, self.pad_rfind = self._by_direction(pads)
         self.edge_chars = tuple(self.edges)
 
     @staticmethod
@@ -128,21 +125,20 @@ class _Format:
         return forward, tuple(p for p in needles if p not in forward)
 
     def needs_trim(self, text: str) -> bool:
-        """Could a value in this block of lines have spaces around it? (a few C-speed scans;
-        the lines of a block that could are then checked one by one)."""
-        if any(text.find(p) >= 0 for p in self.text_find):
+        """Could a value in this clean block of lines have spaces around it? (a few C-speed
+        scans; the lines of a block that could are then checked one by one)."""
+        if not self.quoted:
+            # Line ends turned into delimiters: two scans instead of four.
+            return self.joined_needs_trim(text.replace(self.t, self.d))
+        if any(text.find(p) >= 0 for p in self.pad_find):
             return True
-        if any(text.rfind(p) >= 0 for p in self.text_rfind):
-            return True
-        if not self.edge_chars:
-            return False
-        return text.startswith(self.edge_chars) or text.rstrip("\r\n").endswith(self.edge_chars)
+        return any(text.rfind(p) >= 0 for p in self.pad_rfind)
 
     def joined_needs_trim(self, joined: str) -> bool:
         """The same for a block whose line ends were replaced by the delimiter."""
-        if any(joined.find(p) >= 0 for p in self.joined_find):
+        if any(joined.find(p) >= 0 for p in self.pad_find):
             return True
-        if any(joined.rfind(p) >= 0 for p in self.joined_rfind):
+        if any(joined.rfind(p) >= 0 for p in self.pad_rfind):
             return True
         return joined.startswith(self.edge_chars) or joined.endswith(self.edge_chars)
 
