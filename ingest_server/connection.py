@@ -244,6 +244,7 @@ class ClientConnection(asyncssh.SSHServer):
         self.authenticated = True
         if self.handshake_acks is not None:
             self.handshake_acks.stop()
+            self.handshake_acks = None  # an idle session keeps nothing of it
         self.state.audit.info(
             "auth.success",
             account=self.username,
