@@ -25,6 +25,7 @@ import asyncssh
 
 from ingest_core.db import close_all, open_control_db
 from ingest_core.folders import UPLOAD_TEMP_PREFIX, account_folder, accounts_root
+from ingest_core.lifecycle import run_until_signalled
 from ingest_core.policy import normalize_peer_address
 from ingest_core.registry import Registry
 from ingest_core.settings import Settings
@@ -302,12 +303,8 @@ class Server:
             self.audit.warning("server.uploads_cut", count=cut)
 
 
-async def _run_until_signalled(settings: Settings, reuse_port: bool) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await Server(settings, reuse_port=reuse_port).serve(stop)
+def _serve_until_signalled(settings: Settings, reuse_port: bool) -> None:
+    run_until_signalled(Server(settings, reuse_port=reuse_port).serve)
 
 
 def run_server(settings: Settings) -> int:
@@ -319,7 +316,7 @@ def run_server(settings: Settings) -> int:
     """
     workers = settings.server.workers
     if workers == 1:
-        asyncio.run(_run_until_signalled(settings, reuse_port=False))
+        _serve_until_signalled(settings, reuse_port=False)
         return 0
     close_all()  # never share DB connections across fork
     children = []
@@ -328,7 +325,7 @@ def run_server(settings: Settings) -> int:
         if pid == 0:  # pragma: no cover - runs in the child
             code = 0
             try:
-                asyncio.run(_run_until_signalled(settings, reuse_port=True))
+                _serve_until_signalled(settings, reuse_port=True)
             except BaseException:
                 code = 1
             os._exit(code)
