@@ -8,6 +8,7 @@ and renames it over the old one, so a reader sees either the old or the new file
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,8 +27,39 @@ def format_line(when: datetime, status: str, file_name: str, detail: str) -> str
     if when.tzinfo is None:
         raise ValueError("folder log timestamps must carry an offset")
     flat = " ".join(detail.split())  # one event, one line: no newline can split it
-    name = file_name or "-"
-    return f"{when.isoformat(timespec='seconds')} {status} {name} {flat}".rstrip() + "\n"
+    return (
+        f"{when.isoformat(timespec='seconds')} {status} {_file_field(file_name)} {flat}".rstrip()
+        + "\n"
+    )
+
+
+def _file_field(file_name: str) -> str:
+    """The file name as one field: quoted (JSON string) when it holds a space or a quote."""
+    if not file_name:
+        return "-"
+    if any(c.isspace() for c in file_name) or file_name.startswith('"'):
+        return json.dumps(file_name, ensure_ascii=False)
+    return file_name
+
+
+def parse_line(line: str) -> dict[str, str]:
+    """Split ``time STATUS file detail`` back into its fields (the inverse of format_line)."""
+    stamp, _, rest = line.partition(" ")
+    status = next((s for s in STATUSES if rest.startswith(s + " ") or rest == s), "")
+    rest = rest[len(status) :].lstrip() if status else rest
+    if rest.startswith('"'):
+        try:
+            file_name, end = json.JSONDecoder().raw_decode(rest)
+            return {
+                "time": stamp,
+                "status": status,
+                "file": file_name,
+                "detail": rest[end:].lstrip(),
+            }
+        except ValueError:
+            pass
+    file_name, _, detail = rest.partition(" ")
+    return {"time": stamp, "status": status, "file": file_name, "detail": detail}
 
 
 @contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ingest_core.console import print_json
-from ingest_core.folder_log import STATUSES, read_lines
+from ingest_core.folder_log import parse_line, read_lines
 from ingest_core.folders import account_folder
 
 
@@ -19,15 +19,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tail", type=int, metavar="N", help="only the newest N lines")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
-
-
-def parse_line(line: str) -> dict[str, str]:
-    """Split ``time STATUS file detail`` (the status may be two words: NO FILE)."""
-    stamp, _, rest = line.partition(" ")
-    status = next((s for s in STATUSES if rest.startswith(s + " ") or rest == s), "")
-    rest = rest[len(status) :].lstrip() if status else rest
-    file_name, _, detail = rest.partition(" ")
-    return {"time": stamp, "status": status, "file": file_name, "detail": detail}
 
 
 def run(args: argparse.Namespace, ctx) -> int:

@@ -87,3 +87,21 @@ def test_service_files_are_never_data_files(settings: Settings) -> None:
     assert not is_data_file_name("data.txt.filepart")
     assert not is_data_file_name(folder.log_lock.name)
     assert is_data_file_name("sis_hr_user_info.txt")
+
+
+def test_lines_parse_back_even_with_spaces_in_file_names(folder: AccountFolder) -> None:
+    when = datetime(2026, 11, 3, 8, 0, tzinfo=UTC)
+    for status, name, detail in (
+        ("LOADED", "sis_hr_user_info.txt", "10 rows imported"),
+        ("NO FILE", "sis_hr_user_info.txt", "no file received"),
+        ("ERROR", "SIS export (final).csv", "not an approved file name"),
+        ("ERROR", '"quoted".txt', "odd name"),
+        ("POOL", "", "0 active applicant IDs"),
+    ):
+        line = folder_log.append(folder, NY, status, name, detail, when=when).rstrip("\n")
+        assert folder_log.parse_line(line) == {
+            "time": "2026-11-03T03:00:00-05:00",
+            "status": status,
+            "file": name or "-",
+            "detail": detail,
+        }

@@ -105,7 +105,7 @@ def test_pool_import_publish_show(settings, onboard, ingestctl, workdir):
 
 
 def test_log_json_splits_the_two_word_status():
-    from ingestctl.log import parse_line
+    from ingest_core.folder_log import parse_line
 
     assert parse_line("2026-11-23T03:00:01-05:00 NO FILE sis.txt no file received") == {
         "time": "2026-11-23T03:00:01-05:00",
