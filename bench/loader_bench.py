@@ -297,27 +297,29 @@ def main() -> int:
     )
     generate(data, rows)
     print(f"  file: {data.stat().st_size / 1e6:,.0f} MB; CPUs: {os.cpu_count()}")
-    runs = range(args.repeat)
-
-    def best(label: str, measure: Callable[[], tuple[float, int]], note: str = "") -> float:
-        """Best time (the least disturbed by other work on the machine), largest peak."""
-        results = []
-        for _ in runs:
-            status(label)
-            results.append(measure())
-        seconds, rss = min(r[0] for r in results), max(r[1] for r in results)
-        line(label, rows, seconds, rss, note)
-        peaks[label] = rss
-        return seconds
-
     peaks: dict[str, int] = {}
+
+    def rounds(steps: list[tuple[str, Callable[[], tuple[float, int]]]]) -> dict[str, float]:
+        """Run the steps in turn, ``--repeat`` rounds (interleaved, so a busy moment on the
+        machine hits every step alike); print each step's best time and largest peak."""
+        results: dict[str, list[tuple[float, int]]] = {label: [] for label, _ in steps}
+        for _ in range(args.repeat):
+            for label, measure in steps:
+                status(label)
+                results[label].append(measure())
+        best = {}
+        for label, got in results.items():
+            best[label] = min(seconds for seconds, _ in got)
+            peaks[label] = max(rss for _, rss in got)
+            line(label, rows, best[label], peaks[label])
+        return best
 
     def validate() -> tuple[float, int]:
         result, rss = python_child("validate", str(data), rows=rows)
         assert result["ok"], result
         return float(result["seconds"]), rss
 
-    best("validation only", validate)
+    rounds([("validation only", validate)])
 
     # SQLite: the loader, then the CLI's .import into a fresh database file.
     version = subprocess.run(["sqlite3", "--version"], capture_output=True, text=True).stdout
@@ -334,11 +336,24 @@ def main() -> int:
         assert result["ok"], result
         return float(result["seconds"]), rss
 
-    loader = best("loader (validate+load+swap)", lambda: sqlite_load(fresh("sis.db")))
-    best("loader again (replaces the loaded table)", lambda: sqlite_load(work / "sis.db"))
-    best("loader, no key column (no index)", lambda: sqlite_load(fresh("nokey.db"), False))
-    imported = best("sqlite3 .import (fresh table)", lambda: sqlite_import(data, fresh("i.db")))
-    print(f"  ratio loader / .import: {imported / loader:.2f}x (target >= 0.6x)")
+    loader, again, no_key, imported = (
+        "loader (validate+load+swap)",
+        "loader again (replaces the loaded table)",
+        "loader, no key column (no index)",
+        "sqlite3 .import (fresh table)",
+    )
+    best = rounds(
+        [
+            (loader, lambda: sqlite_load(fresh("sis.db"))),
+            (again, lambda: sqlite_load(work / "sis.db")),
+            (no_key, lambda: sqlite_load(fresh("nokey.db"), False)),
+            (imported, lambda: sqlite_import(data, fresh("i.db"))),
+        ]
+    )
+    print(f"  ratio loader / .import: {best[imported] / best[loader]:.2f}x (target >= 0.6x)")
+    print(f"  ratio loader without key / .import: {best[imported] / best[no_key]:.2f}x")
+    for old in work.glob("*.db*"):
+        old.unlink()
 
     if not args.no_postgres:
         pg_start()
@@ -348,41 +363,47 @@ def main() -> int:
             text=True,
         ).stdout.strip()
         print(f"PostgreSQL ({version})")
-        databases: list[str] = []
 
-        def fresh_database() -> str:
-            """A new, empty database (checkpointed, so the last step's writes are done)."""
+        def in_fresh_database(measure: Callable[[str], tuple[float, int]]) -> tuple[float, int]:
+            """Measure in a new, empty, checkpointed database, dropped afterwards."""
             name = f"loader_bench_{uuid.uuid4().hex[:8]}"
             subprocess.run(["createdb", name], check=True)
             subprocess.run(["psql", "-qc", "CHECKPOINT", "-d", name], capture_output=True)
-            databases.append(name)
-            return name
+            try:
+                return measure(name)
+            finally:
+                subprocess.run(["dropdb", "--if-exists", "--force", name], capture_output=True)
 
-        def pg_load() -> tuple[float, int]:
-            url = f"postgresql+psycopg:///{fresh_database()}"
+        def pg_load(database: str) -> tuple[float, int]:
+            url = f"postgresql+psycopg:///{database}"
             result, rss = python_child("load", str(data), url, str(work), rows=rows)
             assert result["ok"], result
             return float(result["seconds"]), rss
 
-        copy_split: list[float] = []
+        index_seconds: list[float] = []
 
-        def copy_fast() -> tuple[float, int]:
-            result, rss = python_child("copy-fast", str(data), fresh_database(), rows=rows)
-            copy_split.append(float(result["seconds"]) - float(result["copy_seconds"]))
+        def copy_fast(database: str) -> tuple[float, int]:
+            result, rss = python_child("copy-fast", str(data), database, rows=rows)
+            index_seconds.append(float(result["seconds"]) - float(result["copy_seconds"]))
             return float(result["seconds"]), rss
 
-        try:
-            loader = best("loader (validate+load+swap)", pg_load)
-            copied = best("psql \\copy (fresh table)", lambda: psql_copy(data, fresh_database()))
-            print(f"  ratio loader / \\copy: {copied / loader:.2f}x (target >= 0.9x)")
-            fast = best("iter_copy_blocks -> COPY + key index", copy_fast)
-            print(
-                f"  ratio iter_copy_blocks / \\copy: {copied / fast:.2f}x "
-                f"(of which the key index: {min(copy_split):.1f} s)"
-            )
-        finally:
-            for name in databases:
-                subprocess.run(["dropdb", "--if-exists", "--force", name], capture_output=True)
+        loader, copied, fast = (
+            "loader (validate+load+swap)",
+            "psql \\copy (fresh table)",
+            "iter_copy_blocks -> COPY + key index",
+        )
+        best = rounds(
+            [
+                (loader, lambda: in_fresh_database(pg_load)),
+                (copied, lambda: in_fresh_database(lambda db: psql_copy(data, db))),
+                (fast, lambda: in_fresh_database(copy_fast)),
+            ]
+        )
+        print(f"  ratio loader / \\copy: {best[copied] / best[loader]:.2f}x (target >= 0.9x)")
+        print(
+            f"  ratio iter_copy_blocks / \\copy: {best[copied] / best[fast]:.2f}x "
+            f"(of which the key index: {min(index_seconds):.1f} s)"
+        )
 
     loader_peaks = [rss for label, rss in peaks.items() if label.startswith("loader")]
     print(f"peak memory of the loader: {mb(max(loader_peaks))} (target < 200 MB at 1M rows)")
