@@ -42,7 +42,7 @@ from loader.sis_db import (
     open_sis_db,
 )
 from loader.spec import Spec, closest_spec_hint, match_spec, specs_for, table_name
-from loader.validate import ValidationReport, iter_rows
+from loader.validate import ValidationReport, iter_copy_blocks, iter_rows
 
 HASH_BLOCK = 1 << 20
 
@@ -124,6 +124,22 @@ class AccountResult:
         return f"{self.account}: " + "; ".join(parts)
 
 
+@dataclass(frozen=True)
+class _ValidatedFile:
+    """The file for :meth:`SisDB.replace_table`, validated into ``report`` as it is read."""
+
+    path: Path
+    spec: Spec
+    report: ValidationReport
+    max_errors: int
+
+    def rows(self) -> Iterator[Sequence[str]]:
+        return iter_rows(self.path, self.spec, self.report, self.max_errors)
+
+    def copy_blocks(self) -> Iterator[tuple[int, str]]:
+        return iter_copy_blocks(self.path, self.spec, self.report, self.max_errors)
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -179,7 +195,7 @@ def load_file(
     last = db.last_loaded(spec.account, spec.file_name)
     load_id = db.begin_load(spec.account, spec.file_name, table, path.name, None)
     report = ValidationReport(file_name=path.name)
-    rows = iter_rows(path, spec, report, max_errors=settings.loader.max_reported_errors)
+    source = _ValidatedFile(path, spec, report, settings.loader.max_reported_errors)
     replaced = False
 
     def before_swap(count: int) -> str:
@@ -222,7 +238,7 @@ def load_file(
 
     try:
         count = db.replace_table(
-            load_id, table, spec.columns, spec.key_column, rows, before_swap, progress
+            load_id, table, spec.columns, spec.key_column, source, before_swap, progress
         )
     except SwapAborted as exc:
         db.finish_load(load_id, REFUSED, report.rows, str(exc), digest.result())
