@@ -8,8 +8,8 @@ the same run and on the same file:
   against ``sqlite3 .import`` of the same file into a fresh table;
 - the loader into PostgreSQL against ``psql \\copy`` of the same file into a fresh table;
 - for comparison, the loader's own work without a key column (SQLite) and COPY fed straight
-  from ``loader.validate.iter_copy_blocks`` (PostgreSQL), the fast path ``loader/sis_db.py``
-  can take.
+  from ``loader.validate.iter_copy_blocks`` with only a key index (PostgreSQL): the floor of
+  what ``loader/sis_db.py``'s PostgreSQL path (which uses those blocks) can reach.
 
 Each measurement runs in its own child process, so its peak memory (``ru_maxrss`` from
 ``os.wait4``) is its own. Targets (issue 4): SQLite >= 0.6x ``.import``, PostgreSQL >= 0.9x
