@@ -5,30 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ingest_core.console import print_json, print_table
-from ingest_core.structured_log import read_events
-
-SHOWN_EVENTS = (
-    "auth.success",
-    "auth.failure",
-    "file.received",
-    "file.download",
-    "file.renamed",
-    "file.removed",
-    "upload.discarded",
-    "limit.hit",
-    "channel.refused",
-    "session.end",
-)
-
-
-def account_activity(log_dir, name: str, limit: int) -> list[dict]:
-    """The newest ``limit`` server log events about account ``name``, oldest first."""
-    events = [
-        e
-        for e in read_events(log_dir, "server")
-        if e.get("account") == name and e.get("event") in SHOWN_EVENTS
-    ]
-    return events[-limit:] if limit else events
+from ingest_server.activity import account_activity
 
 
 def register(sub: argparse._SubParsersAction) -> None:
