@@ -106,11 +106,13 @@ class Registry:
     # -- plumbing -------------------------------------------------------------------------
 
     @contextmanager
-    def _change(self) -> Iterator[Session]:
+    def change(self) -> Iterator[Session]:
+        """One transaction for a change and its audit event (other modules use it too)."""
         with self.db.session.begin() as session:
             yield session
 
-    def _audit(self, session: Session, account: str | None, action: str, **detail: Any) -> None:
+    def audit(self, session: Session, account: str | None, action: str, **detail: Any) -> None:
+        """Record who changed what, inside the change's own transaction."""
         session.add(
             AuditEvent(
                 actor=self.actor,
@@ -154,7 +156,7 @@ class Registry:
         deferred_fetch: bool = False,
     ) -> AccountView:
         check_account_name(name)
-        with self._change() as session:
+        with self.change() as session:
             if session.scalar(select(Account.id).where(Account.name == name)) is not None:
                 raise Refused(f"account {name!r} already exists (names are unique)")
             account = Account(
@@ -165,7 +167,7 @@ class Registry:
                 deferred_fetch=deferred_fetch,
             )
             session.add(account)
-            self._audit(
+            self.audit(
                 session,
                 name,
                 "account.create",
@@ -189,10 +191,10 @@ class Registry:
     def set_status(self, name: str, status: str) -> AccountView:
         if status not in ("active", "disabled"):
             raise Refused(f"status {status!r} is not valid; accepted: active, disabled")
-        with self._change() as session:
+        with self.change() as session:
             account = self._get(session, name)
             if account.status != status:
-                self._audit(
+                self.audit(
                     session,
                     name,
                     f"account.{'enable' if status == 'active' else 'disable'}",
@@ -210,7 +212,7 @@ class Registry:
         description: str | None = None,
         deferred_fetch: bool | None = None,
     ) -> AccountView:
-        with self._change() as session:
+        with self.change() as session:
             account = self._get(session, name)
             changes: dict[str, Any] = {}
             for attr, value in (
@@ -223,16 +225,16 @@ class Registry:
                     setattr(account, attr, value)
             if changes:
                 account.updated_at = utcnow()
-                self._audit(session, name, "account.update", **changes)
+                self.audit(session, name, "account.update", **changes)
             return self._view(account)
 
     def delete_account(self, name: str, purge: bool = False) -> AccountView:
         """Remove the account; its folder's files stay unless ``purge``."""
-        with self._change() as session:
+        with self.change() as session:
             account = self._get(session, name)
             view = self._view(account)
             session.delete(account)
-            self._audit(
+            self.audit(
                 session,
                 name,
                 "account.delete",
@@ -249,7 +251,7 @@ class Registry:
     def add_key(self, name: str, text: str) -> KeyView:
         parsed = parse_public_key(text, self.settings.keys)
         try:
-            with self._change() as session:
+            with self.change() as session:
                 account = self._get(session, name)
                 owner = session.scalar(
                     select(Account.name)
@@ -272,7 +274,7 @@ class Registry:
                 )
                 session.add(key)
                 account.updated_at = utcnow()
-                self._audit(
+                self.audit(
                     session,
                     name,
                     "key.add",
@@ -295,7 +297,7 @@ class Registry:
         wanted = fingerprint.strip()
         if wanted and not wanted.startswith("SHA256:"):
             wanted = f"SHA256:{wanted}"
-        with self._change() as session:
+        with self.change() as session:
             account = self._get(session, name)
             for key in account.keys:
                 if key.fingerprint == wanted:
@@ -304,7 +306,7 @@ class Registry:
                     )
                     account.keys.remove(key)
                     account.updated_at = utcnow()
-                    self._audit(session, name, "key.remove", fingerprint=wanted)
+                    self.audit(session, name, "key.remove", fingerprint=wanted)
                     return view
         raise NotFound(f"account {name!r} has no key {wanted} (see 'ingestctl key list {name}')")
 
@@ -314,7 +316,7 @@ class Registry:
         """Add one allowed address; returns it normalized and a warning, if any."""
         parsed = parse_address(text)
         limit = self.settings.ips.max_per_account
-        with self._change() as session:
+        with self.change() as session:
             account = self._get(session, name)
             current = [ip.address for ip in account.ips]
             if parsed.address in current:
@@ -326,18 +328,18 @@ class Registry:
                 )
             account.ips.append(AccountIp(address=parsed.address))
             account.updated_at = utcnow()
-            self._audit(session, name, "ip.add", address=parsed.address)
+            self.audit(session, name, "ip.add", address=parsed.address)
         return parsed.address, parsed.warning
 
     def remove_ip(self, name: str, text: str) -> str:
         parsed = parse_address(text)
-        with self._change() as session:
+        with self.change() as session:
             account = self._get(session, name)
             for ip in account.ips:
                 if ip.address == parsed.address:
                     account.ips.remove(ip)
                     account.updated_at = utcnow()
-                    self._audit(session, name, "ip.remove", address=parsed.address)
+                    self.audit(session, name, "ip.remove", address=parsed.address)
                     return parsed.address
         raise NotFound(
             f"{parsed.address} is not allowed for {name!r} (see 'ingestctl ip list {name}')"
@@ -350,8 +352,8 @@ class Registry:
 
     def record(self, account: str | None, action: str, **detail: Any) -> None:
         """Audit an operator action made outside this class (specs, unbans, loads forced)."""
-        with self._change() as session:
-            self._audit(session, account, action, **detail)
+        with self.change() as session:
+            self.audit(session, account, action, **detail)
 
     def audit_trail(self, name: str | None = None, limit: int = 200) -> list[AuditView]:
         with self.db.session() as session:

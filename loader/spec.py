@@ -297,7 +297,7 @@ def approve_spec(
     """Freeze the sample's format as an approved spec of ``account`` (audited)."""
     spec = detect_spec(sample, account, as_name, key)
     table = table_name(spec)
-    with registry.db.session.begin() as session:
+    with registry.change() as session:
         owner = _account_row(session, account)
         if any(s.file_name == spec.file_name for s in owner.specs):
             raise Refused(
@@ -328,15 +328,16 @@ def approve_spec(
         session.add(row)
         session.flush()
         stored = _spec_from_row(account, row)
-    registry.record(
-        account,
-        "spec.approve",
-        file_name=spec.file_name,
-        sample=str(sample),
-        format=spec.describe(),
-        columns=list(spec.columns),
-        key_column=spec.key_column,
-    )
+        registry.audit(
+            session,
+            account,
+            "spec.approve",
+            file_name=spec.file_name,
+            sample=str(sample),
+            format=spec.describe(),
+            columns=list(spec.columns),
+            key_column=spec.key_column,
+        )
     return stored
 
 
@@ -353,17 +354,23 @@ def specs_for(settings_or_registry: Settings | Registry, account: str) -> list[S
 
 def remove_spec(registry: Registry, account: str, file_name: str) -> Spec:
     """Forget an approved spec (the SIS table and its data stay); audited."""
-    with registry.db.session.begin() as session:
+    with registry.change() as session:
         owner = _account_row(session, account)
         for row in owner.specs:
             if row.file_name == file_name:
                 removed = _spec_from_row(account, row)
                 owner.specs.remove(row)
+                registry.audit(
+                    session,
+                    account,
+                    "spec.remove",
+                    file_name=file_name,
+                    format=removed.describe(),
+                )
                 break
         else:
             names = ", ".join(s.file_name for s in owner.specs) or "none"
             raise NotFound(f"{account!r} has no approved spec for {file_name} (approved: {names})")
-    registry.record(account, "spec.remove", file_name=file_name, format=removed.describe())
     return removed
 
 

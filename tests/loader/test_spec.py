@@ -253,3 +253,21 @@ def test_table_names_are_safe_stable_and_short() -> None:
     assert len(name) <= 40 and name == table_name(long)
     assert name != table_name(make_spec(account="a" * 32, file_name="very_long_file_name_2.txt"))
     assert all(c.isalnum() or c == "_" for c in name)
+
+
+def test_a_refused_approval_leaves_no_audit_event(settings) -> None:
+    """An approval is audited; a refused second approval adds no spec and no audit event."""
+    from ingest_core.registry import Registry
+    from loader.spec import approve_spec, specs_for
+
+    registry = Registry(settings, actor="test")
+    registry.create_account("uni")
+    sample = settings.data_root / "sis_hr_user_info.txt"
+    sample.write_bytes(b"person_id\tname\r\nA1\tAda\r\n")
+    approve_spec(registry, "uni", sample)
+    before = registry.audit_trail("uni")
+    with pytest.raises(Refused):
+        approve_spec(registry, "uni", sample)
+    assert registry.audit_trail("uni") == before
+    assert [e.action for e in before] == ["account.create", "spec.approve"]
+    assert len(specs_for(registry, "uni")) == 1
