@@ -324,7 +324,11 @@ class SisDB:
 
         live, staging = quote_ident(table), quote_ident(table + STAGING_SUFFIX)
         col_list = ", ".join(quote_ident(c) for c in columns)
-        cols = ", ".join(f"{quote_ident(c)} TEXT" for c in columns)
+        # The key column sorts bytewise: its index builds in half the time (PostgreSQL uses
+        # abbreviated keys only for the C collation) and IDs have no linguistic order anyway.
+        cols = ", ".join(
+            f"{quote_ident(c)} TEXT" + (' COLLATE "C"' if c == key_column else "") for c in columns
+        )
         raw = self.engine.raw_connection()
         try:
             pg: psycopg.Connection[Any] = raw.driver_connection

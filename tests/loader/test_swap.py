@@ -203,6 +203,32 @@ def test_staging_and_live_tables_after_loads(account, kit):
     assert [i["column_names"] for i in indexes] == [["UUUID"]]
 
 
+def test_postgres_key_column_sorts_bytewise_and_lookups_use_its_index(acme_pg, kit):
+    """The key column is COLLATE "C" (its index builds faster) and a reader's plain
+    ``WHERE key = ...`` still finds the index."""
+    kit.write_data(acme_pg.data_file, 50)
+    assert run_account(acme_pg.settings, acme_pg.name).ok
+    table = table_name(acme_pg.spec)
+    url = acme_pg.settings.sis_db_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url) as conn:
+        collations = dict(
+            conn.execute(
+                "SELECT column_name, collation_name FROM information_schema.columns "
+                "WHERE table_name = %s",
+                (table,),
+            ).fetchall()
+        )
+        assert collations["UUUID"] == "C"
+        assert collations["first_name"] is None  # other columns keep the database's
+        conn.execute("SET enable_seqscan = off")
+        plan = conn.execute(
+            f'EXPLAIN SELECT * FROM "{table}" WHERE "UUUID" = %s', ("U0000007",)
+        ).fetchall()
+        assert "Index" in " ".join(row[0] for row in plan)
+        ordered = conn.execute(f'SELECT "UUUID" FROM "{table}" ORDER BY 1').fetchall()
+        assert [r[0] for r in ordered] == sorted(r[0] for r in ordered)
+
+
 def test_sqlite_wal_is_checkpointed_after_a_load(acme, kit):
     kit.write_data(acme.data_file, 20_000)
     assert run_account(acme.settings, acme.name).ok
