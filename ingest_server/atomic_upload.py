@@ -42,9 +42,13 @@ class Received:
     seconds: float
 
 
-def _runs(batch: list[tuple[int, bytes, bool]]) -> list[tuple[int, bytes, bool]]:
-    """Merge consecutive contiguous writes with the same hashing flag into one."""
-    runs: list[tuple[int, bytes, bool]] = []
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
+
+
+def _runs(batch: list[tuple[int, bytes, bool]]) -> list[tuple[int, list[bytes], bool]]:
+    """Group consecutive contiguous writes with the same hashing flag into one run (kept as
+    separate pieces: pwritev writes them without joining them into one copy first)."""
+    runs: list[tuple[int, list[bytes], bool]] = []
     pieces: list[bytes] = []
     start = end = 0
     hashing = False
@@ -54,15 +58,30 @@ def _runs(batch: list[tuple[int, bytes, bool]]) -> list[tuple[int, bytes, bool]]
             end += len(data)
             continue
         if pieces:
-            runs.append((start, b"".join(pieces), hashing))
+            runs.append((start, pieces, hashing))
             pieces = []
         if not data:  # a marker: copy the existing file's tail here, in order
-            runs.append((offset, b"", False))
+            runs.append((offset, [], False))
             continue
         pieces, start, end, hashing = [data], offset, offset + len(data), hash_it
     if pieces:
-        runs.append((start, b"".join(pieces), hashing))
+        runs.append((start, pieces, hashing))
     return runs
+
+
+def _write_pieces(fd: int, pieces: list[bytes], offset: int) -> None:
+    """Write ``pieces`` back to back from ``offset``, whatever short writes happen."""
+    for first in range(0, len(pieces), _IOV_MAX):
+        group = pieces[first : first + _IOV_MAX]
+        size = sum(map(len, group))
+        done = os.pwritev(fd, group, offset)
+        if done < size:  # short write (rare on a file): finish piece by piece
+            rest = memoryview(b"".join(group))[done:]
+            while rest:
+                n = os.pwrite(fd, rest, offset + done)
+                done += n
+                rest = rest[n:]
+        offset += size
 
 
 class Upload:
@@ -156,16 +175,14 @@ class Upload:
     def write_batch(self, batch: list[tuple[int, bytes, bool]]) -> None:
         """Write (and hash) a batch in order, contiguous writes joined into one pwrite."""
         try:
-            for offset, data, hash_it in _runs(batch):
-                if not data:
+            for offset, pieces, hash_it in _runs(batch):
+                if not pieces:
                     self._materialize(offset)
                     continue
-                view = memoryview(data)
-                done = 0
-                while done < len(data):
-                    done += os.pwrite(self.fd, view[done:], offset + done)
+                _write_pieces(self.fd, pieces, offset)
                 if hash_it:
-                    self._hash.update(data)
+                    for piece in pieces:
+                        self._hash.update(piece)
         except OSError as exc:
             self.failed = exc
             raise

@@ -138,3 +138,26 @@ def test_big_sequential_upload_is_hashed_on_the_way(folder: AccountFolder) -> No
     received = upload.commit()
     assert received.sha256 == hashlib.sha256(b"".join(chunks)).hexdigest()
     assert (folder.root / "big.bin").read_bytes() == b"".join(chunks)
+
+
+def test_many_tiny_writes_in_one_batch(folder: AccountFolder) -> None:
+    """More pieces in one batch than one pwritev call takes (IOV_MAX, 1024 on Linux)."""
+    upload = start(folder, "tiny.bin", truncate=True)
+    data = bytes(range(256)) * 20  # 5,120 bytes in 1,707 writes of 3 bytes
+    for offset in range(0, len(data), 3):
+        upload.write(offset, data[offset : offset + 3])
+    received = upload.commit()
+    assert (folder.root / "tiny.bin").read_bytes() == data
+    assert received.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_out_of_order_writes_land_in_place(folder: AccountFolder) -> None:
+    """Writes a client pipelines out of order (a gap filled later) still make the file."""
+    upload = start(folder, "gaps.bin", truncate=True)
+    a, b, c = b"A" * 40000, b"B" * 40000, b"C" * 40000
+    upload.write(0, a)
+    upload.write(80000, c)
+    upload.write(40000, b)
+    received = upload.commit()
+    assert (folder.root / "gaps.bin").read_bytes() == a + b + c
+    assert received.sha256 == hashlib.sha256(a + b + c).hexdigest()
