@@ -24,6 +24,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ingest_core.errors import ConfigError
+from ingest_core.lifecycle import EVENT_LOOPS
 
 CONFIG_ENV = "INGEST_CONFIG"
 DEFAULT_CONFIG_NAME = "ingest.toml"
@@ -69,6 +70,8 @@ class ServerSettings:
     mac_algs: list[str] = field(default_factory=lambda: list(DEFAULT_MACS))
     host_key_algs: list[str] = field(default_factory=lambda: list(DEFAULT_HOST_KEY_ALGS))
     workers: int = 1
+    # "auto": uvloop when installed (it is a dependency), else asyncio's loop; or either name.
+    event_loop: str = "auto"
     shutdown_grace: float = 30.0
     # PROXY protocol v1/v2 is read only from these load balancer addresses.
     proxy_protocol_from: list[str] = field(default_factory=list)
@@ -289,6 +292,8 @@ def _check_semantics(s: Settings, source: str) -> None:
             raise bad(f"server.{key}", "a positive number of seconds", getattr(s.server, key))
     if s.server.workers < 1:
         raise bad("server.workers", "at least 1", s.server.workers)
+    if s.server.event_loop not in EVENT_LOOPS:
+        raise bad("server.event_loop", '"auto", "uvloop" or "asyncio"', s.server.event_loop)
     for url_key in ("control_db_url", "sis_db_url"):
         url = getattr(s, url_key)
         if not url.startswith(("sqlite", "postgresql")):

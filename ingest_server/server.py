@@ -25,7 +25,7 @@ import asyncssh
 
 from ingest_core.db import close_all, open_control_db
 from ingest_core.folders import UPLOAD_TEMP_PREFIX, account_folder, accounts_root
-from ingest_core.lifecycle import run_until_signalled
+from ingest_core.lifecycle import loop_name, run_until_signalled
 from ingest_core.policy import normalize_peer_address
 from ingest_core.registry import Registry
 from ingest_core.settings import Settings
@@ -130,6 +130,7 @@ class Server:
             port=self.port,
             host_keys=fingerprints,
             stale_uploads_removed=removed,
+            event_loop=loop_name(asyncio.get_running_loop()),
         )
         for item in fingerprints:
             print(
@@ -304,7 +305,9 @@ class Server:
 
 
 def _serve_until_signalled(settings: Settings, reuse_port: bool) -> None:
-    run_until_signalled(Server(settings, reuse_port=reuse_port).serve)
+    run_until_signalled(
+        Server(settings, reuse_port=reuse_port).serve, event_loop=settings.server.event_loop
+    )
 
 
 def run_server(settings: Settings) -> int:

@@ -36,7 +36,9 @@ async def serve_all(settings: Settings, stop: asyncio.Event) -> None:
 
 
 def run_all(settings: Settings) -> int:
-    run_until_signalled(lambda stop: serve_all(settings, stop))
+    run_until_signalled(
+        lambda stop: serve_all(settings, stop), event_loop=settings.server.event_loop
+    )
     return 0
 
 

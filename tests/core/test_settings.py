@@ -81,6 +81,7 @@ def test_every_section_can_be_set(tmp_path: Path) -> None:
         ("[keys]\naccept_ed25519 = 'yes'\n", "keys.accept_ed25519: expected true or false"),
         ("[keys]\nmin_rsa_bits = 1024\n", "keys.min_rsa_bits: expected at least 2048"),
         ("[ips]\nmax_per_account = 0\n", "ips.max_per_account: expected a number from 1"),
+        ("[server]\nevent_loop = 'trio'\n", 'server.event_loop: expected "auto", "uvloop"'),
         ("server = 5\n", "[server]: expected a table"),
         ("control_db_url = 'mysql://x'\n", "control_db_url: expected a sqlite"),
         ("[server\nport = 1\n", "not valid TOML"),

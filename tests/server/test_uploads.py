@@ -172,6 +172,21 @@ def test_download(server: RunningServer, alpha_key: Path, tmp_path: Path) -> Non
     server.wait_for_event("file.download", name="dl.txt", bytes=12)
 
 
+def test_server_on_asyncio_event_loop(tmp_path: Path, alpha_key: Path) -> None:
+    """``event_loop = "asyncio"``: the same server on Python's own loop."""
+    from server_harness import add_account, start_server
+
+    running = start_server(tmp_path / "srv", {"server": {"event_loop": "asyncio"}})
+    try:
+        assert running.events("server.started")[-1]["event_loop"] == "asyncio"
+        add_account(running, "alpha", alpha_key)
+        (tmp_path / "a.txt").write_bytes(b"x" * 300_000)
+        sftp_batch(running, alpha_key, "alpha", f"put {tmp_path / 'a.txt'}\n", check=True)
+        assert (running.folder("alpha") / "a.txt").read_bytes() == b"x" * 300_000
+    finally:
+        assert running.stop() == 0
+
+
 def test_several_worker_processes_share_the_port(tmp_path: Path, alpha_key: Path) -> None:
     from server_harness import add_account, start_server
 
@@ -201,6 +216,7 @@ def test_first_start_makes_host_keys_and_logs_fingerprints(tmp_path: Path) -> No
     running.process = _launch(running)
     try:
         started = running.events("server.started")[-1]
+        assert started["event_loop"] == "uvloop"  # the default ("auto") with uvloop installed
         shown = json.loads(running.ingestctl("hostkey", "show", "--json").stdout)
         assert {k["algorithm"]: k["bits"] for k in shown} == {"ssh-ed25519": 256, "ssh-rsa": 4096}
         assert sorted(k["fingerprint"] for k in started["host_keys"]) == sorted(
