@@ -69,12 +69,18 @@ class ServerSettings:
     encryption_algs: list[str] = field(default_factory=lambda: list(DEFAULT_CIPHERS))
     mac_algs: list[str] = field(default_factory=lambda: list(DEFAULT_MACS))
     host_key_algs: list[str] = field(default_factory=lambda: list(DEFAULT_HOST_KEY_ALGS))
-    workers: int = 1
+    # Worker processes for SSH sessions (the listener process admits and hands over);
+    # 0: one per CPU, at most 8; 1: everything in one process.
+    workers: int = 0
     # "auto": uvloop when installed (it is a dependency), else asyncio's loop; or either name.
     event_loop: str = "auto"
     shutdown_grace: float = 30.0
     # PROXY protocol v1/v2 is read only from these load balancer addresses.
     proxy_protocol_from: list[str] = field(default_factory=list)
+
+    def worker_count(self) -> int:
+        """How many session processes ``workers`` means on this machine."""
+        return self.workers or min(os.cpu_count() or 1, 8)
 
 
 @dataclass(frozen=True)
@@ -290,8 +296,8 @@ def _check_semantics(s: Settings, source: str) -> None:
     for key in ("login_timeout", "shutdown_grace"):
         if getattr(s.server, key) <= 0:
             raise bad(f"server.{key}", "a positive number of seconds", getattr(s.server, key))
-    if s.server.workers < 1:
-        raise bad("server.workers", "at least 1", s.server.workers)
+    if s.server.workers < 0:
+        raise bad("server.workers", "0 (one per CPU) or a number of processes", s.server.workers)
     if s.server.event_loop not in EVENT_LOOPS:
         raise bad("server.event_loop", '"auto", "uvloop" or "asyncio"', s.server.event_loop)
     for url_key in ("control_db_url", "sis_db_url"):

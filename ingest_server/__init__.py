@@ -2,10 +2,13 @@
 
 Modules, in the order a connection meets them:
 
-- ``server``: lifecycle (listen, accept, graceful shutdown, worker processes);
+- ``server``: the listener's lifecycle (listen, accept, admit, hand over, graceful shutdown);
 - ``proxy_protocol``: the PROXY v1/v2 header from a configured load balancer;
 - ``gate``: the IP gate and connection limits, before any SSH byte is sent;
 - ``defender``: brute-force scores and persistent bans;
+- ``worker_pool``, ``worker_channel``, ``worker``: session processes and how the listener
+  hands them sockets;
+- ``session_host``: asyncssh on an admitted socket, and draining sessions at shutdown;
 - ``connection``: one connection's policy (key-only auth, forwarding refused, shell refused);
 - ``sftp``: the account's file system for SFTP and legacy SCP (chroot, read-only files);
 - ``atomic_upload`` and ``limits``: an upload in flight and the limits it runs under;

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,6 @@ import asyncssh
 from ingest_core.policy import key_refusal
 from ingest_core.registry import LoginView, Registry
 from ingest_core.settings import Settings
-from ingest_server.defender import Defender
 from ingest_server.sftp import UploadTracker
 
 SERVICE_ONLY_MESSAGE = "This service accepts SFTP and SCP only."
@@ -89,18 +89,22 @@ class KeyCache:
         return self._keys[text]
 
 
+# Told about each connection that ended without a login: (address, unknown user name?).
+# The listener's defender scores it, whichever process the connection ran in.
+FailedLogin = Callable[[str, bool], None]
+
+
 @dataclass
 class ServerState:
     """What every connection of one server process shares."""
 
     settings: Settings
     registry: Registry
-    defender: Defender
+    failed_login: FailedLogin
     audit: Any
     tracker: UploadTracker = field(default_factory=UploadTracker)
     keys: KeyCache = field(default_factory=KeyCache)
     connections: set[asyncssh.SSHServerConnection] = field(default_factory=set)
-    background: set[asyncio.Future[None]] = field(default_factory=set)
 
 
 class ClientConnection(asyncssh.SSHServer):
@@ -147,27 +151,7 @@ class ClientConnection(asyncssh.SSHServer):
             self._fail(self.accepted_fingerprint, "signature refused (SHA-1 or invalid)")
         if not self.failures or self.registry_failed:
             return
-        unknown = self.view is None
-        score = self.state.defender.record_failure(self.address, unknown_user=unknown)
-        if score is not None:
-            task = asyncio.ensure_future(self._ban(score))
-            self.state.background.add(task)
-            task.add_done_callback(self.state.background.discard)
-
-    async def _ban(self, score: int) -> None:
-        audit = self.state.audit
-        try:
-            ban = await asyncio.to_thread(self.state.defender.ban, self.address, score)
-        except Exception as exc:
-            audit.error("defender.error", address=self.address, error=repr(exc))
-            return
-        audit.warning(
-            "defender.ban",
-            address=ban.address,
-            score=ban.score,
-            banned_until=ban.banned_until,
-            reason=ban.reason,
-        )
+        self.state.failed_login(self.address, self.view is None)
 
     # -- authentication -------------------------------------------------------------------
 

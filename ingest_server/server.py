@@ -14,52 +14,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
-import asyncssh
-
-from ingest_core.db import close_all, open_control_db
+from ingest_core.db import open_control_db
 from ingest_core.folders import UPLOAD_TEMP_PREFIX, account_folder, accounts_root
 from ingest_core.lifecycle import loop_name, run_until_signalled
 from ingest_core.policy import normalize_peer_address
 from ingest_core.registry import Registry
 from ingest_core.settings import Settings
 from ingest_core.structured_log import get_logger
-from ingest_server.connection import ClientConnection, ServerState, refusing_session
 from ingest_server.defender import Defender
 from ingest_server.gate import ConnectionGate
-from ingest_server.host_keys import HOST_KEY_FILES, ensure_host_keys, load_host_keys
+from ingest_server.host_keys import HOST_KEY_FILES, ensure_host_keys
 from ingest_server.proxy_protocol import ProxyHeaderError, read_proxy_header
-from ingest_server.sftp import AccountSFTPServer
+from ingest_server.session_host import SessionHost, host_keypairs
+from ingest_server.worker_pool import WorkerPool
 
 PROXY_HEADER_TIMEOUT = 5.0
 STALE_TEMP_SECONDS = 3600
 _CLOSE_WAIT = 5.0
-LINGER = 1.0
 REFUSAL_LOG_WINDOW = 10.0
-
-
-def host_keypairs(settings: Settings) -> list[tuple[asyncssh.SSHKeyPair, str]]:
-    """Host keys parsed once, each offering only the host key algorithms the settings allow.
-
-    Trimming ``host_key_algorithms`` on the loaded key pair is how the RSA host key stops
-    advertising SHA-1 ``ssh-rsa`` (``listen()`` has no option for it); a test pins it.
-    """
-    allowed = [a.encode() for a in settings.server.host_key_algs]
-    pairs = []
-    for key in load_host_keys(settings.server.host_key_dir):
-        (pair,) = asyncssh.load_keypairs(key)
-        pair.host_key_algorithms = [a for a in pair.host_key_algorithms if a in allowed]
-        if pair.host_key_algorithms:
-            pairs.append((pair, key.get_fingerprint("sha256")))
-    if not pairs:
-        raise asyncssh.KeyImportError("no host key matches server.host_key_algs")
-    return pairs
 
 
 def remove_stale_uploads(settings: Settings, older_than: float = STALE_TEMP_SECONDS) -> int:
@@ -82,26 +59,29 @@ def remove_stale_uploads(settings: Settings, older_than: float = STALE_TEMP_SECO
 
 
 class Server:
-    """One server process: its listener, its connections and their shared state."""
+    """The listener: accept, admit (PROXY header, IP gate, limits, bans), hand over, stop.
 
-    def __init__(self, settings: Settings, reuse_port: bool = False):
+    With ``[server] workers`` = 1 the sessions run in this process (a ``SessionHost``);
+    with more, in that many worker processes (a ``WorkerPool``), while admission and the
+    defender stay here so their counts cover every worker.
+    """
+
+    def __init__(self, settings: Settings):
         self.settings = settings
-        self.reuse_port = reuse_port
         self.audit = get_logger(settings.log_dir, "server", pid=os.getpid())
         db = open_control_db(settings.control_db_url)
-        self.state = ServerState(
-            settings=settings,
-            registry=Registry(settings, db=db, actor="ingest-server"),
-            defender=Defender(settings.defender, db),
-            audit=self.audit,
+        self.defender = Defender(settings.defender, db)
+        self.gate = ConnectionGate(
+            settings.limits, Registry(settings, db=db, actor="ingest-server"), self.defender
         )
-        self.gate = ConnectionGate(settings.limits, self.state.registry, self.state.defender)
         self.proxy_from = {normalize_peer_address(a) for a in settings.server.proxy_protocol_from}
         self.listening = asyncio.Event()
         self.port = settings.server.port
+        self.sessions: SessionHost | None = None
+        self.pool: WorkerPool | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._bans: set[asyncio.Future[None]] = set()
         self._refusals: dict[tuple[str, str], tuple[float, int]] = {}
-        self._keypairs: list[asyncssh.SSHKeyPair] = []
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -111,14 +91,21 @@ class Server:
         if not all((s.host_key_dir / n).exists() for n in HOST_KEY_FILES.values()):
             ensure_host_keys(s.host_key_dir)  # first start without `ingestctl init`
         pairs = host_keypairs(self.settings)
-        self._keypairs = [pair for pair, _ in pairs]
         removed = remove_stale_uploads(self.settings)
-        listener = socket.create_server(
-            (s.host, s.port),
-            family=socket.AF_INET6 if ":" in s.host else socket.AF_INET,
-            backlog=512,
-            reuse_port=self.reuse_port,
-        )
+        if s.worker_count() > 1:
+            self.pool = WorkerPool(self.settings, self.audit, self.gate.release, self.failed_login)
+            await self.pool.start()
+        else:
+            self.sessions = SessionHost(self.settings, self.audit, self.failed_login)
+        try:
+            listener = socket.create_server(
+                (s.host, s.port),
+                family=socket.AF_INET6 if ":" in s.host else socket.AF_INET,
+                backlog=512,
+            )
+        except BaseException:
+            await self._shut_down()
+            raise
         listener.setblocking(False)
         self.port = listener.getsockname()[1]
         fingerprints = [
@@ -130,6 +117,7 @@ class Server:
             port=self.port,
             host_keys=fingerprints,
             stale_uploads_removed=removed,
+            workers=s.worker_count(),
             event_loop=loop_name(asyncio.get_running_loop()),
         )
         for item in fingerprints:
@@ -151,6 +139,18 @@ class Server:
             await self._shut_down()
             self.audit.info("server.stopped", port=self.port)
 
+    async def _shut_down(self) -> None:
+        for task in list(self._tasks):  # admissions not yet handed over
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=_CLOSE_WAIT)
+        if self.pool is not None:
+            await self.pool.stop()
+        if self.sessions is not None:
+            await self.sessions.shut_down()
+        if self._bans:  # bans being written
+            await asyncio.wait(set(self._bans), timeout=_CLOSE_WAIT)
+
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -165,6 +165,23 @@ class Server:
             task.add_done_callback(self._tasks.discard)
 
     async def _handle(self, sock: socket.socket, peer: tuple[Any, ...]) -> None:
+        try:
+            address = await self._admit(sock, peer)
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+        if address is None:
+            return
+        if self.pool is not None:
+            if not self.pool.dispatch(sock, address):
+                sock.close()
+                self.gate.release(address)
+                self._log_refusal(address, "no server worker available")
+        elif self.sessions is not None:
+            self.sessions.start(sock, address, self.gate.release)
+
+    async def _admit(self, sock: socket.socket, peer: tuple[Any, ...]) -> str | None:
+        """The client's address if it may go on (and is then counted), else None (closed)."""
         address = normalize_peer_address(peer[0])
         if address in self.proxy_from:
             try:
@@ -172,10 +189,10 @@ class Server:
             except (ProxyHeaderError, TimeoutError, OSError) as exc:
                 self._log_refusal(address, f"PROXY: {exc}")
                 sock.close()
-                return
+                return None
             if client is None:  # the balancer's own health check
                 sock.close()
-                return
+                return None
             address = normalize_peer_address(client)
         try:
             refusal = await self.gate.admit(address)
@@ -185,21 +202,32 @@ class Server:
         if refusal is not None:
             sock.close()
             self._log_refusal(address, refusal)
-            return
+            return None
+        return address
+
+    # -- the defender -----------------------------------------------------------------------
+
+    def failed_login(self, address: str, unknown_user: bool) -> None:
+        """A connection ended without a login: score it; past the threshold, ban."""
+        score = self.defender.record_failure(address, unknown_user=unknown_user)
+        if score is not None:
+            task = asyncio.ensure_future(self._ban(address, score))
+            self._bans.add(task)
+            task.add_done_callback(self._bans.discard)
+
+    async def _ban(self, address: str, score: int) -> None:
         try:
-            conn = await asyncssh.run_server(sock, **self._options(address))
-            await conn.wait_closed()
-        except (asyncssh.Error, OSError, TimeoutError) as exc:
-            # Failed logins are logged by ClientConnection; this is the SSH layer's reason.
-            self.audit.debug("connection.ended", address=address, error=str(exc))
-        except asyncio.CancelledError:
-            sock.close()
-            raise
-        except Exception as exc:  # a bug must cost one connection, never the accept loop
-            sock.close()
-            self.audit.exception("connection.error", address=address, error=repr(exc))
-        finally:
-            self.gate.release(address)
+            ban = await asyncio.to_thread(self.defender.ban, address, score)
+        except Exception as exc:
+            self.audit.error("defender.error", address=address, error=repr(exc))
+            return
+        self.audit.warning(
+            "defender.ban",
+            address=ban.address,
+            score=ban.score,
+            banned_until=ban.banned_until,
+            reason=ban.reason,
+        )
 
     def _log_refusal(self, address: str, reason: str) -> None:
         """Log a refused connection; repeats within REFUSAL_LOG_WINDOW are only counted.
@@ -219,142 +247,8 @@ class Server:
             "connection.refused", address=address, reason=reason, repeated_before=repeated
         )
 
-    def _options(self, address: str) -> dict[str, Any]:
-        s = self.settings.server
-        state = self.state
-        sig_algs = ["rsa-sha2-512", "rsa-sha2-256", "ssh-ed25519"]
-        if s.allow_sha1_rsa_signatures:
-            sig_algs.append("ssh-rsa")
-
-        def sftp_factory(chan: asyncssh.SSHServerChannel) -> AccountSFTPServer:
-            name = chan.get_connection().get_extra_info("username")
-            return AccountSFTPServer(
-                chan,
-                settings=self.settings,
-                folder=account_folder(self.settings, name),
-                address=address,
-                audit=self.audit,
-                tracker=state.tracker,
-            )
-
-        return {
-            "server_factory": lambda: ClientConnection(state, address),
-            "server_host_keys": self._keypairs,
-            "server_version": s.server_version,
-            "kex_algs": s.kex_algs,
-            "encryption_algs": s.encryption_algs,
-            "mac_algs": s.mac_algs,
-            "compression_algs": ["none"],
-            "signature_algs": sig_algs,
-            "gss_host": None,
-            "gss_kex": False,
-            "gss_auth": False,
-            "host_based_auth": False,
-            "kbdint_auth": False,
-            "password_auth": False,
-            "public_key_auth": True,
-            "login_timeout": s.login_timeout,
-            "keepalive_interval": 60,
-            "keepalive_count_max": 3,
-            "allow_pty": False,
-            "agent_forwarding": False,
-            "x11_forwarding": False,
-            "sftp_factory": sftp_factory,
-            "allow_scp": True,
-            "session_factory": refusing_session(self.audit, address),
-        }
-
-    async def _shut_down(self) -> None:
-        tracker = self.state.tracker
-        tracker.accepting = False
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.server.shutdown_grace
-        in_flight = tracker.total()
-        self.audit.info("server.stopping", uploads_in_flight=in_flight)
-        # A connection idle now is closed now; one that finishes its upload gets a moment
-        # (LINGER) to read the reply and end its session itself, so its client sees success.
-        busy_at_start = {c for c in self.state.connections if tracker.busy(c)}
-        idle_since: dict[Any, float] = {}
-        while True:
-            now = loop.time()
-            for conn in list(self.state.connections):
-                if tracker.busy(conn):
-                    idle_since.pop(conn, None)
-                elif conn not in busy_at_start or now - idle_since.setdefault(conn, now) > LINGER:
-                    conn.close()
-            remaining = deadline - now
-            if not (self.state.connections & busy_at_start) or remaining <= 0:
-                break
-            tracker.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(tracker.changed.wait(), min(remaining, 0.2))
-        cut = tracker.total()
-        for conn in list(self.state.connections):
-            conn.close()
-        if self._tasks:
-            _done, pending = await asyncio.wait(set(self._tasks), timeout=_CLOSE_WAIT)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=1.0)
-        if self.state.background:  # bans being written
-            await asyncio.wait(set(self.state.background), timeout=_CLOSE_WAIT)
-        tracker.discard_all()
-        if cut:
-            self.audit.warning("server.uploads_cut", count=cut)
-
-
-def _serve_until_signalled(settings: Settings, reuse_port: bool) -> None:
-    run_until_signalled(
-        Server(settings, reuse_port=reuse_port).serve, event_loop=settings.server.event_loop
-    )
-
 
 def run_server(settings: Settings) -> int:
-    """Run the server until SIGTERM/SIGINT; returns 0 after a clean shutdown.
-
-    With ``server.workers`` > 1, that many processes share the port (SO_REUSEPORT) and the
-    kernel spreads connections over them; this process only forwards signals and waits.
-    Connection limits then count per worker.
-    """
-    workers = settings.server.workers
-    if workers == 1:
-        _serve_until_signalled(settings, reuse_port=False)
-        return 0
-    close_all()  # never share DB connections across fork
-    children = []
-    for _ in range(workers):
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            code = 0
-            try:
-                _serve_until_signalled(settings, reuse_port=True)
-            except BaseException:
-                code = 1
-            os._exit(code)
-        children.append(pid)
-    return _supervise(children)
-
-
-def _supervise(children: list[int]) -> int:
-    def forward(signum: int, _frame: Any) -> None:
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-
-    previous: dict[int, Callable[..., Any] | int | None] = {}
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        previous[signum] = signal.signal(signum, forward)
-    worst = 0
-    for pid in children:
-        while True:
-            try:
-                _pid, status = os.waitpid(pid, 0)
-                break
-            except ChildProcessError:
-                status = 0
-                break
-            except InterruptedError:
-                continue
-        worst = max(worst, os.waitstatus_to_exitcode(status) if status else 0)
-    return 1 if worst else 0
+    """Run the server until SIGTERM/SIGINT; returns 0 after a clean shutdown."""
+    run_until_signalled(Server(settings).serve, event_loop=settings.server.event_loop)
+    return 0

@@ -172,26 +172,36 @@ def test_download(server: RunningServer, alpha_key: Path, tmp_path: Path) -> Non
     server.wait_for_event("file.download", name="dl.txt", bytes=12)
 
 
-def test_server_on_asyncio_event_loop(tmp_path: Path, alpha_key: Path) -> None:
-    """``event_loop = "asyncio"``: the same server on Python's own loop."""
+def test_one_process_on_asyncio_event_loop(tmp_path: Path, alpha_key: Path) -> None:
+    """``workers = 1``, ``event_loop = "asyncio"``: sessions in the listener's own process,
+    on Python's own loop."""
     from server_harness import add_account, start_server
 
-    running = start_server(tmp_path / "srv", {"server": {"event_loop": "asyncio"}})
+    settings = {"server": {"event_loop": "asyncio", "workers": 1}}
+    running = start_server(tmp_path / "srv", settings)
     try:
-        assert running.events("server.started")[-1]["event_loop"] == "asyncio"
+        started = running.events("server.started")[-1]
+        assert started["event_loop"] == "asyncio" and started["workers"] == 1
+        assert running.events("worker.started") == []
         add_account(running, "alpha", alpha_key)
         (tmp_path / "a.txt").write_bytes(b"x" * 300_000)
         sftp_batch(running, alpha_key, "alpha", f"put {tmp_path / 'a.txt'}\n", check=True)
         assert (running.folder("alpha") / "a.txt").read_bytes() == b"x" * 300_000
+        assert running.events("file.received")[-1]["pid"] == started["pid"]
     finally:
         assert running.stop() == 0
 
 
-def test_several_worker_processes_share_the_port(tmp_path: Path, alpha_key: Path) -> None:
+def test_worker_processes_share_the_uploads(tmp_path: Path, alpha_key: Path) -> None:
+    """``workers = 2``: the listener hands sessions to two worker processes, in turn."""
     from server_harness import add_account, start_server
 
     running = start_server(tmp_path / "srv", {"server": {"workers": 2}})
     try:
+        started = running.events("server.started")[-1]
+        assert started["workers"] == 2
+        workers = {e["pid"] for e in running.events("worker.started")}
+        assert len(workers) == 2 and started["pid"] not in workers
         add_account(running, "alpha", alpha_key)
         (tmp_path / "w.txt").write_text("worker\n")
         for i in range(4):
@@ -200,9 +210,12 @@ def test_several_worker_processes_share_the_port(tmp_path: Path, alpha_key: Path
         assert sorted(p.name for p in running.folder("alpha").iterdir()) == [
             f"w{i}.txt" for i in range(4)
         ]
+        received = running.events("file.received")
+        assert {e["pid"] for e in received} == workers  # both took sessions
     finally:
         assert running.stop() == 0
-    assert len(running.events("server.stopped")) == 2
+    assert {e["pid"] for e in running.events("worker.stopped")} == workers
+    assert len(running.events("server.stopped")) == 1
 
 
 def test_first_start_makes_host_keys_and_logs_fingerprints(tmp_path: Path) -> None:
@@ -217,6 +230,7 @@ def test_first_start_makes_host_keys_and_logs_fingerprints(tmp_path: Path) -> No
     try:
         started = running.events("server.started")[-1]
         assert started["event_loop"] == "uvloop"  # the default ("auto") with uvloop installed
+        assert started["workers"] == min(os.cpu_count() or 1, 8)  # the default: one per CPU
         shown = json.loads(running.ingestctl("hostkey", "show", "--json").stdout)
         assert {k["algorithm"]: k["bits"] for k in shown} == {"ssh-ed25519": 256, "ssh-rsa": 4096}
         assert sorted(k["fingerprint"] for k in started["host_keys"]) == sorted(

@@ -1,0 +1,188 @@
+"""The listener's worker processes: start them, hand each admitted socket to the least busy,
+restart one that dies, stop them all gracefully.
+
+One asyncssh process is one core. With ``[server] workers`` > 1 the listener process keeps
+accepting, the PROXY header, the IP gate, the connection limits and the defender (so limits
+and scores count across all workers, as an operator reads them), and passes each admitted
+socket over a Unix socket (SCM_RIGHTS) to the worker with the fewest connections. Workers
+are fresh interpreters (``python -m ingest_server.worker``), not forks of a process that
+already runs threads and an event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import pickle
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ingest_core.errors import IngestError
+from ingest_core.settings import Settings
+from ingest_server.connection import FailedLogin
+from ingest_server.worker_channel import ControlChannel, Message
+
+START_TIMEOUT = 60.0
+RESTART_DELAY = 1.0  # a worker that keeps dying is not restarted in a tight loop
+STOP_MARGIN = 10.0  # beyond the shutdown grace, before a worker is killed
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: subprocess.Popen[bytes]
+    channel: ControlChannel
+    started: float
+    ready: bool = False
+    gone: bool = False
+    connections: Counter[str] = field(default_factory=Counter)
+    last_used: int = 0
+
+    @property
+    def load(self) -> int:
+        return sum(self.connections.values())
+
+
+class WorkerPool:
+    """``[server] workers`` worker processes and the connections each was given."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        audit: Any,
+        closed: Callable[[str], None],
+        failed: FailedLogin,
+    ):
+        self.settings = settings
+        self.audit = audit
+        self.closed = closed
+        self.failed = failed
+        self.size = settings.server.worker_count()
+        self.workers: list[_Worker | None] = [None] * self.size
+        self.stopping = False
+        self._turn = itertools.count(1)
+        self._ready = asyncio.Event()
+        self._reaping: set[asyncio.Future[None]] = set()
+
+    async def start(self) -> None:
+        """Start every worker and wait until each has loaded its keys and said so."""
+        for index in range(self.size):
+            self._spawn(index)
+        try:
+            await asyncio.wait_for(self._ready.wait(), START_TIMEOUT)
+        except TimeoutError:
+            await self.stop()
+            raise IngestError(
+                f"server workers did not start within {START_TIMEOUT:.0f}s; see their errors "
+                "above and in the server log"
+            ) from None
+        if any(w is None or w.gone for w in self.workers):
+            await self.stop()
+            raise IngestError("a server worker exited while starting; see its error above")
+
+    def _spawn(self, index: int) -> None:
+        if self.stopping:
+            return
+        channel, theirs = ControlChannel.pair()
+        with theirs:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "ingest_server.worker", str(theirs.fileno())],
+                stdin=subprocess.PIPE,
+                pass_fds=(theirs.fileno(),),
+            )
+        assert process.stdin is not None
+        with process.stdin:
+            process.stdin.write(pickle.dumps(self.settings))
+        worker = _Worker(index, process, channel, time.monotonic())
+        self.workers[index] = worker
+        channel.watch(
+            lambda message, sock: self._message(worker, message, sock),
+            lambda: self._lost(worker),
+        )
+
+    def dispatch(self, sock: socket.socket, address: str) -> bool:
+        """Hand ``sock`` to the least busy worker (then closed here); False if none took it."""
+        ready = [w for w in self.workers if w is not None and w.ready and not w.gone]
+        for worker in sorted(ready, key=lambda w: (w.load, w.last_used)):
+            try:
+                worker.channel.send({"address": address}, sock)
+            except OSError:
+                continue
+            worker.connections[address] += 1
+            worker.last_used = next(self._turn)
+            sock.close()
+            return True
+        return False
+
+    def _message(self, worker: _Worker, message: Message, sock: socket.socket | None) -> None:
+        if sock is not None:  # workers never send sockets
+            sock.close()
+        if "ready" in message:
+            worker.ready = True
+            if all(w is not None and (w.ready or w.gone) for w in self.workers):
+                self._ready.set()
+        elif "closed" in message:
+            address = str(message["closed"])
+            if worker.connections[address] > 0:
+                worker.connections[address] -= 1
+                if not worker.connections[address]:
+                    del worker.connections[address]
+                self.closed(address)
+        elif "failed" in message:
+            self.failed(str(message["failed"]), bool(message.get("unknown_user")))
+
+    def _lost(self, worker: _Worker) -> None:
+        """The worker's end closed: it exited. Release what it held; restart it."""
+        worker.gone = True
+        worker.channel.close()
+        for address, count in worker.connections.items():
+            for _ in range(count):
+                self.closed(address)
+        worker.connections.clear()
+        if not self._ready.is_set():
+            self._ready.set()  # start() sees the gone worker and fails
+        task = asyncio.ensure_future(self._reap(worker))
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)
+
+    async def _reap(self, worker: _Worker) -> None:
+        try:
+            code = await asyncio.to_thread(worker.process.wait, STOP_MARGIN)
+        except subprocess.TimeoutExpired:
+            worker.process.kill()
+            code = await asyncio.to_thread(worker.process.wait)
+        if self.stopping:
+            return
+        self.audit.error("worker.exited", worker_pid=worker.process.pid, code=code, restarting=True)
+        quick = time.monotonic() - worker.started < RESTART_DELAY * 5
+        asyncio.get_running_loop().call_later(
+            RESTART_DELAY if quick else 0, self._spawn, worker.index
+        )
+
+    async def stop(self) -> None:
+        """Ask every worker to drain and exit; kill any still there after the grace."""
+        self.stopping = True
+        live = [w for w in self.workers if w is not None]
+        for worker in live:
+            with contextlib.suppress(OSError):
+                worker.channel.send({"stop": True})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.server.shutdown_grace + STOP_MARGIN
+        while any(w.process.poll() is None for w in live) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for worker in live:
+            if worker.process.poll() is None:
+                self.audit.error("worker.killed", worker_pid=worker.process.pid)
+                worker.process.kill()
+                worker.process.wait()
+            if not worker.gone:
+                self._lost(worker)
+        if self._reaping:
+            await asyncio.wait(set(self._reaping))

@@ -1,0 +1,104 @@
+"""``[server] workers`` > 1: the listener admits, worker processes run the sessions.
+
+Limits and defender scores are kept by the listener, so they count across all workers; a
+worker that dies has its connections released and is restarted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import paramiko
+import pytest
+from server_harness import RunningServer, add_account, sftp_batch, start_server, wait_until
+
+
+@pytest.fixture
+def pooled(tmp_path: Path, alpha_key: Path) -> Iterator[RunningServer]:
+    running = start_server(
+        tmp_path / "srv",
+        {
+            "server": {"workers": 2},
+            "limits": {"max_connections_per_address": 2},
+            "defender": {"score_bad_key": 2, "threshold": 6, "ban_seconds": 600},
+        },
+    )
+    add_account(running, "alpha", alpha_key, ips=("127.0.0.1", "127.0.0.6"))
+    yield running
+    running.stop()
+
+
+def worker_pids(running: RunningServer) -> set[int]:
+    return {e["pid"] for e in running.events("worker.started")}
+
+
+def login(running: RunningServer, key: Path) -> paramiko.Transport:
+    """An authenticated, idle SSH connection as alpha."""
+    transport = paramiko.Transport((running.host, running.port))
+    transport.start_client(timeout=20)
+    transport.auth_publickey("alpha", paramiko.RSAKey.from_private_key_file(str(key)))
+    return transport
+
+
+def dropped_before_banner(running: RunningServer) -> bool:
+    with socket.create_connection((running.host, running.port), timeout=10) as sock:
+        try:
+            return sock.recv(64) == b""
+        except ConnectionResetError:
+            return True
+
+
+def test_connection_limit_counts_across_workers(pooled: RunningServer, alpha_key: Path) -> None:
+    held = [login(pooled, alpha_key) for _ in range(2)]
+    try:
+        logins = pooled.events("auth.success")
+        assert len({e["pid"] for e in logins}) == 2  # one session on each worker
+        assert dropped_before_banner(pooled)  # a third, on either worker, is over the limit
+        event = pooled.wait_for_event("connection.refused", address="127.0.0.1")
+        assert "too many connections" in event["reason"]
+    finally:
+        for transport in held:
+            transport.close()
+    # The workers report the ends; the listener admits again.
+    wait_until(lambda: not dropped_before_banner(pooled), 10, "admitted again")
+
+
+def test_defender_scores_failures_from_every_worker(
+    pooled: RunningServer, make_key, alpha_key: Path
+) -> None:
+    wrong = make_key("rsa", 4096, "stranger")
+    for _ in range(3):  # a wrong key: 2 points each, threshold 6
+        assert sftp_batch(pooled, wrong, "alpha", "ls\n", bind="127.0.0.6").returncode != 0
+    ban = pooled.wait_for_event("defender.ban", address="127.0.0.6")
+    assert ban["score"] == 6
+    failures = [e for e in pooled.events("auth.failure") if e["address"] == "127.0.0.6"]
+    assert {e["pid"] for e in failures} == worker_pids(pooled)  # split over both workers
+    assert ban["pid"] == pooled.events("server.started")[-1]["pid"]  # banned by the listener
+    assert sftp_batch(pooled, alpha_key, "alpha", "ls\n", bind="127.0.0.6").returncode != 0
+
+
+def test_a_killed_worker_is_replaced_and_its_connections_released(
+    pooled: RunningServer, alpha_key: Path, tmp_path: Path
+) -> None:
+    held = [login(pooled, alpha_key) for _ in range(2)]  # the address's whole allowance
+    try:
+        first = worker_pids(pooled)
+        victim = pooled.events("auth.success")[-1]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        exited = pooled.wait_for_event("worker.exited", worker_pid=victim)
+        assert exited["restarting"] is True
+        wait_until(lambda: len(worker_pids(pooled)) == 3, 30, "a new worker")
+        assert len(worker_pids(pooled) - first) == 1
+        # The dead worker's session no longer counts: one more login fits.
+        (tmp_path / "after.txt").write_text("after the crash\n")
+        command = f"put {tmp_path / 'after.txt'}\n"
+        sftp_batch(pooled, alpha_key, "alpha", command, check=True)
+        assert (pooled.folder("alpha") / "after.txt").read_text() == "after the crash\n"
+    finally:
+        for transport in held:
+            transport.close()
+    assert pooled.stop() == 0
