@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System packages the test suite drives for real: OpenSSH's sshd (the comparison and push-agent
 # target), PuTTY's psftp/pscp and lftp (client matrix), PostgreSQL 15 (SIS database tests),
-# iproute2 (a private network namespace for the handshake ACK test).
+# iproute2 (a private network namespace for the handshake ACK test), strace (which syscalls
+# make an upload durable).
 # Runs apt-get only for what is missing, so a second run costs nothing.
 set -euo pipefail
 
@@ -13,6 +14,7 @@ command -v pg_ctlcluster >/dev/null 2>&1 || need+=(postgresql)
 command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need+=(iproute2)
+command -v strace >/dev/null 2>&1 || need+=(strace)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -65,6 +65,9 @@ class ServerSettings:
     # on only for clients that cannot do better: libssh2 1.10 (curl sftp://) signs that way.
     allow_sha1_rsa_signatures: bool = False
     allow_subfolders: bool = False
+    # Uploads reach the disk (fsync of the file, then of the folder after the rename) before
+    # the client hears "OK", so a power cut leaves the old file or the whole new one.
+    fsync_uploads: bool = True
     kex_algs: list[str] = field(default_factory=lambda: list(DEFAULT_KEX))
     encryption_algs: list[str] = field(default_factory=lambda: list(DEFAULT_CIPHERS))
     mac_algs: list[str] = field(default_factory=lambda: list(DEFAULT_MACS))

@@ -229,6 +229,7 @@ class AccountSFTPServer(asyncssh.SFTPServer):
             truncate=bool(pflags & FXF_TRUNC),
             append=bool(pflags & FXF_APPEND),
             limits=limits,
+            durable=self.settings.server.fsync_uploads,
         )
         self._uploads.add(upload)
         self.tracker.add(self.conn, upload)
@@ -314,6 +315,15 @@ class AccountSFTPServer(asyncssh.SFTPServer):
             sha256=received.sha256,
             seconds=round(received.seconds, 3),
         )
+
+    async def fsync(self, file_obj: object) -> None:
+        """fsync@openssh.com (OpenSSH ``put -f``): the upload's data to disk now."""
+        if not isinstance(file_obj, Upload):
+            return  # nothing of a download to flush
+        try:
+            await asyncio.to_thread(file_obj.fsync)
+        except OSError as exc:
+            raise SFTPFailure(f"server could not flush the file ({exc.strerror or exc})") from None
 
     @_without_paths
     def fstat(self, file_obj: object) -> os.stat_result:
