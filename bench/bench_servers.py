@@ -305,12 +305,20 @@ class IngestServer(BenchServer):
 
     label = "ours"
 
-    def __init__(self, workdir: Path, client_pub: Path, workers: int, source: Path = REPO) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        client_pub: Path,
+        workers: int,
+        source: Path = REPO,
+        server_settings: tuple[str, ...] = (),
+    ) -> None:
         super().__init__()
         self.source = source
         self.dir = workdir / "ours"
         self.client_pub = client_pub
         self.workers = workers
+        self.server_settings = server_settings  # extra `key = value` lines for [server]
         self.user = ACCOUNT
         self.config = self.dir / "ingest.toml"
 
@@ -343,6 +351,7 @@ class IngestServer(BenchServer):
         self.dir.mkdir()
         self.port = free_port()
         workers = f"workers = {self.workers}\n" if self.workers else ""
+        workers += "".join(f"{line}\n" for line in self.server_settings)
         # No connection caps, size limit or quota: 200 idle sessions and 1 GiB files are the
         # point of the exercise. Everything else is the default configuration.
         self.config.write_text(

@@ -648,6 +648,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="our server's [server] workers (0: leave the setting's default)",
     )
+    p.add_argument(
+        "--ours-setting",
+        action="append",
+        default=[],
+        metavar="'KEY = VALUE'",
+        help="a [server] setting for our server, e.g. 'fsync_uploads = false' (repeatable)",
+    )
     p.add_argument("--servers", default="sshd,ours", help="which to run: sshd,ours (both)")
     p.add_argument(
         "--only",
@@ -732,7 +739,13 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"sshd listening on 127.0.0.1:{sshd.port} (pid {sshd.pid})")
                 notes.append(f"sshd offers {sshd.algorithms}; both offer {CIPHER} first")
             if "ours" in wanted:
-                ours = IngestServer(workdir, pub, args.workers, Path(args.ours_source).resolve())
+                ours = IngestServer(
+                    workdir,
+                    pub,
+                    args.workers,
+                    Path(args.ours_source).resolve(),
+                    tuple(args.ours_setting),
+                )
                 missing = ours.available()
                 if missing:
                     notes.append(f"ours not measured: {missing}")
