@@ -7,6 +7,8 @@ survive untouched.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -87,10 +89,11 @@ def test_client_killed_mid_upload(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("signalled", ["listener", "every process"])
 def test_sigterm_lets_short_uploads_finish_and_cuts_long_ones(
-    tmp_path: Path, alpha_key: Path, big_file: Path
+    tmp_path: Path, alpha_key: Path, big_file: Path, signalled: str
 ) -> None:
-    running = start_server(tmp_path / "srv", {"server": {"shutdown_grace": 5.0}})
+    running = start_server(tmp_path / "srv", {"server": {"shutdown_grace": 5.0, "workers": 2}})
     add_account(running, "alpha", alpha_key)
     small = tmp_path / "small.csv"
     small_data = write_random(small, 2 * 1024 * 1024)
@@ -113,7 +116,11 @@ def test_sigterm_lets_short_uploads_finish_and_cuts_long_ones(
     )
     wait_until(lambda: len(temp_files(folder)) == 2, what="both uploads in flight")
     assert running.process is not None
-    running.process.send_signal(15)
+    targets = [running.process.pid]
+    if signalled == "every process":  # what systemd's default KillMode=control-group does
+        targets += [e["pid"] for e in running.events("worker.started")]
+    for pid in targets:
+        os.kill(pid, signal.SIGTERM)
     assert running.stop() == 0
     assert short_upload.wait(30) == 0
     long_upload.wait(30)
