@@ -42,7 +42,7 @@ from loader.sis_db import (
     open_sis_db,
 )
 from loader.spec import Spec, closest_spec_hint, match_spec, specs_for, table_name
-from loader.validate import ValidationReport, iter_copy_blocks, iter_rows
+from loader.validate import FinalCheck, ValidationReport, iter_copy_blocks, iter_rows
 
 HASH_BLOCK = 1 << 20
 
@@ -133,11 +133,19 @@ class _ValidatedFile:
     report: ValidationReport
     max_errors: int
 
+    final_checks: list[FinalCheck] = field(default_factory=list)
+
     def rows(self) -> Iterator[Sequence[str]]:
-        return iter_rows(self.path, self.spec, self.report, self.max_errors)
+        return iter_rows(self.path, self.spec, self.report, self.max_errors, self.final_checks)
 
     def copy_blocks(self) -> Iterator[tuple[int, str]]:
-        return iter_copy_blocks(self.path, self.spec, self.report, self.max_errors)
+        return iter_copy_blocks(
+            self.path, self.spec, self.report, self.max_errors, self.final_checks
+        )
+
+    def finish(self) -> None:
+        while self.final_checks:
+            self.final_checks.pop(0)()
 
 
 def file_sha256(path: Path) -> str:

@@ -101,6 +101,35 @@ class TableSource(Protocol):
         """(row count, text) per block in ``COPY ... FROM STDIN`` text format (PostgreSQL)."""
         ...
 
+    def finish(self) -> None:
+        """The checks that need the whole file, after the last row (the key's uniqueness).
+
+        Runs in a thread while the database builds the key index: both take a while and
+        neither needs the other.
+        """
+        ...
+
+
+def _finish_while(source: TableSource, build_index: Callable[[], None]) -> None:
+    """``source.finish()`` in a thread while ``build_index()`` runs here (the drivers let go
+    of the GIL while the database works); the first error of either is raised."""
+    checked: list[BaseException] = []
+
+    def finish() -> None:
+        try:
+            source.finish()
+        except BaseException as exc:
+            checked.append(exc)
+
+    thread = threading.Thread(target=finish, name="final-checks")
+    thread.start()
+    try:
+        build_index()
+    finally:
+        thread.join()
+    if checked:
+        raise checked[0]
+
 
 @dataclass(frozen=True)
 class LoadRecord:
@@ -289,12 +318,19 @@ class SisDB:
                         break
                     if progress is not None:
                         progress(total)
-                sha256 = before_swap(total)
+                # The old table (and its index's name) goes first; all of it is rolled back
+                # if a check below fails.
                 cur.execute(f"DROP TABLE IF EXISTS {live}")
+
+                def build_index() -> None:
+                    if key_column:
+                        index = quote_ident(table + KEY_INDEX_SUFFIX)
+                        key = quote_ident(key_column)
+                        cur.execute(f"CREATE INDEX {index} ON {staging} ({key})")
+
+                _finish_while(source, build_index)
+                sha256 = before_swap(total)
                 cur.execute(f"ALTER TABLE {staging} RENAME TO {live}")
-                if key_column:
-                    index = quote_ident(table + KEY_INDEX_SUFFIX)
-                    cur.execute(f"CREATE INDEX {index} ON {live} ({quote_ident(key_column)})")
                 self._mark_loaded(cur, load_id, total, sha256)
                 cur.execute("COMMIT")
             except BaseException:
@@ -361,12 +397,15 @@ class SisDB:
                             total += count
                             if progress is not None and total % PROGRESS_EVERY < count:
                                 progress(total)
+
+                    def build_index() -> None:
+                        if key_column:
+                            new_index = quote_ident(table + NEW_KEY_INDEX_SUFFIX)
+                            key = quote_ident(key_column)
+                            cur.execute(f"CREATE INDEX {new_index} ON {staging} ({key})")
+
+                    _finish_while(source, build_index)
                     sha256 = before_swap(total)
-                    if key_column:
-                        new_index = quote_ident(table + NEW_KEY_INDEX_SUFFIX)
-                        cur.execute(
-                            f"CREATE INDEX {new_index} ON {staging} ({quote_ident(key_column)})"
-                        )
                     self._swap_postgres(cur, table, live, staging, key_column)
                     self._mark_loaded(cur, load_id, total, sha256)
                 pg.commit()

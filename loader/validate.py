@@ -529,10 +529,24 @@ def _block_rows(
     return rows
 
 
+# The part of a validation that needs the whole file (the key column's uniqueness). A loader
+# may run it after the last block, in a thread, while its database builds the key index.
+FinalCheck = Callable[[], None]
+
+
 def _blocks(
-    path: Path, spec: Spec, report: ValidationReport, max_errors: int, copy: bool
+    path: Path,
+    spec: Spec,
+    report: ValidationReport,
+    max_errors: int,
+    copy: bool,
+    final_checks: list[FinalCheck] | None = None,
 ) -> Iterator[Iterable[Sequence[str]] | tuple[int, str]]:
-    """The one pass behind :func:`iter_row_blocks` and :func:`iter_copy_blocks`."""
+    """The one pass behind :func:`iter_row_blocks` and :func:`iter_copy_blocks`.
+
+    With ``final_checks`` the key uniqueness check is appended there for the caller to run
+    after the last block; without, it runs when the blocks run out.
+    """
 
     def fail(line: int | None, message: str) -> None:
         report.error_count += 1
@@ -593,24 +607,42 @@ def _blocks(
                     yield len(built), _copy_text(built)
         if report.rows == 0:
             fail(None, "the file has a header (line 1) but no data rows")
-        if fmt.key is not None:
-            shared = keys.duplicate_hashes()
-            if shared:
-                _report_duplicates(stream, fmt, shared, fail)
+    if fmt.key is None:
+        return
+
+    def check_keys() -> None:
+        shared = keys.duplicate_hashes()
+        if shared:
+            with open(path, "rb") as again:
+                _report_duplicates(again, fmt, shared, fail)
+
+    if final_checks is None:
+        check_keys()
+    else:
+        final_checks.append(check_keys)
 
 
 def iter_row_blocks(
-    path: Path, spec: Spec, report: ValidationReport, max_errors: int = 20
+    path: Path,
+    spec: Spec,
+    report: ValidationReport,
+    max_errors: int = 20,
+    final_checks: list[FinalCheck] | None = None,
 ) -> Iterator[Iterable[Sequence[str]]]:
     """The rows of each 32 KiB block, while the file is clean so far.
 
     The same single pass as :func:`iter_rows`, for a bulk loader that wants whole blocks.
     """
-    return _blocks(path, spec, report, max_errors, copy=False)  # type: ignore[return-value]
+    blocks = _blocks(path, spec, report, max_errors, False, final_checks)
+    return blocks  # type: ignore[return-value]
 
 
 def iter_copy_blocks(
-    path: Path, spec: Spec, report: ValidationReport, max_errors: int = 20
+    path: Path,
+    spec: Spec,
+    report: ValidationReport,
+    max_errors: int = 20,
+    final_checks: list[FinalCheck] | None = None,
 ) -> Iterator[tuple[int, str]]:
     """(row count, text) per 32 KiB block in PostgreSQL ``COPY ... FROM STDIN`` text format
     (tab-separated, LF, backslash escapes), validating exactly as :func:`iter_rows` does.
@@ -619,7 +651,7 @@ def iter_copy_blocks(
     the text is the file's own text (delimiter and line ends swapped if they differ): no
     value is split out or joined again, so the database, not Python, sets the pace.
     """
-    return _blocks(path, spec, report, max_errors, copy=True)  # type: ignore[return-value]
+    return _blocks(path, spec, report, max_errors, True, final_checks)  # type: ignore[return-value]
 
 
 def _bare_copy_text(
@@ -668,7 +700,11 @@ def _copy_text(rows: list[Sequence[str]]) -> str:
 
 
 def iter_rows(
-    path: Path, spec: Spec, report: ValidationReport, max_errors: int = 20
+    path: Path,
+    spec: Spec,
+    report: ValidationReport,
+    max_errors: int = 20,
+    final_checks: list[FinalCheck] | None = None,
 ) -> Iterator[Sequence[str]]:
     """Yield each data row's (trimmed) values while validating; record problems in ``report``.
 
@@ -677,7 +713,7 @@ def iter_rows(
     after the last row. Rows come out of C-level chaining of whole blocks: no Python frame
     per row between the file and the database driver.
     """
-    return chain.from_iterable(iter_row_blocks(path, spec, report, max_errors))
+    return chain.from_iterable(iter_row_blocks(path, spec, report, max_errors, final_checks))
 
 
 def validate_file(path: Path, spec: Spec, max_errors: int = 20) -> ValidationReport:

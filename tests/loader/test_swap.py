@@ -360,27 +360,29 @@ def test_postgres_loads_exactly_the_values_sqlite_loads(settings, pg_url, tmp_pa
             assert expected[12][2] == "tabs and spaces around"
 
 
-@pytest.mark.postgres
-def test_postgres_refused_file_rolls_back_blocks_already_copied(acme_pg, kit):
-    """Errors found after blocks went to COPY (a bad line late, a duplicate key found only at
-    the end): the load is refused and the previous table stays."""
-    on = acme_pg
-    kit.write_data(on.data_file, 3)
-    assert run_account(on.settings, on.name).ok
+def test_refused_file_rolls_back_rows_already_loaded(account, kit):
+    """Errors found after rows went to the database (a bad line late; a duplicate key, found
+    only at the end while the key index is being built): the load is refused and the previous
+    table, with its index, stays."""
+    on = account
     lines = kit.data_text(20_000, start=100).splitlines(keepends=True)
     bad_line = [*lines[:15_000], "U9999999\tonly three\tfields\n", *lines[15_000:]]
     duplicate = [*lines, lines[1]]
     for content, error in (
         (bad_line, "line 15001: 3 fields, expected 4"),
-        (duplicate, "duplicate key UUUID 'U0000100'"),
+        (duplicate, "line 20002: duplicate key UUUID 'U0000100' (also on line 2"),
     ):
         on.data_file.write_text("".join(content), encoding="utf-8", newline="")
         result = load_file(on.settings, on.spec, on.data_file)
         assert result.status == "refused" and error in result.message, result.message
         assert [r[0] for r in _rows(on)] == ["U0000000", "U0000001", "U0000002"]
-    with psycopg.connect(on.settings.sis_db_url.replace("postgresql+psycopg", "postgresql")) as c:
-        tables = [r[0] for r in c.execute("SELECT tablename FROM pg_tables").fetchall()]
-    assert not any(t.endswith("__staging") for t in tables)
+    from sqlalchemy import inspect
+
+    engine = open_sis_db(on.settings.sis_db_url).engine
+    names = inspect(engine).get_table_names()
+    assert not any(n.endswith("__staging") for n in names)
+    indexes = inspect(engine).get_indexes(table_name(on.spec))
+    assert [i["column_names"] for i in indexes] == [["UUUID"]]
     assert [r.status for r in open_sis_db(on.settings.sis_db_url).loads(on.name)][-2:] == [
         "refused",
         "refused",
