@@ -11,7 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "server",
         help="run the SFTP/SCP server (foreground; SIGTERM stops it gracefully)",
-        description="Run the SFTP/SCP ingestion server alone. Host keys are made on first "
+        description="Run the SFTP/SCP ingestion server alone: a listener process and "
+        "server.workers session processes (default one per CPU). Host keys are made on first "
         "start if 'ingestctl init' did not make them; their fingerprints are logged. SIGTERM "
         "or Ctrl-C stops accepting, lets uploads in flight finish for server.shutdown_grace "
         "seconds, and exits 0.",
