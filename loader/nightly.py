@@ -42,7 +42,7 @@ from loader.sis_db import (
     open_sis_db,
 )
 from loader.spec import Spec, closest_spec_hint, match_spec, specs_for, table_name
-from loader.validate import FinalCheck, ValidationReport, iter_copy_blocks, iter_rows
+from loader.validate import ValidationReport, iter_copy_blocks, iter_rows, validate_file
 
 HASH_BLOCK = 1 << 20
 
@@ -124,7 +124,7 @@ class AccountResult:
         return f"{self.account}: " + "; ".join(parts)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _ValidatedFile:
     """The file for :meth:`SisDB.replace_table`, validated into ``report`` as it is read."""
 
@@ -132,20 +132,24 @@ class _ValidatedFile:
     spec: Spec
     report: ValidationReport
     max_errors: int
-
-    final_checks: list[FinalCheck] = field(default_factory=list)
+    everything_reported: bool = False
 
     def rows(self) -> Iterator[Sequence[str]]:
-        return iter_rows(self.path, self.spec, self.report, self.max_errors, self.final_checks)
+        return iter_rows(self.path, self.spec, self.report, self.max_errors, True)
 
     def copy_blocks(self) -> Iterator[tuple[int, str]]:
-        return iter_copy_blocks(
-            self.path, self.spec, self.report, self.max_errors, self.final_checks
-        )
+        return iter_copy_blocks(self.path, self.spec, self.report, self.max_errors, True)
 
-    def finish(self) -> None:
-        while self.final_checks:
-            self.final_checks.pop(0)()
+    def report_everything(self) -> None:
+        """The load is refused: read the file once more, checking everything including the
+        key's uniqueness (left to the database's UNIQUE index on the way), so the message
+        lists every problem as the pre-check does."""
+        if self.everything_reported:
+            return
+        full = validate_file(self.path, self.spec, self.max_errors)
+        self.report.errors[:] = full.errors
+        self.report.error_count = full.error_count
+        self.everything_reported = True
 
 
 def file_sha256(path: Path) -> str:
@@ -209,6 +213,7 @@ def load_file(
     def before_swap(count: int) -> str:
         nonlocal replaced
         if not report.ok:
+            source.report_everything()
             raise SwapAborted(f"not loaded: {report.summary()}")
         now = FileIdentity.of(path) if path.exists() else None
         if now is not None and now.same_inode(before) and now != before:
@@ -254,6 +259,7 @@ def load_file(
     except Exception as exc:
         internal = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         if not report.ok:  # the validator's own refusal surfaced through the driver
+            source.report_everything()
             message = f"not loaded: {report.summary()}"
             db.finish_load(load_id, REFUSED, report.rows, message, digest.result())
             return result(REFUSED, report.rows, message)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -101,34 +102,19 @@ class TableSource(Protocol):
         """(row count, text) per block in ``COPY ... FROM STDIN`` text format (PostgreSQL)."""
         ...
 
-    def finish(self) -> None:
-        """The checks that need the whole file, after the last row (the key's uniqueness).
-
-        Runs in a thread while the database builds the key index: both take a while and
-        neither needs the other.
-        """
+    def report_everything(self) -> None:
+        """The load will be refused: make the report complete (the key's duplicates, with
+        their lines, are found here, with a second pass over the file)."""
         ...
 
 
-def _finish_while(source: TableSource, build_index: Callable[[], None]) -> None:
-    """``source.finish()`` in a thread while ``build_index()`` runs here (the drivers let go
-    of the GIL while the database works); the first error of either is raised."""
-    checked: list[BaseException] = []
-
-    def finish() -> None:
-        try:
-            source.finish()
-        except BaseException as exc:
-            checked.append(exc)
-
-    thread = threading.Thread(target=finish, name="final-checks")
-    thread.start()
-    try:
-        build_index()
-    finally:
-        thread.join()
-    if checked:
-        raise checked[0]
+def _duplicate_key_refused(
+    source: TableSource, before_swap: Callable[[int], str | None], total: int
+) -> IngestError:
+    """The UNIQUE key index refused a value twice: report where, and refuse the file."""
+    source.report_everything()
+    before_swap(total)  # raises SwapAborted with the duplicates and their lines
+    return IngestError("the database found a duplicate key that the validator did not")
 
 
 @dataclass(frozen=True)
@@ -318,17 +304,16 @@ class SisDB:
                         break
                     if progress is not None:
                         progress(total)
-                # The old table (and its index's name) goes first; all of it is rolled back
-                # if a check below fails.
+                # The old table (and with it its index's name) goes first; all of it is
+                # rolled back if a check below fails.
                 cur.execute(f"DROP TABLE IF EXISTS {live}")
-
-                def build_index() -> None:
-                    if key_column:
-                        index = quote_ident(table + KEY_INDEX_SUFFIX)
-                        key = quote_ident(key_column)
-                        cur.execute(f"CREATE INDEX {index} ON {staging} ({key})")
-
-                _finish_while(source, build_index)
+                if key_column:
+                    index = quote_ident(table + KEY_INDEX_SUFFIX)
+                    key = quote_ident(key_column)
+                    try:
+                        cur.execute(f"CREATE UNIQUE INDEX {index} ON {staging} ({key})")
+                    except sqlite3.IntegrityError:
+                        raise _duplicate_key_refused(source, before_swap, total) from None
                 sha256 = before_swap(total)
                 cur.execute(f"ALTER TABLE {staging} RENAME TO {live}")
                 self._mark_loaded(cur, load_id, total, sha256)
@@ -397,14 +382,13 @@ class SisDB:
                             total += count
                             if progress is not None and total % PROGRESS_EVERY < count:
                                 progress(total)
-
-                    def build_index() -> None:
-                        if key_column:
-                            new_index = quote_ident(table + NEW_KEY_INDEX_SUFFIX)
-                            key = quote_ident(key_column)
-                            cur.execute(f"CREATE INDEX {new_index} ON {staging} ({key})")
-
-                    _finish_while(source, build_index)
+                    if key_column:
+                        new_index = quote_ident(table + NEW_KEY_INDEX_SUFFIX)
+                        key = quote_ident(key_column)
+                        try:
+                            cur.execute(f"CREATE UNIQUE INDEX {new_index} ON {staging} ({key})")
+                        except psycopg.errors.UniqueViolation:
+                            raise _duplicate_key_refused(source, before_swap, total) from None
                     sha256 = before_swap(total)
                     self._swap_postgres(cur, table, live, staging, key_column)
                     self._mark_loaded(cur, load_id, total, sha256)

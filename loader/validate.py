@@ -529,23 +529,19 @@ def _block_rows(
     return rows
 
 
-# The part of a validation that needs the whole file (the key column's uniqueness). A loader
-# may run it after the last block, in a thread, while its database builds the key index.
-FinalCheck = Callable[[], None]
-
-
 def _blocks(
     path: Path,
     spec: Spec,
     report: ValidationReport,
     max_errors: int,
     copy: bool,
-    final_checks: list[FinalCheck] | None = None,
+    unique_by_database: bool = False,
 ) -> Iterator[Iterable[Sequence[str]] | tuple[int, str]]:
     """The one pass behind :func:`iter_row_blocks` and :func:`iter_copy_blocks`.
 
-    With ``final_checks`` the key uniqueness check is appended there for the caller to run
-    after the last block; without, it runs when the blocks run out.
+    With ``unique_by_database`` the key column is only checked for empty values: the caller
+    loads into a UNIQUE index, and finds the duplicates (with their lines) with
+    :func:`validate_file` only if the database refuses one.
     """
 
     def fail(line: int | None, message: str) -> None:
@@ -559,6 +555,8 @@ def _blocks(
             return
         keys = _KeyIndex()
         add_hash, add_hashes = keys.hashes.append, keys.hashes.extend
+        if unique_by_database:
+            add_hash = add_hashes = _ignore
         line_no = 1  # lines consumed so far (the header)
         pending = b""
         while True:
@@ -607,19 +605,14 @@ def _blocks(
                     yield len(built), _copy_text(built)
         if report.rows == 0:
             fail(None, "the file has a header (line 1) but no data rows")
-    if fmt.key is None:
-        return
+        if fmt.key is not None and not unique_by_database:
+            shared = keys.duplicate_hashes()
+            if shared:
+                _report_duplicates(stream, fmt, shared, fail)
 
-    def check_keys() -> None:
-        shared = keys.duplicate_hashes()
-        if shared:
-            with open(path, "rb") as again:
-                _report_duplicates(again, fmt, shared, fail)
 
-    if final_checks is None:
-        check_keys()
-    else:
-        final_checks.append(check_keys)
+def _ignore(_hashes: object) -> None:
+    """Key hashes nobody needs (the database checks uniqueness): not even computed."""
 
 
 def iter_row_blocks(
@@ -627,13 +620,13 @@ def iter_row_blocks(
     spec: Spec,
     report: ValidationReport,
     max_errors: int = 20,
-    final_checks: list[FinalCheck] | None = None,
+    unique_by_database: bool = False,
 ) -> Iterator[Iterable[Sequence[str]]]:
     """The rows of each 32 KiB block, while the file is clean so far.
 
     The same single pass as :func:`iter_rows`, for a bulk loader that wants whole blocks.
     """
-    blocks = _blocks(path, spec, report, max_errors, False, final_checks)
+    blocks = _blocks(path, spec, report, max_errors, False, unique_by_database)
     return blocks  # type: ignore[return-value]
 
 
@@ -642,7 +635,7 @@ def iter_copy_blocks(
     spec: Spec,
     report: ValidationReport,
     max_errors: int = 20,
-    final_checks: list[FinalCheck] | None = None,
+    unique_by_database: bool = False,
 ) -> Iterator[tuple[int, str]]:
     """(row count, text) per 32 KiB block in PostgreSQL ``COPY ... FROM STDIN`` text format
     (tab-separated, LF, backslash escapes), validating exactly as :func:`iter_rows` does.
@@ -651,7 +644,7 @@ def iter_copy_blocks(
     the text is the file's own text (delimiter and line ends swapped if they differ): no
     value is split out or joined again, so the database, not Python, sets the pace.
     """
-    return _blocks(path, spec, report, max_errors, True, final_checks)  # type: ignore[return-value]
+    return _blocks(path, spec, report, max_errors, True, unique_by_database)  # type: ignore[return-value]
 
 
 def _bare_copy_text(
@@ -704,7 +697,7 @@ def iter_rows(
     spec: Spec,
     report: ValidationReport,
     max_errors: int = 20,
-    final_checks: list[FinalCheck] | None = None,
+    unique_by_database: bool = False,
 ) -> Iterator[Sequence[str]]:
     """Yield each data row's (trimmed) values while validating; record problems in ``report``.
 
@@ -713,7 +706,8 @@ def iter_rows(
     after the last row. Rows come out of C-level chaining of whole blocks: no Python frame
     per row between the file and the database driver.
     """
-    return chain.from_iterable(iter_row_blocks(path, spec, report, max_errors, final_checks))
+    blocks = iter_row_blocks(path, spec, report, max_errors, unique_by_database)
+    return chain.from_iterable(blocks)
 
 
 def validate_file(path: Path, spec: Spec, max_errors: int = 20) -> ValidationReport:

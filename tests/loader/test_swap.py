@@ -201,6 +201,7 @@ def test_staging_and_live_tables_after_loads(account, kit):
     assert table in names and not any(n.endswith("__staging") for n in names)
     indexes = inspect(db.engine).get_indexes(table)
     assert [i["column_names"] for i in indexes] == [["UUUID"]]
+    assert indexes[0]["unique"]  # readers can count on one row per key
 
 
 def test_postgres_key_column_sorts_bytewise_and_lookups_use_its_index(acme_pg, kit):
@@ -368,9 +369,12 @@ def test_refused_file_rolls_back_rows_already_loaded(account, kit):
     lines = kit.data_text(20_000, start=100).splitlines(keepends=True)
     bad_line = [*lines[:15_000], "U9999999\tonly three\tfields\n", *lines[15_000:]]
     duplicate = [*lines, lines[1]]
+    both = [*bad_line, lines[1]]
     for content, error in (
         (bad_line, "line 15001: 3 fields, expected 4"),
         (duplicate, "line 20002: duplicate key UUUID 'U0000100' (also on line 2"),
+        # Every problem is reported, as the pre-check does, not only the first kind found.
+        (both, "2 errors: line 15001: 3 fields, expected 4; line 20003: duplicate key"),
     ):
         on.data_file.write_text("".join(content), encoding="utf-8", newline="")
         result = load_file(on.settings, on.spec, on.data_file)
@@ -383,7 +387,8 @@ def test_refused_file_rolls_back_rows_already_loaded(account, kit):
     assert not any(n.endswith("__staging") for n in names)
     indexes = inspect(engine).get_indexes(table_name(on.spec))
     assert [i["column_names"] for i in indexes] == [["UUUID"]]
-    assert [r.status for r in open_sis_db(on.settings.sis_db_url).loads(on.name)][-2:] == [
+    assert [r.status for r in open_sis_db(on.settings.sis_db_url).loads(on.name)][-3:] == [
+        "refused",
         "refused",
         "refused",
     ]
