@@ -1,6 +1,7 @@
 """Strict streaming validation of a data file against its approved spec.
 
-One pass, constant memory apart from the key index (8 bytes per row). The file is read in
+One pass, constant memory apart from the key check (8 bytes per row; none when the loader
+leaves uniqueness to the database's UNIQUE index). The file is read in
 32 KiB blocks cut at a line end; each block is decoded as UTF-8 at once and checked for the
 approved terminator with a few C-speed counts. Only a block that fails those checks is taken
 apart line by line, so an error always names the exact line (the line of the first bad byte
@@ -26,7 +27,8 @@ Policies (Terra Dotta's guidance for SIS feeds):
 - a file whose BOM presence differs from the approved sample is refused;
 - the key column must be non-empty and unique: a 64-bit hash per row is kept during the pass;
   only when hashes repeat is the file read a second time to confirm the duplicates by value
-  and name both lines.
+  and name both lines. The nightly load skips the hashes (``unique_by_database``): its
+  UNIQUE index refuses a duplicate, and only then is the file validated again in full.
 
 Rows are tuples of str, yielded only while the file is clean so far (a block holding an
 error yields nothing): once an error is found the rest is still checked (to count and report
