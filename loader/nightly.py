@@ -23,7 +23,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import chain
 from pathlib import Path
+from typing import TypeVar
 
 from ingest_core import folder_log
 from ingest_core.errors import Refused
@@ -42,7 +44,7 @@ from loader.sis_db import (
     open_sis_db,
 )
 from loader.spec import Spec, closest_spec_hint, match_spec, specs_for, table_name
-from loader.validate import ValidationReport, iter_copy_blocks, iter_rows, validate_file
+from loader.validate import ValidationReport, iter_copy_blocks, iter_row_blocks, validate_file
 
 HASH_BLOCK = 1 << 20
 
@@ -124,6 +126,9 @@ class AccountResult:
         return f"{self.account}: " + "; ".join(parts)
 
 
+_Block = TypeVar("_Block")
+
+
 @dataclass
 class _ValidatedFile:
     """The file for :meth:`SisDB.replace_table`, validated into ``report`` as it is read."""
@@ -132,13 +137,23 @@ class _ValidatedFile:
     spec: Spec
     report: ValidationReport
     max_errors: int
+    digest: _BackgroundSha256
     everything_reported: bool = False
 
     def rows(self) -> Iterator[Sequence[str]]:
-        return iter_rows(self.path, self.spec, self.report, self.max_errors, True)
+        blocks = iter_row_blocks(self.path, self.spec, self.report, self.max_errors, True)
+        return chain.from_iterable(self._then_hash(blocks))
 
     def copy_blocks(self) -> Iterator[tuple[int, str]]:
-        return iter_copy_blocks(self.path, self.spec, self.report, self.max_errors, True)
+        blocks = iter_copy_blocks(self.path, self.spec, self.report, self.max_errors, True)
+        return self._then_hash(blocks)
+
+    def _then_hash(self, blocks: Iterator[_Block]) -> Iterator[_Block]:
+        """The blocks; once the last is read, the file's SHA-256 starts in a thread: it then
+        runs while the database finishes the load and builds the key index, instead of
+        taking CPU from the validation and the database while both are busy."""
+        yield from blocks
+        self.digest.start()
 
     def report_everything(self) -> None:
         """The load is refused: read the file once more, checking everything including the
@@ -161,19 +176,26 @@ def file_sha256(path: Path) -> str:
 
 
 class _BackgroundSha256:
-    """SHA-256 of a file computed in a thread while the load reads the same file."""
+    """SHA-256 of a file computed in a thread (hashlib lets go of the GIL)."""
 
     def __init__(self, path: Path) -> None:
+        self._path = path
         self._value = ""
-        self._thread = threading.Thread(target=self._run, args=(path,), daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._started = False
 
-    def _run(self, path: Path) -> None:
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+
+    def _run(self) -> None:
         with contextlib.suppress(OSError):
-            self._value = file_sha256(path)
+            self._value = file_sha256(self._path)
 
     def result(self) -> str:
         """The hex digest ("" if the file could not be read; the load itself then fails)."""
+        self.start()
         self._thread.join()
         return self._value
 
@@ -203,11 +225,11 @@ def load_file(
     db = db or open_sis_db(settings.sis_db_url)
     table = table_name(spec)
     before = FileIdentity.of(path)
-    digest = _BackgroundSha256(path)  # hashing releases the GIL: it costs no wall time
+    digest = _BackgroundSha256(path)  # started once the load has read the whole file
     last = db.last_loaded(spec.account, spec.file_name)
     load_id = db.begin_load(spec.account, spec.file_name, table, path.name, None)
     report = ValidationReport(file_name=path.name)
-    source = _ValidatedFile(path, spec, report, settings.loader.max_reported_errors)
+    source = _ValidatedFile(path, spec, report, settings.loader.max_reported_errors, digest)
     replaced = False
 
     def before_swap(count: int) -> str:
