@@ -662,14 +662,23 @@ def _bare_copy_text(
     if "\\" in text or (d != "\t" and "\t" in text) or fmt.needs_trim(text):
         return None
     if fmt.key is not None:
-        k = fmt.key
-        if n == 1:
-            keys = lines
+        k, t = fmt.key, fmt.t
+        if add_hashes is _ignore and n > 1 and k in (0, n - 1):
+            # Only emptiness to check, and the key is at a line's edge: C-level searches.
+            if k == 0:
+                empty = text.startswith(d) or t + d in text
+            else:
+                empty = d + t in text or (last and text.endswith(d))
+            if empty:
+                return None
         else:
-            keys = list(map(itemgetter(k), map(str.split, lines, repeat(d), repeat(k + 1))))
-        if not all(keys):
-            return None
-        add_hashes(map(hash, keys))
+            if n == 1:
+                keys = lines
+            else:
+                keys = list(map(itemgetter(k), map(str.split, lines, repeat(d), repeat(k + 1))))
+            if not all(keys):
+                return None
+            add_hashes(map(hash, keys))
     if fmt.t != "\n":
         text = text.replace(fmt.t, "\n")
     if d != "\t":

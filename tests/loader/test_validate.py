@@ -13,6 +13,7 @@ from loader.validate import (
     ValidationReport,
     header_difference,
     iter_copy_blocks,
+    iter_row_blocks,
     iter_rows,
     validate_file,
 )
@@ -362,3 +363,28 @@ def test_a_line_without_end_is_cut_off_at_16_mib(tmp_path: Path) -> None:
     path = write(tmp_path / "f.txt", f"{HEADER}\n{ROW2}\n".encode() + b"x" * (17 << 20))
     report = validate_file(path, make_spec())
     assert only_error(report) == "line 3: longer than 16 MiB (no line end)"
+
+
+@pytest.mark.parametrize("key", ["UUUID", "Last_Name", "Campus"], ids=["first", "middle", "last"])
+@pytest.mark.parametrize("terminator", ["\n", "\r\n"], ids=["LF", "CRLF"])
+@pytest.mark.parametrize("final_terminator", [True, False], ids=["ends", "open"])
+def test_loader_pass_finds_an_empty_key_and_its_line(
+    tmp_path: Path, key: str, terminator: str, final_terminator: bool
+) -> None:
+    """The loader's pass (uniqueness left to the database) still refuses an empty key with its
+    line, wherever the key column is, in the middle of a file or on its unterminated end."""
+    column = COLUMNS.index(key)
+    spec = make_spec(key=key, terminator=terminator)
+    for broken in (700, 1200):  # a line in the middle; the last line
+        rows = people(1200)
+        rows[broken - 1][column] = ""
+        data = render(COLUMNS, rows, terminator=terminator, final_terminator=final_terminator)
+        path = write(tmp_path / "sis_hr_user_info.txt", data)
+        copied = ValidationReport(path.name)
+        copy_rows = sum(n for n, _ in iter_copy_blocks(path, spec, copied, 20, True))
+        listed = ValidationReport(path.name)
+        listed_rows = sum(len(list(b)) for b in iter_row_blocks(path, spec, listed, 20, True))
+        for report in (copied, listed):
+            assert report.errors == [f"line {broken + 1}: the key column {key} is empty"]
+        # No row of the bad line's block, nor after it, reaches the database.
+        assert copy_rows < broken and listed_rows < broken
