@@ -1,8 +1,9 @@
 """Brute-force defender: score failed logins per source address, ban past a threshold.
 
-Scores live in memory (per server process) over a sliding window; bans live in the control
-DB (``defender_bans``) so they survive a restart, are shared by worker processes and nodes,
-and can be listed and lifted with ``ingestctl defender``. A connection that failed counts
+Scores live in memory in the listener process (workers report each failed connection to
+it) over a sliding window; bans live in the control DB (``defender_bans``) so they survive a
+restart, are shared by nodes, and can be listed and lifted with ``ingestctl defender``.
+A connection that failed counts
 once, whatever number of keys it tried; an unknown user name weighs more than a wrong key.
 """
 
@@ -31,7 +32,7 @@ class BanView:
 
 
 class Defender:
-    """Scores and bans for one server process."""
+    """Scores and bans, kept by the listener for all its workers."""
 
     def __init__(self, settings: DefenderSettings, db: ControlDB):
         self.settings = settings
