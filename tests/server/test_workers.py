@@ -102,3 +102,33 @@ def test_a_killed_worker_is_replaced_and_its_connections_released(
         for transport in held:
             transport.close()
     assert pooled.stop() == 0
+
+
+def test_workers_drain_and_exit_when_the_listener_is_killed(
+    pooled: RunningServer, alpha_key: Path, tmp_path: Path
+) -> None:
+    """kill -9 of the listener: its workers see the channel close, end their sessions and
+    exit (no orphans serving on), and a new server takes the port at once."""
+    held = login(pooled, alpha_key)
+    workers = worker_pids(pooled)
+    assert pooled.process is not None
+    pooled.process.kill()
+    pooled.process.wait(10)
+    for pid in workers:
+        pooled.wait_for_event("worker.stopped", timeout=20, pid=pid)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{pid}/stat") as stat:  # exited, not yet reaped by anyone
+            return stat.read().split(") ")[1].startswith("Z")
+
+    wait_until(lambda: all(gone(pid) for pid in workers), 20, "workers gone")
+    held.close()
+    pooled.process = None
+    pooled.restart()
+    (tmp_path / "again.txt").write_text("after the listener died\n")
+    sftp_batch(pooled, alpha_key, "alpha", f"put {tmp_path / 'again.txt'}\n", check=True)
+    assert (pooled.folder("alpha") / "again.txt").read_text() == "after the listener died\n"
