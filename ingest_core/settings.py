@@ -77,6 +77,9 @@ class ServerSettings:
     workers: int = 0
     # "auto": uvloop when installed (it is a dependency), else asyncio's loop; or either name.
     event_loop: str = "auto"
+    # A worker that has not answered the listener's pings for this long (its event loop is
+    # stuck) is killed and replaced.
+    worker_heartbeat_timeout: float = 30.0
     shutdown_grace: float = 30.0
     # PROXY protocol v1/v2 is read only from these load balancer addresses.
     proxy_protocol_from: list[str] = field(default_factory=list)
@@ -301,6 +304,12 @@ def _check_semantics(s: Settings, source: str) -> None:
             raise bad(f"server.{key}", "a positive number of seconds", getattr(s.server, key))
     if s.server.workers < 0:
         raise bad("server.workers", "0 (one per CPU) or a number of processes", s.server.workers)
+    if s.server.worker_heartbeat_timeout <= 0:
+        raise bad(
+            "server.worker_heartbeat_timeout",
+            "a number of seconds above 0",
+            s.server.worker_heartbeat_timeout,
+        )
     if s.server.event_loop not in EVENT_LOOPS:
         raise bad("server.event_loop", '"auto", "uvloop" or "asyncio"', s.server.event_loop)
     for url_key in ("control_db_url", "sis_db_url"):

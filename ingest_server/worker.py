@@ -4,7 +4,8 @@ Started by ``worker_pool.WorkerPool`` as ``python -m ingest_server.worker FD`` w
 settings (pickled) on stdin and its end of the control channel as FD. The listener keeps the
 IP gate, the connection limits and the defender, so they count across all workers; a worker
 only runs asyncssh. SIGTERM, SIGINT, a ``stop`` message or the listener going away all make
-it drain its sessions (the shutdown grace) and exit 0.
+it drain its sessions (the shutdown grace) and exit 0. It answers the listener's pings from
+its event loop, so a stuck loop shows.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class Worker:
             sock.close()
         elif message.get("stop"):
             self.stop.set()
+        elif "ping" in message:
+            self._send({"pong": message["ping"]})
 
     def _closed(self, address: str) -> None:
         self._send({"closed": address})

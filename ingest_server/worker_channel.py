@@ -1,10 +1,10 @@
 """The line between the listener and one worker process: a Unix SOCK_SEQPACKET pair.
 
 Each message is one JSON object in one datagram; the listener's message may carry the
-client's TCP socket (SCM_RIGHTS). Listener to worker: ``{"address": A}`` + socket, or
-``{"stop": true}``. Worker to listener: ``{"ready": PID}``, ``{"closed": A}`` when a
-connection it was given has ended, ``{"failed": A, "unknown_user": BOOL}`` when it ended
-without a login (for the defender).
+client's TCP socket (SCM_RIGHTS). Listener to worker: ``{"address": A}`` + socket,
+``{"ping": N}`` or ``{"stop": true}``. Worker to listener: ``{"ready": PID}``,
+``{"pong": N}``, ``{"closed": A}`` when a connection it was given has ended, and
+``{"failed": A, "unknown_user": BOOL}`` when it ended without a login (for the defender).
 """
 
 from __future__ import annotations

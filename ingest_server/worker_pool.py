@@ -42,6 +42,7 @@ class _Worker:
     started: float
     ready: bool = False
     gone: bool = False
+    last_heard: float = 0.0  # monotonic time of its last message
     connections: Counter[str] = field(default_factory=Counter)
     last_used: int = 0
 
@@ -70,6 +71,7 @@ class WorkerPool:
         self._turn = itertools.count(1)
         self._ready = asyncio.Event()
         self._reaping: set[asyncio.Future[None]] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start every worker and wait until each has loaded its keys and said so."""
@@ -86,6 +88,28 @@ class WorkerPool:
         if any(w is None or w.gone for w in self.workers):
             await self.stop()
             raise IngestError("a server worker exited while starting; see its error above")
+        self._heartbeat = asyncio.create_task(self._watch_heartbeats())
+
+    async def _watch_heartbeats(self) -> None:
+        """Ping every worker; one silent for ``worker_heartbeat_timeout`` is killed (and, like
+        any worker that exits, replaced): a stuck event loop would hold its sessions hostage."""
+        timeout = self.settings.server.worker_heartbeat_timeout
+        for ping in itertools.count(1):
+            await asyncio.sleep(timeout / 4)
+            now = time.monotonic()
+            for worker in self.workers:
+                if worker is None or worker.gone or not worker.ready:
+                    continue
+                if now - worker.last_heard > timeout:
+                    self.audit.error(
+                        "worker.unresponsive",
+                        worker_pid=worker.process.pid,
+                        silent_seconds=round(now - worker.last_heard, 1),
+                    )
+                    worker.process.kill()  # its channel closes: _lost() takes over
+                    continue
+                with contextlib.suppress(OSError):
+                    worker.channel.send({"ping": ping})
 
     def _spawn(self, index: int) -> None:
         if self.stopping:
@@ -124,6 +148,7 @@ class WorkerPool:
     def _message(self, worker: _Worker, message: Message, sock: socket.socket | None) -> None:
         if sock is not None:  # workers never send sockets
             sock.close()
+        worker.last_heard = time.monotonic()
         if "ready" in message:
             worker.ready = True
             if all(w is not None and (w.ready or w.gone) for w in self.workers):
@@ -169,6 +194,10 @@ class WorkerPool:
     async def stop(self) -> None:
         """Ask every worker to drain and exit; kill any still there after the grace."""
         self.stopping = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
         live = [w for w in self.workers if w is not None]
         for worker in live:
             with contextlib.suppress(OSError):

@@ -132,3 +132,27 @@ def test_workers_drain_and_exit_when_the_listener_is_killed(
     (tmp_path / "again.txt").write_text("after the listener died\n")
     sftp_batch(pooled, alpha_key, "alpha", f"put {tmp_path / 'again.txt'}\n", check=True)
     assert (pooled.folder("alpha") / "again.txt").read_text() == "after the listener died\n"
+
+
+def test_a_stuck_worker_is_killed_and_replaced(tmp_path: Path, alpha_key: Path) -> None:
+    """A worker whose event loop stops answering (SIGSTOP here) is killed after
+    ``worker_heartbeat_timeout`` and replaced; new sessions go to the others meanwhile."""
+    running = start_server(
+        tmp_path / "srv", {"server": {"workers": 2, "worker_heartbeat_timeout": 2.0}}
+    )
+    try:
+        add_account(running, "alpha", alpha_key)
+        first = worker_pids(running)
+        stuck = min(first)
+        os.kill(stuck, signal.SIGSTOP)
+        event = running.wait_for_event("worker.unresponsive", timeout=20, worker_pid=stuck)
+        assert event["silent_seconds"] >= 2.0
+        running.wait_for_event("worker.exited", timeout=20, worker_pid=stuck)
+        wait_until(lambda: len(worker_pids(running)) == 3, 30, "a replacement worker")
+        for i in range(3):
+            (tmp_path / f"s{i}.txt").write_text("served\n")
+            sftp_batch(running, alpha_key, "alpha", f"put {tmp_path / f's{i}.txt'}\n", check=True)
+        served_by = {e["pid"] for e in running.events("file.received")}
+        assert stuck not in served_by and served_by <= worker_pids(running)
+    finally:
+        assert running.stop() == 0
