@@ -108,13 +108,24 @@ class TableSource(Protocol):
         ...
 
 
-def _duplicate_key_refused(
-    source: TableSource, before_swap: Callable[[int], str | None], total: int
-) -> IngestError:
-    """The UNIQUE key index refused a value twice: report where, and refuse the file."""
-    source.report_everything()
-    before_swap(total)  # raises SwapAborted with the duplicates and their lines
-    return IngestError("the database found a duplicate key that the validator did not")
+def _build_key_index(
+    cur: Any,
+    index: str,
+    staging: str,
+    key_column: str,
+    duplicate: type[Exception],
+    source: TableSource,
+    before_swap: Callable[[int], str | None],
+    total: int,
+) -> None:
+    """The UNIQUE index on the key column, which is also the load's uniqueness check: when
+    the driver raises ``duplicate``, the file is read again to say where, and refused."""
+    try:
+        cur.execute(f"CREATE UNIQUE INDEX {index} ON {staging} ({quote_ident(key_column)})")
+    except duplicate:
+        source.report_everything()
+        before_swap(total)  # raises SwapAborted with the duplicates and their lines
+        raise IngestError("the database found a duplicate key that the validator did not") from None
 
 
 @dataclass(frozen=True)
@@ -309,11 +320,10 @@ class SisDB:
                 cur.execute(f"DROP TABLE IF EXISTS {live}")
                 if key_column:
                     index = quote_ident(table + KEY_INDEX_SUFFIX)
-                    key = quote_ident(key_column)
-                    try:
-                        cur.execute(f"CREATE UNIQUE INDEX {index} ON {staging} ({key})")
-                    except sqlite3.IntegrityError:
-                        raise _duplicate_key_refused(source, before_swap, total) from None
+                    _build_key_index(
+                        cur, index, staging, key_column, sqlite3.IntegrityError,
+                        source, before_swap, total,
+                    )  # fmt: skip
                 sha256 = before_swap(total)
                 cur.execute(f"ALTER TABLE {staging} RENAME TO {live}")
                 self._mark_loaded(cur, load_id, total, sha256)
@@ -384,11 +394,10 @@ class SisDB:
                                 progress(total)
                     if key_column:
                         new_index = quote_ident(table + NEW_KEY_INDEX_SUFFIX)
-                        key = quote_ident(key_column)
-                        try:
-                            cur.execute(f"CREATE UNIQUE INDEX {new_index} ON {staging} ({key})")
-                        except psycopg.errors.UniqueViolation:
-                            raise _duplicate_key_refused(source, before_swap, total) from None
+                        _build_key_index(
+                            cur, new_index, staging, key_column, psycopg.errors.UniqueViolation,
+                            source, before_swap, total,
+                        )  # fmt: skip
                     sha256 = before_swap(total)
                     self._swap_postgres(cur, table, live, staging, key_column)
                     self._mark_loaded(cur, load_id, total, sha256)
