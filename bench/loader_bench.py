@@ -18,7 +18,8 @@ Each measurement runs in its own child process, so its peak memory (``ru_maxrss`
 
     .venv/bin/python bench/loader_bench.py [--rows N] [--repeat N] [--no-postgres] [--workdir DIR]
 
-On a shared machine use --repeat 3: each step keeps its best time (the least disturbed).
+On a shared machine use --repeat 3 or more: each step prints its best time (the least
+disturbed) and its median, and each ratio is given on both.
 
 PostgreSQL: the machine's cluster is started if needed (``pg_ctlcluster 15 main start``) and a
 throw-away database is created and dropped.
@@ -30,6 +31,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -241,8 +243,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--workdir", type=Path, help="where to put the file and the databases")
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    parser.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only")
     parser.add_argument(
-        "--repeat", type=int, default=1, help="run each step N times and keep the best time"
+        "--repeat", type=int, default=1, help="run each step N times (best and median)"
     )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -267,20 +270,23 @@ def main() -> int:
     print(f"  file: {data.stat().st_size / 1e6:,.0f} MB; CPUs: {os.cpu_count()}")
     peaks: dict[str, int] = {}
 
-    def rounds(steps: list[tuple[str, Callable[[], tuple[float, int]]]]) -> dict[str, float]:
+    def rounds(steps: list[tuple[str, Callable[[], tuple[float, int]]]]) -> Times:
         """Run the steps in turn, ``--repeat`` rounds (interleaved, so a busy moment on the
-        machine hits every step alike); print each step's best time and largest peak."""
+        machine hits every step alike); print each step's best and median time and largest
+        peak."""
         results: dict[str, list[tuple[float, int]]] = {label: [] for label, _ in steps}
         for _ in range(args.repeat):
             for label, measure in steps:
                 status(label)
                 results[label].append(measure())
-        best = {}
+        times: Times = {}
         for label, got in results.items():
-            best[label] = min(seconds for seconds, _ in got)
+            seconds = [s for s, _ in got]
+            times[label] = (min(seconds), statistics.median(seconds))
             peaks[label] = max(rss for _, rss in got)
-            line(label, rows, best[label], peaks[label])
-        return best
+            note = f"  (median {times[label][1]:.2f} s)" if len(got) > 1 else ""
+            line(label, rows, times[label][0], peaks[label], note)
+        return times
 
     def validate() -> tuple[float, int]:
         result, rss = python_child("validate", str(data), rows=rows)
@@ -289,7 +295,31 @@ def main() -> int:
 
     rounds([("validation only", validate)])
 
-    # SQLite: the loader, then the CLI's .import into a fresh database file.
+    if not args.no_sqlite:
+        sqlite_rounds(work, data, rows, rounds)
+    if not args.no_postgres:
+        postgres_rounds(work, data, rows, rounds)
+
+    loader_peaks = [rss for label, rss in peaks.items() if label.startswith("loader")]
+    print(f"peak memory of the loader: {mb(max(loader_peaks))} (target < 200 MB at 1M rows)")
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+Times = dict[str, tuple[float, float]]  # label -> (best, median) seconds
+Rounds = Callable[[list[tuple[str, Callable[[], tuple[float, int]]]]], Times]
+
+
+def ratio(label: str, times: Times, reference: str, ours: str, target: str = "") -> None:
+    """How fast ``ours`` is against ``reference`` (above 1: faster), on best and median."""
+    best = times[reference][0] / times[ours][0]
+    median = times[reference][1] / times[ours][1]
+    print(f"  ratio {label}: {best:.2f}x (median {median:.2f}x){target}")
+
+
+def sqlite_rounds(work: Path, data: Path, rows: int, rounds: Rounds) -> None:
+    """The loader, then the CLI's .import into a fresh database file."""
     version = subprocess.run(["sqlite3", "--version"], capture_output=True, text=True).stdout
     print(f"SQLite ({version.split()[0]})")
 
@@ -310,7 +340,7 @@ def main() -> int:
         "loader, no key column (no index)",
         "sqlite3 .import (fresh table)",
     )
-    best = rounds(
+    times = rounds(
         [
             (loader, lambda: sqlite_load(fresh("sis.db"))),
             (again, lambda: sqlite_load(work / "sis.db")),
@@ -318,59 +348,55 @@ def main() -> int:
             (imported, lambda: sqlite_import(data, fresh("i.db"))),
         ]
     )
-    print(f"  ratio loader / .import: {best[imported] / best[loader]:.2f}x (target >= 0.6x)")
-    print(f"  ratio loader without key / .import: {best[imported] / best[no_key]:.2f}x")
+    ratio("loader / .import", times, imported, loader, " (target >= 0.6x)")
+    ratio("loader without key / .import", times, imported, no_key)
     for old in work.glob("*.db*"):
         old.unlink()
 
-    if not args.no_postgres:
-        pg_start()
-        version = subprocess.run(
-            ["psql", "-tAc", "SHOW server_version", "-d", "postgres"],
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        print(f"PostgreSQL ({version})")
 
-        def in_fresh_database(measure: Callable[[str], tuple[float, int]]) -> tuple[float, int]:
-            """Measure in a new, empty, checkpointed database, dropped afterwards."""
-            name = f"loader_bench_{uuid.uuid4().hex[:8]}"
-            subprocess.run(["createdb", name], check=True)
-            subprocess.run(["psql", "-qc", "CHECKPOINT", "-d", name], capture_output=True)
-            try:
-                return measure(name)
-            finally:
-                subprocess.run(["dropdb", "--if-exists", "--force", name], capture_output=True)
+def postgres_rounds(work: Path, data: Path, rows: int, rounds: Rounds) -> None:
+    """The loader, then ``psql \\copy``, each into a new database."""
+    pg_start()
+    version = subprocess.run(
+        ["psql", "-tAc", "SHOW server_version", "-d", "postgres"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    print(f"PostgreSQL ({version})")
 
-        def pg_load(database: str, keyed: bool = True) -> tuple[float, int]:
-            url = f"postgresql+psycopg:///{database}"
-            result, rss = python_child("load", str(data), url, str(work), rows=rows, keyed=keyed)
-            assert result["ok"], result
-            return float(result["seconds"]), rss
+    def in_fresh_database(measure: Callable[[str], tuple[float, int]]) -> tuple[float, int]:
+        """Measure in a new, empty, checkpointed database, dropped afterwards."""
+        name = f"loader_bench_{uuid.uuid4().hex[:8]}"
+        subprocess.run(["createdb", name], check=True)
+        subprocess.run(["psql", "-qc", "CHECKPOINT", "-d", name], capture_output=True)
+        try:
+            return measure(name)
+        finally:
+            subprocess.run(["dropdb", "--if-exists", "--force", name], capture_output=True)
 
-        loader, no_key, copied, indexed = (
-            "loader (validate+load+swap)",
-            "loader, no key column (no index)",
-            "psql \\copy (fresh table)",
-            "psql \\copy + key index (like for like)",
-        )
-        best = rounds(
-            [
-                (loader, lambda: in_fresh_database(pg_load)),
-                (no_key, lambda: in_fresh_database(lambda db: pg_load(db, False))),
-                (copied, lambda: in_fresh_database(lambda db: psql_copy(data, db))),
-                (indexed, lambda: in_fresh_database(lambda db: psql_copy(data, db, True))),
-            ]
-        )
-        print(f"  ratio loader / \\copy: {best[copied] / best[loader]:.2f}x (target >= 0.9x)")
-        print(f"  ratio loader without key / \\copy: {best[copied] / best[no_key]:.2f}x")
-        print(f"  ratio loader / (\\copy + key index): {best[indexed] / best[loader]:.2f}x")
+    def pg_load(database: str, keyed: bool = True) -> tuple[float, int]:
+        url = f"postgresql+psycopg:///{database}"
+        result, rss = python_child("load", str(data), url, str(work), rows=rows, keyed=keyed)
+        assert result["ok"], result
+        return float(result["seconds"]), rss
 
-    loader_peaks = [rss for label, rss in peaks.items() if label.startswith("loader")]
-    print(f"peak memory of the loader: {mb(max(loader_peaks))} (target < 200 MB at 1M rows)")
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
+    loader, no_key, copied, indexed = (
+        "loader (validate+load+swap)",
+        "loader, no key column (no index)",
+        "psql \\copy (fresh table)",
+        "psql \\copy + key index (like for like)",
+    )
+    times = rounds(
+        [
+            (loader, lambda: in_fresh_database(pg_load)),
+            (no_key, lambda: in_fresh_database(lambda db: pg_load(db, False))),
+            (copied, lambda: in_fresh_database(lambda db: psql_copy(data, db))),
+            (indexed, lambda: in_fresh_database(lambda db: psql_copy(data, db, True))),
+        ]
+    )
+    ratio("loader / \\copy", times, copied, loader, " (target >= 0.9x)")
+    ratio("loader without key / \\copy", times, copied, no_key)
+    ratio("loader / (\\copy + key index)", times, indexed, loader)
 
 
 if __name__ == "__main__":

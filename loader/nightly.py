@@ -18,14 +18,12 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import chain
 from pathlib import Path
-from typing import TypeVar
 
 from ingest_core import folder_log
 from ingest_core.errors import Refused
@@ -126,34 +124,34 @@ class AccountResult:
         return f"{self.account}: " + "; ".join(parts)
 
 
-_Block = TypeVar("_Block")
-
-
 @dataclass
 class _ValidatedFile:
-    """The file for :meth:`SisDB.replace_table`, validated into ``report`` as it is read."""
+    """The file for :meth:`SisDB.replace_table`, validated into ``report`` as it is read, and
+    hashed in the same pass."""
 
     path: Path
     spec: Spec
     report: ValidationReport
     max_errors: int
-    digest: _BackgroundSha256
     everything_reported: bool = False
+    _sha256: str | None = None
 
     def rows(self) -> Iterator[Sequence[str]]:
-        blocks = iter_row_blocks(self.path, self.spec, self.report, self.max_errors, True)
-        return chain.from_iterable(self._then_hash(blocks))
+        blocks = iter_row_blocks(self.path, self.spec, self.report, self.max_errors, True, True)
+        return chain.from_iterable(blocks)
 
     def copy_blocks(self) -> Iterator[tuple[int, str]]:
-        blocks = iter_copy_blocks(self.path, self.spec, self.report, self.max_errors, True)
-        return self._then_hash(blocks)
+        return iter_copy_blocks(self.path, self.spec, self.report, self.max_errors, True, True)
 
-    def _then_hash(self, blocks: Iterator[_Block]) -> Iterator[_Block]:
-        """The blocks; once the last is read, the file's SHA-256 starts in a thread: it then
-        runs while the database finishes the load and builds the key index, instead of
-        taking CPU from the validation and the database while both are busy."""
-        yield from blocks
-        self.digest.start()
+    def sha256(self) -> str:
+        """The file's SHA-256: from the load's own pass when it read the whole file, else
+        (a load cut short) from reading the file now; "" if it cannot be read."""
+        if self._sha256 is None:
+            self._sha256 = self.report.sha256
+            if not self._sha256:
+                with contextlib.suppress(OSError):
+                    self._sha256 = file_sha256(self.path)
+        return self._sha256
 
     def report_everything(self) -> None:
         """The load is refused: read the file once more, checking everything including the
@@ -173,31 +171,6 @@ def file_sha256(path: Path) -> str:
         while block := handle.read(HASH_BLOCK):
             digest.update(block)
     return digest.hexdigest()
-
-
-class _BackgroundSha256:
-    """SHA-256 of a file computed in a thread (hashlib lets go of the GIL)."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._value = ""
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._started = False
-
-    def start(self) -> None:
-        if not self._started:
-            self._started = True
-            self._thread.start()
-
-    def _run(self) -> None:
-        with contextlib.suppress(OSError):
-            self._value = file_sha256(self._path)
-
-    def result(self) -> str:
-        """The hex digest ("" if the file could not be read; the load itself then fails)."""
-        self.start()
-        self._thread.join()
-        return self._value
 
 
 def _guard_message(rows: int, last_rows: int, share: float, last_when: datetime, zone) -> str:
@@ -225,11 +198,10 @@ def load_file(
     db = db or open_sis_db(settings.sis_db_url)
     table = table_name(spec)
     before = FileIdentity.of(path)
-    digest = _BackgroundSha256(path)  # started once the load has read the whole file
     last = db.last_loaded(spec.account, spec.file_name)
     load_id = db.begin_load(spec.account, spec.file_name, table, path.name, None)
     report = ValidationReport(file_name=path.name)
-    source = _ValidatedFile(path, spec, report, settings.loader.max_reported_errors, digest)
+    source = _ValidatedFile(path, spec, report, settings.loader.max_reported_errors)
     replaced = False
 
     def before_swap(count: int) -> str:
@@ -253,7 +225,7 @@ def load_file(
         share = settings.loader.min_row_share
         if not force and last is not None and last.rows and count < share * last.rows:
             raise SwapAborted(_guard_message(count, last.rows, share, last.started, settings.zone))
-        return digest.result()
+        return source.sha256()
 
     def result(status: str, count: int, message: str, internal: str = "") -> LoadResult:
         return LoadResult(
@@ -263,7 +235,7 @@ def load_file(
             table=table,
             status=status,
             rows=count,
-            sha256=digest.result(),
+            sha256=source.sha256(),
             message=message,
             load_id=load_id,
             internal_error=internal,
@@ -276,16 +248,16 @@ def load_file(
             load_id, table, spec.columns, spec.key_column, source, before_swap, progress
         )
     except SwapAborted as exc:
-        db.finish_load(load_id, REFUSED, report.rows, str(exc), digest.result())
+        db.finish_load(load_id, REFUSED, report.rows, str(exc), source.sha256())
         return result(REFUSED, report.rows, str(exc))
     except Exception as exc:
         internal = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         if not report.ok:  # the validator's own refusal surfaced through the driver
             source.report_everything()
             message = f"not loaded: {report.summary()}"
-            db.finish_load(load_id, REFUSED, report.rows, message, digest.result())
+            db.finish_load(load_id, REFUSED, report.rows, message, source.sha256())
             return result(REFUSED, report.rows, message)
-        db.finish_load(load_id, FAILED, report.rows, internal, digest.result())
+        db.finish_load(load_id, FAILED, report.rows, internal, source.sha256())
         message = (
             "not loaded: the SIS database could not be updated (a problem on our side; the "
             "operators were notified); the file stays and will be loaded at the next run"

@@ -38,6 +38,8 @@ False at the end.
 
 from __future__ import annotations
 
+import hashlib
+import io
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +69,9 @@ class ValidationReport:
     rows: int = 0
     error_count: int = 0
     errors: list[str] = field(default_factory=list)
+    # The file's SHA-256, when the pass was asked for it (``hash_file``) and read the whole
+    # file in order; "" otherwise.
+    sha256: str = ""
 
     @property
     def ok(self) -> bool:
@@ -531,6 +536,34 @@ def _block_rows(
     return rows
 
 
+class _HashingFile(io.BufferedReader):
+    """A file that feeds what is read from it to a SHA-256, so a load hashes the file in its
+    one pass instead of reading it again. ``whole``: read to the end, in order."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(io.FileIO(path, "r"), buffer_size=BLOCK_BYTES)
+        self.digest = hashlib.sha256()
+        self.whole = False
+        self._in_order = True
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        data = super().read(size)
+        if self._in_order:
+            self.digest.update(data)
+            self.whole = not data and size != 0
+        return data
+
+    def readline(self, size: int | None = -1, /) -> bytes:
+        line = super().readline(size)
+        if self._in_order:
+            self.digest.update(line)
+        return line
+
+    def seek(self, target: int, whence: int = 0, /) -> int:
+        self._in_order = self.whole = False
+        return super().seek(target, whence)
+
+
 def _blocks(
     path: Path,
     spec: Spec,
@@ -538,12 +571,14 @@ def _blocks(
     max_errors: int,
     copy: bool,
     unique_by_database: bool = False,
+    hash_file: bool = False,
 ) -> Iterator[Iterable[Sequence[str]] | tuple[int, str]]:
     """The one pass behind :func:`iter_row_blocks` and :func:`iter_copy_blocks`.
 
     With ``unique_by_database`` the key column is only checked for empty values: the caller
     loads into a UNIQUE index, and finds the duplicates (with their lines) with
-    :func:`validate_file` only if the database refuses one.
+    :func:`validate_file` only if the database refuses one. With ``hash_file`` the bytes read
+    also make ``report.sha256``.
     """
 
     def fail(line: int | None, message: str) -> None:
@@ -552,7 +587,7 @@ def _blocks(
             report.errors.append(f"line {line}: {message}" if line else message)
 
     fmt = _Format(spec)
-    with open(path, "rb") as stream:
+    with _HashingFile(path) if hash_file else open(path, "rb") as stream:
         if not _check_header(stream, fmt, fail):
             return
         keys = _KeyIndex()
@@ -611,6 +646,8 @@ def _blocks(
             shared = keys.duplicate_hashes()
             if shared:
                 _report_duplicates(stream, fmt, shared, fail)
+        if isinstance(stream, _HashingFile) and stream.whole:
+            report.sha256 = stream.digest.hexdigest()
 
 
 def _ignore(_hashes: object) -> None:
@@ -623,12 +660,14 @@ def iter_row_blocks(
     report: ValidationReport,
     max_errors: int = 20,
     unique_by_database: bool = False,
+    hash_file: bool = False,
 ) -> Iterator[Iterable[Sequence[str]]]:
     """The rows of each 32 KiB block, while the file is clean so far.
 
     The same single pass as :func:`iter_rows`, for a bulk loader that wants whole blocks.
+    With ``hash_file``, ``report.sha256`` is the file's SHA-256 once the last block is out.
     """
-    blocks = _blocks(path, spec, report, max_errors, False, unique_by_database)
+    blocks = _blocks(path, spec, report, max_errors, False, unique_by_database, hash_file)
     return blocks  # type: ignore[return-value]
 
 
@@ -638,6 +677,7 @@ def iter_copy_blocks(
     report: ValidationReport,
     max_errors: int = 20,
     unique_by_database: bool = False,
+    hash_file: bool = False,
 ) -> Iterator[tuple[int, str]]:
     """(row count, text) per 32 KiB block in PostgreSQL ``COPY ... FROM STDIN`` text format
     (tab-separated, LF, backslash escapes), validating exactly as :func:`iter_rows` does.
@@ -646,7 +686,8 @@ def iter_copy_blocks(
     the text is the file's own text (delimiter and line ends swapped if they differ): no
     value is split out or joined again, so the database, not Python, sets the pace.
     """
-    return _blocks(path, spec, report, max_errors, True, unique_by_database)  # type: ignore[return-value]
+    blocks = _blocks(path, spec, report, max_errors, True, unique_by_database, hash_file)
+    return blocks  # type: ignore[return-value]
 
 
 def _bare_copy_text(

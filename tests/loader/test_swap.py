@@ -5,6 +5,7 @@ Run on SQLite and on a real PostgreSQL.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -49,6 +50,8 @@ def test_load_replaces_table_and_records_the_run(account, kit):
     before = _rows(account)
     assert [r[0] for r in before] == ["U0000000", "U0000001", "U0000002"]
     kit.write_data(account.data_file, 5, start=100)
+    digests = [hashlib.sha256(kit.data_text(3).encode()).hexdigest()]
+    digests.append(hashlib.sha256(account.data_file.read_bytes()).hexdigest())
     result = run_account(account.settings, account.name)
     assert result.ok, result.summary()
     assert [r[0] for r in _rows(account)] == [f"U{i:07d}" for i in range(100, 105)]
@@ -56,7 +59,8 @@ def test_load_replaces_table_and_records_the_run(account, kit):
     loads = open_sis_db(account.settings.sis_db_url).loads(account.name)
     done = [r for r in loads if r.status == LOADED]
     assert [r.rows for r in done] == [3, 5]
-    assert all(len(r.sha256 or "") == 64 and r.finished is not None for r in done)
+    assert [r.sha256 for r in done] == digests  # hashed in the load's own pass
+    assert all(r.finished is not None for r in done)
 
 
 # A child that starts a real nightly run and stops inside the load's transaction (at the
@@ -379,6 +383,7 @@ def test_refused_file_rolls_back_rows_already_loaded(account, kit):
         on.data_file.write_text("".join(content), encoding="utf-8", newline="")
         result = load_file(on.settings, on.spec, on.data_file)
         assert result.status == "refused" and error in result.message, result.message
+        assert result.sha256 == hashlib.sha256(on.data_file.read_bytes()).hexdigest()
         assert [r[0] for r in _rows(on)] == ["U0000000", "U0000001", "U0000002"]
     from sqlalchemy import inspect
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import sys
 from pathlib import Path
 
@@ -388,3 +389,33 @@ def test_loader_pass_finds_an_empty_key_and_its_line(
             assert report.errors == [f"line {broken + 1}: the key column {key} is empty"]
         # No row of the bad line's block, nor after it, reaches the database.
         assert copy_rows < broken and listed_rows < broken
+
+
+def test_the_loader_pass_hashes_the_file_it_reads(tmp_path: Path) -> None:
+    """``hash_file``: the load's SHA-256 comes from its one pass over the file, on both
+    paths, for a clean file and for one with a late error (read to the end all the same);
+    a pass that stops early (bad header) or reads back (duplicate report) leaves it empty
+    so the loader hashes the file itself."""
+    spec = make_spec(key="UUUID")
+    rows = people(3 * BLOCK_BYTES // 40)  # several blocks
+    clean = render(COLUMNS, rows)
+    late_error = clean + b"U9999999\tonly three\tfields\n"
+    for text in (clean, late_error):
+        path = write(tmp_path / "sis_hr_user_info.txt", text)
+        expected = hashlib.sha256(path.read_bytes()).hexdigest()
+        copied, listed, unhashed = (ValidationReport(path.name) for _ in range(3))
+        for _ in iter_copy_blocks(path, spec, copied, 20, True, True):
+            pass
+        for _ in iter_row_blocks(path, spec, listed, 20, True, True):
+            pass
+        for _ in iter_copy_blocks(path, spec, unhashed, 20, True):
+            pass
+        assert copied.sha256 == listed.sha256 == expected
+        assert unhashed.sha256 == ""
+    bad_header = write(tmp_path / "sis_hr_user_info.txt", "UUUID\tOther\n" + ROW2 + "\n")
+    duplicate = write(tmp_path / "dup.txt", f"{HEADER}\n{ROW2}\n{ROW3}\n{ROW2}\n")
+    for path in (bad_header, duplicate):
+        report = ValidationReport(path.name)
+        for _ in iter_row_blocks(path, spec, report, 20, False, True):
+            pass
+        assert not report.ok and report.sha256 == ""
