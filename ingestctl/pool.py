@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ingest_core.console import print_fields, print_json
+
+if TYPE_CHECKING:
+    from loader.pool import PoolView
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,9 +74,16 @@ def show(args: argparse.Namespace, ctx) -> int:
             ("deferred fetch", "yes" if view.deferred_fetch else "no (no pool file is published)"),
             ("source", view.source),
             ("IDs in source", "-" if view.ids_in_source is None else f"{view.ids_in_source:,}"),
+            ("IDs imported", _imported(view, ctx.settings.pool.source == "table")),
             ("pool file", view.pool_file),
             ("published", view.published_at or "never"),
             ("IDs in file", "-" if view.ids_in_file is None else f"{view.ids_in_file:,}"),
         ]
     )
     return 0
+
+
+def _imported(view: PoolView, from_table: bool) -> str:
+    if not from_table:
+        return "- (the query is read at each publish)"
+    return view.imported_at or "never (publishing is refused until `ingestctl pool import`)"

@@ -45,6 +45,7 @@ class PoolView:
     deferred_fetch: bool
     source: str
     ids_in_source: int | None
+    imported_at: str | None  # the table source: when the IDs were last imported
     pool_file: str
     published: bool
     published_at: str | None
@@ -107,7 +108,16 @@ def import_ids(settings: Settings, account: str, path: Path) -> int:
 def source_ids(settings: Settings, account: str) -> Iterator[str]:
     """The account's active applicant IDs from the configured source, validated."""
     if settings.pool.source == "table":
-        ids: Iterable[object] = open_sis_db(settings.sis_db_url).applicants(account)
+        db = open_sis_db(settings.sis_db_url)
+        if db.applicants_imported(account) is None:
+            # An empty pool file would tell the client "no active applicants", which nobody
+            # said: refuse (and notify) until the list is set up.
+            raise Refused(
+                f"no applicant list has been imported for account {account!r} yet; import "
+                f"one with: ingestctl pool import {account} FILE (an empty file says there are "
+                "no active applicants)"
+            )
+        ids: Iterable[object] = db.applicants(account)
         yield from (check_uuuid(str(v), "pool table") for v in ids)
         return
     engine = create_engine(settings.pool.query_url)
@@ -195,8 +205,13 @@ def show_pool(settings: Settings, account: str) -> PoolView:
     deferred_fetch = Registry(settings).get_account(account).deferred_fetch
     folder = account_folder(settings, account)
     in_source: int | None = None
+    imported_at: str | None = None
     if settings.pool.source == "table":
-        in_source = open_sis_db(settings.sis_db_url).applicant_count(account)
+        db = open_sis_db(settings.sis_db_url)
+        imported = db.applicants_imported(account)
+        if imported is not None:
+            in_source = db.applicant_count(account)
+            imported_at = imported.astimezone(settings.zone).isoformat(timespec="seconds")
     published_at = None
     in_file = None
     if folder.pool_file.is_file():
@@ -215,6 +230,7 @@ def show_pool(settings: Settings, account: str) -> PoolView:
             else f"query on {_safe_url(settings.pool.query_url)}"
         ),
         ids_in_source=in_source,
+        imported_at=imported_at,
         pool_file=str(folder.pool_file),
         published=published_at is not None,
         published_at=published_at,

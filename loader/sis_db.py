@@ -75,6 +75,16 @@ pool_applicants = Table(
     Column("uuuid", String(255), primary_key=True),
 )
 
+# One row per account whose applicant list was imported (even an empty one): what tells "no
+# active applicants" (publish an empty pool file) from "never set up" (refuse to publish).
+pool_imports = Table(
+    "sis_pool_imports",
+    metadata,
+    Column("account", String(32), primary_key=True),
+    Column("imported", UTCDateTime, nullable=False),
+    Column("count", Integer, nullable=False),
+)
+
 # Statuses a sis_loads row can have.
 RUNNING = "running"
 LOADED = "loaded"
@@ -476,9 +486,11 @@ class SisDB:
     # -- pool applicants --------------------------------------------------------------------
 
     def replace_applicants(self, account: str, ids: Iterable[str]) -> int:
-        """Replace an account's applicant IDs in one transaction; returns the count."""
+        """Replace an account's applicant IDs, and record the import, in one transaction;
+        returns the count."""
         with self.engine.begin() as conn:
             conn.execute(delete(pool_applicants).where(pool_applicants.c.account == account))
+            conn.execute(delete(pool_imports).where(pool_imports.c.account == account))
             batch: list[dict[str, str]] = []
             count = 0
             for uuuid in ids:
@@ -489,7 +501,17 @@ class SisDB:
                     batch.clear()
             if batch:
                 conn.execute(insert(pool_applicants), batch)
+            conn.execute(
+                insert(pool_imports).values(account=account, imported=utcnow(), count=count)
+            )
         return count
+
+    def applicants_imported(self, account: str) -> datetime | None:
+        """When the account's applicant list was last imported (None: never)."""
+        with self.engine.connect() as conn:
+            return conn.scalar(
+                select(pool_imports.c.imported).where(pool_imports.c.account == account)
+            )
 
     def applicants(self, account: str) -> list[str]:
         with self.engine.connect() as conn:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ingest_core.settings import PoolSettings, SmtpSettings
 from loader.nightly import run_account
-from loader.pool import publish_pool
+from loader.pool import import_ids, publish_pool
 
 
 def _with_mail(settings, port: int):
@@ -45,3 +45,27 @@ def test_failed_pool_publish_mails_the_operators(settings, onboard, smtp_sink, t
     (message,) = sink.wait(1)
     assert message["Subject"] == "[sis-ingest] Pool publish failed for defer: applicant_pool.txt"
     assert "SELEC" in message.get_payload(decode=True).decode()  # the operators get the real error
+
+
+def test_pool_never_imported_is_refused_and_mailed_not_published_empty(
+    settings, onboard, smtp_sink, tmp_path
+):
+    """An account whose applicant list was never imported gets no pool file (an empty one
+    would say "no active applicants"); the operators are told what to run. An imported empty
+    list is a real answer and is published."""
+    sink, port = smtp_sink
+    on = onboard(settings, "defer", deferred_fetch=True)
+    s = _with_mail(on.settings, port)
+    result = publish_pool(s, on.name)
+    assert not result.ok and not on.folder.pool_file.exists()
+    (message,) = sink.wait(1)
+    body = message.get_payload(decode=True).decode()
+    assert "no applicant list has been imported" in body
+    assert "ingestctl pool import defer FILE" in body
+    empty = tmp_path / "none.txt"
+    empty.write_text("")
+    assert import_ids(s, on.name, empty) == 0
+    result = publish_pool(s, on.name)
+    assert result.ok and result.count == 0
+    assert on.folder.pool_file.read_bytes() == b""
+    assert sink.messages == [message]  # nothing more to tell

@@ -30,6 +30,17 @@ def test_pool_file_exact_bytes_and_pool_line(deferred, tmp_path):
     assert leftovers == []
     view = show_pool(deferred.settings, deferred.name)
     assert view.ids_in_source == 3 and view.ids_in_file == 3 and view.published
+    assert view.imported_at is not None
+
+
+def test_show_tells_a_list_never_imported_from_an_empty_one(deferred, tmp_path):
+    view = show_pool(deferred.settings, deferred.name)
+    assert view.imported_at is None and view.ids_in_source is None
+    empty = tmp_path / "none.txt"
+    empty.write_bytes(b"\r\n")
+    import_ids(deferred.settings, deferred.name, empty)
+    view = show_pool(deferred.settings, deferred.name)
+    assert view.imported_at is not None and view.ids_in_source == 0
 
 
 def test_import_replaces_the_previous_ids_and_refuses_bad_files(deferred, tmp_path):
