@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from ingest_core.db import open_control_db
+from ingest_core.errors import IngestError
 from ingest_core.folders import UPLOAD_TEMP_PREFIX, account_folder, accounts_root
 from ingest_core.lifecycle import loop_name, run_until_signalled
 from ingest_core.policy import normalize_peer_address
@@ -130,7 +131,7 @@ class Server:
         accepting = asyncio.create_task(self._accept(listener))
         self.listening.set()
         try:
-            await stop.wait()
+            await self._until_stopped(stop)
         finally:
             accepting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -138,6 +139,19 @@ class Server:
             listener.close()
             await self._shut_down()
             self.audit.info("server.stopped", port=self.port)
+        if self.pool is not None and self.pool.broken.is_set():
+            raise IngestError(self.pool.broken_reason)
+
+    async def _until_stopped(self, stop: asyncio.Event) -> None:
+        """Until ``stop`` is set, or the workers can no longer be started."""
+        waits = [asyncio.ensure_future(stop.wait())]
+        if self.pool is not None:
+            waits.append(asyncio.ensure_future(self.pool.broken.wait()))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
 
     async def _shut_down(self) -> None:
         for task in list(self._tasks):  # admissions not yet handed over

@@ -72,7 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     settings: Settings = pickle.loads(sys.stdin.buffer.read())
     channel = ControlChannel(socket.socket(fileno=int(args[0])))
     worker = Worker(settings, channel)
-    run_until_signalled(worker.run, event_loop=settings.server.event_loop)
+    try:
+        run_until_signalled(worker.run, event_loop=settings.server.event_loop)
+    except Exception as exc:  # one line for the operator; the listener decides what next
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        worker.audit.error("worker.failed", error=error)
+        print(f"ingest-server worker {os.getpid()}: {error}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

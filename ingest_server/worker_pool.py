@@ -31,6 +31,10 @@ from ingest_server.worker_channel import ControlChannel, Message
 
 START_TIMEOUT = 60.0
 RESTART_DELAY = 1.0  # a worker that keeps dying is not restarted in a tight loop
+# Replacements that die (or hang) before saying ready, in a row, before the server gives up:
+# that is the machine or the install, not a session, and a listener that admits connections
+# no worker can take would only hide it.
+MAX_START_FAILURES = 3
 STOP_MARGIN = 10.0  # beyond the shutdown grace, before a worker is killed
 
 
@@ -42,7 +46,7 @@ class _Worker:
     started: float
     ready: bool = False
     gone: bool = False
-    last_heard: float = 0.0  # monotonic time of its last message
+    last_heard: float = 0.0  # monotonic time of its last message (or of its start)
     connections: Counter[str] = field(default_factory=Counter)
     last_used: int = 0
 
@@ -72,6 +76,9 @@ class WorkerPool:
         self._ready = asyncio.Event()
         self._reaping: set[asyncio.Future[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._start_failures = 0
+        self.broken = asyncio.Event()  # set when workers can no longer be started
+        self.broken_reason = ""
 
     async def start(self) -> None:
         """Start every worker and wait until each has loaded its keys and said so."""
@@ -92,24 +99,27 @@ class WorkerPool:
 
     async def _watch_heartbeats(self) -> None:
         """Ping every worker; one silent for ``worker_heartbeat_timeout`` is killed (and, like
-        any worker that exits, replaced): a stuck event loop would hold its sessions hostage."""
+        any worker that exits, replaced): a stuck event loop would hold its sessions hostage.
+        A replacement that has not said ready that long after its start is killed too."""
         timeout = self.settings.server.worker_heartbeat_timeout
         for ping in itertools.count(1):
             await asyncio.sleep(timeout / 4)
             now = time.monotonic()
             for worker in self.workers:
-                if worker is None or worker.gone or not worker.ready:
+                if worker is None or worker.gone:
                     continue
                 if now - worker.last_heard > timeout:
                     self.audit.error(
                         "worker.unresponsive",
                         worker_pid=worker.process.pid,
                         silent_seconds=round(now - worker.last_heard, 1),
+                        starting=not worker.ready,
                     )
                     worker.process.kill()  # its channel closes: _lost() takes over
                     continue
-                with contextlib.suppress(OSError):
-                    worker.channel.send({"ping": ping})
+                if worker.ready:
+                    with contextlib.suppress(OSError):
+                        worker.channel.send({"ping": ping})
 
     def _spawn(self, index: int) -> None:
         if self.stopping:
@@ -124,7 +134,8 @@ class WorkerPool:
         assert process.stdin is not None
         with process.stdin:
             process.stdin.write(pickle.dumps(self.settings))
-        worker = _Worker(index, process, channel, time.monotonic())
+        started = time.monotonic()
+        worker = _Worker(index, process, channel, started, last_heard=started)
         self.workers[index] = worker
         channel.watch(
             lambda message, sock: self._message(worker, message, sock),
@@ -151,6 +162,7 @@ class WorkerPool:
         worker.last_heard = time.monotonic()
         if "ready" in message:
             worker.ready = True
+            self._start_failures = 0
             if all(w is not None and (w.ready or w.gone) for w in self.workers):
                 self._ready.set()
         elif "closed" in message:
@@ -183,7 +195,20 @@ class WorkerPool:
         except subprocess.TimeoutExpired:
             worker.process.kill()
             code = await asyncio.to_thread(worker.process.wait)
-        if self.stopping:
+        if self.stopping or self.broken.is_set():
+            return
+        if not worker.ready:
+            self._start_failures += 1
+        if self._start_failures >= MAX_START_FAILURES:
+            self.broken_reason = (
+                f"server workers failed to start {self._start_failures} times in a row (the "
+                f"last exited with code {code}); their errors are above and in the server log; "
+                "stopping rather than admit connections no worker can take"
+            )
+            self.audit.error(
+                "worker.exited", worker_pid=worker.process.pid, code=code, restarting=False
+            )
+            self.broken.set()
             return
         self.audit.error("worker.exited", worker_pid=worker.process.pid, code=code, restarting=True)
         quick = time.monotonic() - worker.started < RESTART_DELAY * 5

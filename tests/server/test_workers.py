@@ -156,3 +156,63 @@ def test_a_stuck_worker_is_killed_and_replaced(tmp_path: Path, alpha_key: Path) 
         assert stuck not in served_by and served_by <= worker_pids(running)
     finally:
         assert running.stop() == 0
+
+
+def children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+def test_a_replacement_that_hangs_while_starting_is_killed_and_replaced(
+    tmp_path: Path, alpha_key: Path
+) -> None:
+    """A new worker that never says ready (stopped here before it could) is killed after
+    ``worker_heartbeat_timeout`` like a stuck one, and replaced; the server serves on."""
+    running = start_server(
+        tmp_path / "srv", {"server": {"workers": 2, "worker_heartbeat_timeout": 2.0}}
+    )
+    try:
+        add_account(running, "alpha", alpha_key)
+        assert running.process is not None
+        before = children(running.process.pid)
+        os.kill(min(worker_pids(running)), signal.SIGKILL)
+        wait_until(lambda: bool(children(running.process.pid) - before), 10, "a replacement")
+        (hung,) = children(running.process.pid) - before
+        os.kill(hung, signal.SIGSTOP)  # long before its imports are done
+        event = running.wait_for_event("worker.unresponsive", timeout=20, worker_pid=hung)
+        assert event["starting"] is True
+        running.wait_for_event("worker.exited", timeout=20, worker_pid=hung)
+        wait_until(lambda: len(worker_pids(running)) == 3, 30, "a working replacement")
+        assert hung not in worker_pids(running)  # it never got as far as "started"
+        (tmp_path / "ok.txt").write_text("served\n")
+        sftp_batch(running, alpha_key, "alpha", f"put {tmp_path / 'ok.txt'}\n", check=True)
+    finally:
+        assert running.stop() == 0
+
+
+def test_workers_that_cannot_start_stop_the_server_with_one_line(tmp_path: Path) -> None:
+    """Replacements that fail to start three times in a row are the install or the machine,
+    not a session: the server stops with a one-line reason and a non-zero exit instead of
+    admitting connections that no worker would take."""
+    running = start_server(tmp_path / "srv", {"server": {"workers": 2}})
+    try:
+        running.host_key_dir.rename(tmp_path / "srv" / "keys.moved")  # loaded at each start
+        os.kill(min(worker_pids(running)), signal.SIGKILL)
+        assert running.process is not None
+        code = running.process.wait(60)
+        running.process = None
+    finally:
+        running.stop()
+    assert code == 1
+    lines = (tmp_path / "srv" / "server.stderr").read_text().strip().splitlines()
+    assert lines[-1].startswith("ingestctl: server workers failed to start 3 times in a row")
+    # Each failed start said why, in one line (no traceback), there and in the server log.
+    assert not any(line.startswith("Traceback") for line in lines)
+    failed = running.events("worker.failed")
+    assert len(failed) == 3 and all("no host keys in" in e["error"] for e in failed)
+    exits = running.events("worker.exited")
+    assert [e["restarting"] for e in exits][-1] is False
+    running.wait_for_event("server.stopped")
+    assert all(not p.exists() for p in (Path(f"/proc/{pid}") for pid in worker_pids(running)))
