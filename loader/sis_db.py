@@ -14,6 +14,7 @@ a run killed midway still leaves a trace; the next run of that spec marks it ``i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import sqlite3
@@ -151,6 +152,15 @@ class LoadRecord:
     finished: datetime | None
     status: str
     message: str
+
+
+def _fold_wal(cur: sqlite3.Cursor) -> None:
+    """Checkpoint SQLite's WAL into the database and truncate it, without waiting long on
+    readers. After a load it holds the whole new table; after a failed one, pages nobody
+    will read, and on a full disk that space is what the next run needs."""
+    cur.execute("PRAGMA busy_timeout=1000")
+    cur.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 
 
 def quote_ident(name: str) -> str:
@@ -341,11 +351,10 @@ class SisDB:
             except BaseException:
                 if dbapi.in_transaction:
                     cur.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    _fold_wal(cur)
                 raise
-            # The WAL holds the whole load now; fold it back without waiting long on readers.
-            cur.execute("PRAGMA busy_timeout=1000")
-            cur.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            _fold_wal(cur)
             cur.close()
         finally:
             raw.close()
