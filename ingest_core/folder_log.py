@@ -7,6 +7,7 @@ and renames it over the old one, so a reader sees either the old or the new file
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -16,6 +17,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from ingest_core.durable_files import replace_file
 from ingest_core.folders import SERVICE_PREFIX, AccountFolder
 
 STATUSES = ("LOADED", "NO FILE", "ERROR", "RECEIVED", "POOL")
@@ -82,16 +84,25 @@ def append(
     detail: str,
     when: datetime | None = None,
 ) -> str:
-    """Append one durable line to the account's log and return it."""
+    """Append one durable line to the account's log and return it.
+
+    All or nothing: a write cut short (a full disk) is cut back off, so the log never holds
+    half a line for the next one to run into.
+    """
     line = format_line((when or datetime.now(zone)).astimezone(zone), status, file_name, detail)
     data = line.encode("utf-8")
     with _locked(folder):
         fd = os.open(folder.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:
-            written = os.write(fd, data)
-            if written != len(data):
-                raise OSError(f"short write to {folder.log_file}")
-            os.fsync(fd)
+            size = os.fstat(fd).st_size  # appends only happen under the lock
+            try:
+                written = os.write(fd, data)
+                if written != len(data):
+                    raise OSError(errno.ENOSPC, f"short write to {folder.log_file}")
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, size)
+                raise
         finally:
             os.close(fd)
     return line
@@ -125,15 +136,5 @@ def _older_than(line: str, cutoff: datetime) -> bool:
 
 
 def _replace(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{SERVICE_PREFIX}log-trim-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(tmp, 0o640)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    temp = path.with_name(f"{SERVICE_PREFIX}log-trim-{os.getpid()}")
+    replace_file(path, [text.encode("utf-8")], temp)

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ingest_core.durable_files import fsync_folder
 from ingest_core.folders import AccountFolder
 from ingest_server.limits import LimitHit, UploadLimits
 
@@ -61,15 +62,6 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     """Ask the kernel to start writing this range to disk now, without waiting for it."""
     if _sync_file_range is not None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from itertools import chain
 from pathlib import Path
 
 from ingest_core import folder_log
+from ingest_core.durable_files import fsync_folder
 from ingest_core.errors import Refused
 from ingest_core.folders import account_folder, lock_path
 from ingest_core.registry import Registry
@@ -296,11 +297,7 @@ def _delete_if_same(path: Path, identity: FileIdentity | None) -> bool:
         os.unlink(path)
     except FileNotFoundError:
         return False
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_folder(path.parent)
     return True
 
 

@@ -9,7 +9,6 @@ that ``ingestctl pool import`` fills (default), or a SQL query against any datab
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from sqlalchemy import create_engine, text
 
 from ingest_core import folder_log
+from ingest_core.durable_files import replace_file
 from ingest_core.errors import NotFound, Refused
 from ingest_core.folders import POOL_FILE_NAME, POOL_TEMP_PREFIX, account_folder
 from ingest_core.registry import Registry
@@ -136,25 +136,15 @@ def source_ids(settings: Settings, account: str) -> Iterator[str]:
 def write_pool_file(folder_root: Path, ids: Iterable[str]) -> tuple[Path, int]:
     """Write the pool file atomically (temp name + fsync + rename); returns (path, count)."""
     final = folder_root / POOL_FILE_NAME
-    tmp = folder_root / f"{POOL_TEMP_PREFIX}{secrets.token_hex(6)}"
     count = 0
-    try:
-        with open(tmp, "xb") as handle:
-            for uuuid in ids:
-                handle.write(uuuid.encode("utf-8") + b"\r\n")
-                count += 1
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o640)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(folder_root, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+    def lines() -> Iterator[bytes]:
+        nonlocal count
+        for uuuid in ids:
+            yield uuuid.encode("utf-8") + b"\r\n"
+            count += 1
+
+    replace_file(final, lines(), folder_root / f"{POOL_TEMP_PREFIX}{secrets.token_hex(6)}")
     return final, count
 
 
@@ -173,8 +163,11 @@ def publish_pool(settings: Settings, account: str, now: datetime | None = None) 
             "the pool file was not updated (a problem on our side; the operators were "
             "notified); the previous pool file stays"
         )
-        folder_log.append(folder, settings.zone, "ERROR", POOL_FILE_NAME, detail, when)
         log.error("pool_failed", account=account, error=error)
+        try:
+            folder_log.append(folder, settings.zone, "ERROR", POOL_FILE_NAME, detail, when)
+        except OSError as log_error:  # the same full disk, say: the operators still hear
+            log.error("folder_log_failed", account=account, error=str(log_error))
         notify_failure(settings, "Pool publish", account, POOL_FILE_NAME, error, when)
         return PoolResult(account, False, 0, str(folder.pool_file), error)
     folder_log.append(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
-import os
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from ingest_core.client_keys import generate_client_keypair
+from ingest_core.durable_files import replace_file
 from ingest_core.errors import NotFound, Refused
 from ingest_core.schedule import Frequency, parse_frequency
 from push_agent.agent import Agent
@@ -194,10 +194,7 @@ def store_password(agent: Agent, name: str, password: str) -> None:
         raise Refused("the password must be one non-empty line")
     final = password_path(agent, name)
     temp = final.with_name(f".{final.name}.{secrets.token_hex(4)}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(password.strip("\n"))
-    os.replace(temp, final)
+    replace_file(final, [password.strip("\n").encode("utf-8")], temp, mode=0o600)
 
 
 def read_password(agent: Agent, name: str) -> str | None:

@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import Date, DateTime, bindparam, create_engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from ingest_core.durable_files import rename_into_place
 from push_agent.connections import ROW_TERMINATORS, Connection
 from push_agent.failures import Category, fail
 
@@ -73,7 +74,7 @@ def export_to(conn: Connection, since: Since, out: Path, command_timeout: float)
         made = produce(conn, since, temp, command_timeout)
         if made != temp:
             shutil.copyfile(made, temp)
-        os.replace(temp, out)
+        rename_into_place(temp, out)
     finally:
         temp.unlink(missing_ok=True)
     return out

@@ -10,7 +10,6 @@ downloads go the same way in the other direction.
 from __future__ import annotations
 
 import asyncio
-import os
 import posixpath
 import re
 import secrets
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import asyncssh
 
+from ingest_core.durable_files import rename_into_place
 from push_agent.failures import (
     STAGE_AUTH,
     STAGE_CONNECT,
@@ -190,7 +190,7 @@ class Session:
                     f"{remote} has {expected} bytes on the server, {got} arrived",
                     transient=True,
                 )
-            os.replace(temp, local)
+            rename_into_place(temp, local)
         except asyncssh.SFTPError as exc:
             raise _sftp_failure(exc, f"downloading {remote}") from exc
         finally:

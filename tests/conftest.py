@@ -201,3 +201,37 @@ def pg_url(pg_server: str) -> Iterator[str]:
     yield f"{pg_server}{name}"
     close_all()
     subprocess.run(["dropdb", "--if-exists", "--force", name], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MB tmpfs, for a real ENOSPC (mounting needs root, as CI has)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr!r}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_disk(mount: Path) -> Path:
+    """Fill ``mount`` to the last byte with one file; returns it (delete it to make room)."""
+    filler = mount / "filler.bin"
+    with open(filler, "wb", buffering=0) as handle:
+        block = b"\0" * 4096
+        try:
+            while True:
+                handle.write(block)
+        except OSError:
+            pass
+        try:
+            while True:
+                handle.write(b"\0")
+        except OSError:
+            pass
+    return filler

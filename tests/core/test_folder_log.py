@@ -105,3 +105,22 @@ def test_lines_parse_back_even_with_spaces_in_file_names(folder: AccountFolder) 
             "file": name or "-",
             "detail": detail,
         }
+
+
+def test_an_append_cut_short_by_a_full_disk_is_taken_back(
+    settings: Settings, small_disk: Path
+) -> None:
+    """A full disk can let half a line through (the log's last page had room for a few
+    bytes): that half is cut off again, so the next line never runs into it."""
+    from conftest import fill_disk
+
+    folder = AccountFolder("small", small_disk)
+    before = b"x" * (4096 - 20 - 1) + b"\n"  # 20 bytes left in the log's last page
+    folder.log_file.write_bytes(before)
+    filler = fill_disk(small_disk)
+    with pytest.raises(OSError):
+        folder_log.append(folder, NY, "LOADED", "sis_hr_user_info.txt", "48,213 rows imported")
+    assert folder.log_file.read_bytes() == before
+    filler.unlink()
+    line = folder_log.append(folder, NY, "LOADED", "sis_hr_user_info.txt", "48,213 rows imported")
+    assert folder.log_file.read_bytes() == before + line.encode()

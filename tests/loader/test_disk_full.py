@@ -1,36 +1,20 @@
-"""A full disk under the SIS database mid-load: the previous data stays whole, the file stays
-in the folder, the client's log says so in words, and the next run (with space again) loads.
-
-A real ENOSPC: the SQLite database sits on a small tmpfs (mounting needs root, as CI has).
+"""A full disk mid-load or mid-publish: the previous data stays whole, the file stays in the
+folder, the client's log says so in words when it can, and the next run (with space again)
+works. A real ENOSPC: a small tmpfs (the ``small_disk`` fixture).
 """
 
 from __future__ import annotations
 
 import sqlite3
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from conftest import fill_disk
 
 from loader.nightly import run_account
+from loader.pool import import_ids, publish_pool
 from loader.sis_db import FAILED, LOADED, open_sis_db
 from loader.spec import table_name
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr!r}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_disk_full_during_a_load_keeps_the_previous_data_and_the_file(
@@ -65,3 +49,46 @@ def test_disk_full_during_a_load_keeps_the_previous_data_and_the_file(
     assert not on.data_file.exists()
     assert len(live_rows()) == 5_000
     assert open_sis_db(on.settings.sis_db_url).loads(on.name)[-1].status == LOADED
+
+
+def test_pool_publish_on_a_full_folder_keeps_the_previous_pool_file(
+    settings, onboard, small_disk: Path, tmp_path: Path
+) -> None:
+    """The pool file is replaced whole or not at all; with the disk too full even for the
+    ERROR line, the publish still fails cleanly (the operators hear of it) and the log holds
+    no half line; with room again, the next publish works."""
+    on = onboard(settings, "poolfull", deferred_fetch=True)
+    subprocess.run(["mount", "--bind", str(small_disk), str(on.folder.root)], check=True)
+    try:
+        ids = tmp_path / "ids.txt"
+        ids.write_text("K1\nK2\n")
+        import_ids(on.settings, on.name, ids)
+        assert publish_pool(on.settings, on.name).ok
+        too_many = tmp_path / "too_many.txt"  # a 3.6 MB pool file: more than the disk
+        too_many.write_text("".join(f"U{i:09d}\n" for i in range(300_000)))
+        import_ids(on.settings, on.name, too_many)
+        assert not publish_pool(on.settings, on.name).ok
+        assert on.folder.pool_file.read_bytes() == b"K1\r\nK2\r\n"
+        assert " ERROR applicant_pool.txt the pool file was not updated" in _last_line(on)
+        many = tmp_path / "many.txt"  # 1.2 MB: fits, once there is room
+        many.write_text("".join(f"U{i:09d}\n" for i in range(100_000)))
+        import_ids(on.settings, on.name, many)
+        with open(on.folder.log_file, "ab") as log:  # end the log on a page boundary:
+            log.write(b"#" * (-(log.tell() + 1) % 4096) + b"\n")  # no room left even there
+        filler = fill_disk(small_disk)
+        log_before = on.folder.log_file.read_bytes()
+        result = publish_pool(on.settings, on.name)
+        assert not result.ok and "No space left" in result.message
+        assert on.folder.pool_file.read_bytes() == b"K1\r\nK2\r\n"
+        assert on.folder.log_file.read_bytes() == log_before
+        assert sorted(p.name for p in small_disk.iterdir() if p.name.startswith(".ingest-p")) == []
+        filler.unlink()
+        assert publish_pool(on.settings, on.name).ok
+        assert on.folder.pool_file.stat().st_size == 100_000 * 12
+        assert " POOL applicant_pool.txt 100,000 active applicant IDs" in _last_line(on)
+    finally:
+        subprocess.run(["umount", str(on.folder.root)], check=False)
+
+
+def _last_line(on) -> str:
+    return on.folder.log_file.read_text().splitlines()[-1]
