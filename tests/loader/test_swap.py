@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from conftest import REPO
 
+from ingest_core import folder_log
 from loader.nightly import load_file, run_account
 from loader.sis_db import INTERRUPTED, LOADED, SisDB, open_sis_db
 from loader.spec import table_name
@@ -397,3 +398,35 @@ def test_refused_file_rolls_back_rows_already_loaded(account, kit):
         "refused",
         "refused",
     ]
+
+
+@pytest.mark.postgres
+def test_postgres_connection_cut_mid_copy_keeps_previous_data_and_file(acme_pg, kit):
+    """The database connection dies in the middle of the COPY (the backend is terminated,
+    as a database restart or a network cut would): the previous data stays, the file stays,
+    the client's log says so, and the next run loads it."""
+    on = acme_pg
+    kit.write_data(on.data_file, 3)
+    assert run_account(on.settings, on.name).ok
+    conninfo = on.settings.sis_db_url.replace("postgresql+psycopg", "postgresql")
+    kit.write_data(on.data_file, 50_000, start=100)
+    cut: list[int] = []
+
+    def progress(account, file_name, rows):
+        if not cut:
+            with psycopg.connect(conninfo, autocommit=True) as admin:
+                query = "SELECT pid FROM pg_stat_activity WHERE query LIKE 'COPY %%'"
+                cut.extend(admin.execute(query).fetchone() or [])
+                admin.execute("SELECT pg_terminate_backend(%s)", (cut[0],))
+
+    result = run_account(on.settings, on.name, progress=progress)
+    assert cut and not result.ok
+    assert on.data_file.exists()
+    assert [r[0] for r in _rows(on)] == ["U0000000", "U0000001", "U0000002"]
+    line = folder_log.read_lines(on.folder)[-1]
+    assert " ERROR sis_hr_user_info.txt not loaded: " in line and "the file stays" in line
+    result = run_account(on.settings, on.name)
+    assert result.ok, result.summary()
+    assert len(_rows(on)) == 50_000 and not on.data_file.exists()
+    statuses = [r.status for r in open_sis_db(on.settings.sis_db_url).loads(on.name)]
+    assert statuses[-1] == LOADED and statuses[-2] != LOADED
