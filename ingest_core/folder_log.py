@@ -14,11 +14,10 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from ingest_core.durable_files import replace_file
-from ingest_core.folders import SERVICE_PREFIX, AccountFolder
+from ingest_core.folders import LOG_TRIM_TEMP_PREFIX, AccountFolder
 
 STATUSES = ("LOADED", "NO FILE", "ERROR", "RECEIVED", "POOL")
 
@@ -123,7 +122,9 @@ def trim(folder: AccountFolder, retention_days: int, now: datetime) -> int:
         kept = [ln for ln in lines if not _older_than(ln, cutoff)]
         dropped = len(lines) - len(kept)
         if dropped:
-            _replace(folder.log_file, "".join(f"{ln}\n" for ln in kept))
+            folder.remove_stale(LOG_TRIM_TEMP_PREFIX, 0)  # a killed trim's; we hold the lock
+            text = "".join(f"{ln}\n" for ln in kept)
+            replace_file(folder.log_file, [text.encode("utf-8")], folder.log_trim_temp())
     return dropped
 
 
@@ -133,8 +134,3 @@ def _older_than(line: str, cutoff: datetime) -> bool:
         return datetime.fromisoformat(stamp) < cutoff
     except ValueError:
         return False  # never drop a line we cannot read
-
-
-def _replace(path: Path, text: str) -> None:
-    temp = path.with_name(f"{SERVICE_PREFIX}log-trim-{os.getpid()}")
-    replace_file(path, [text.encode("utf-8")], temp)

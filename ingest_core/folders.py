@@ -12,7 +12,9 @@ Layout under the data root::
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,10 @@ POOL_FILE_NAME = "applicant_pool.txt"
 SERVICE_PREFIX = ".ingest-"
 UPLOAD_TEMP_PREFIX = ".ingest-upload-"
 POOL_TEMP_PREFIX = ".ingest-pool-"
+LOG_TRIM_TEMP_PREFIX = ".ingest-log-trim-"
 LOG_LOCK_NAME = ".ingest-log.lock"
+# A temporary file of ours not touched for this long was left by a process that died.
+STALE_TEMP_SECONDS = 3600
 PARTIAL_SUFFIXES = (".filepart", ".part", ".partial", ".tmp")
 
 READ_ONLY_NAMES = frozenset({LOG_FILE_NAME, POOL_FILE_NAME})
@@ -54,6 +59,27 @@ class AccountFolder:
     def upload_temp(self, final_name: str, token: str) -> Path:
         """Hidden temporary name for an upload to ``final_name``, in the same folder."""
         return self.root / f"{UPLOAD_TEMP_PREFIX}{token}-{final_name}"
+
+    def pool_temp(self, token: str) -> Path:
+        """Hidden temporary name a new pool file is written under."""
+        return self.root / f"{POOL_TEMP_PREFIX}{token}"
+
+    def log_trim_temp(self) -> Path:
+        """Hidden temporary name a trimmed log is written under (one trim at a time: the
+        log's lock is held)."""
+        return self.root / f"{LOG_TRIM_TEMP_PREFIX}{os.getpid()}"
+
+    def remove_stale(self, prefix: str, older_than: float = STALE_TEMP_SECONDS) -> int:
+        """Remove our temporary files with ``prefix`` not modified for ``older_than``
+        seconds (left by a process that was killed); returns how many."""
+        removed = 0
+        now = time.time()
+        for path in self.root.glob(f"{prefix}*"):
+            with contextlib.suppress(OSError):
+                if now - path.lstat().st_mtime >= older_than:
+                    path.unlink()
+                    removed += 1
+        return removed
 
     def candidate_files(self) -> list[Path]:
         """Complete data files a loader may look at (not temp, partial, log or pool files)."""

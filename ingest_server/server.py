@@ -21,7 +21,12 @@ from typing import Any
 
 from ingest_core.db import open_control_db
 from ingest_core.errors import IngestError
-from ingest_core.folders import UPLOAD_TEMP_PREFIX, account_folder, accounts_root
+from ingest_core.folders import (
+    STALE_TEMP_SECONDS,
+    UPLOAD_TEMP_PREFIX,
+    account_folder,
+    accounts_root,
+)
 from ingest_core.lifecycle import loop_name, run_until_signalled
 from ingest_core.policy import normalize_peer_address
 from ingest_core.registry import Registry
@@ -35,28 +40,17 @@ from ingest_server.session_host import SessionHost, host_keypairs
 from ingest_server.worker_pool import WorkerPool
 
 PROXY_HEADER_TIMEOUT = 5.0
-STALE_TEMP_SECONDS = 3600
 _CLOSE_WAIT = 5.0
 REFUSAL_LOG_WINDOW = 10.0
 
 
 def remove_stale_uploads(settings: Settings, older_than: float = STALE_TEMP_SECONDS) -> int:
     """Temporary upload files left by a crashed server (not touched for an hour)."""
-    removed = 0
-    now = time.time()
     root = accounts_root(settings)
     if not root.is_dir():
         return 0
-    for entry in root.iterdir():
-        folder = account_folder(settings, entry.name)
-        if not folder.root.is_dir():
-            continue
-        for path in folder.root.glob(f"{UPLOAD_TEMP_PREFIX}*"):
-            with contextlib.suppress(OSError):
-                if now - path.lstat().st_mtime > older_than:
-                    path.unlink()
-                    removed += 1
-    return removed
+    folders = (account_folder(settings, entry.name) for entry in root.iterdir())
+    return sum(f.remove_stale(UPLOAD_TEMP_PREFIX, older_than) for f in folders if f.root.is_dir())
 
 
 class Server:

@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, text
 from ingest_core import folder_log
 from ingest_core.durable_files import replace_file
 from ingest_core.errors import NotFound, Refused
-from ingest_core.folders import POOL_FILE_NAME, POOL_TEMP_PREFIX, account_folder
+from ingest_core.folders import POOL_FILE_NAME, POOL_TEMP_PREFIX, AccountFolder, account_folder
 from ingest_core.registry import Registry
 from ingest_core.settings import Settings
 from ingest_core.structured_log import get_logger
@@ -133,9 +133,10 @@ def source_ids(settings: Settings, account: str) -> Iterator[str]:
         engine.dispose()
 
 
-def write_pool_file(folder_root: Path, ids: Iterable[str]) -> tuple[Path, int]:
-    """Write the pool file atomically (temp name + fsync + rename); returns (path, count)."""
-    final = folder_root / POOL_FILE_NAME
+def write_pool_file(folder: AccountFolder, ids: Iterable[str]) -> tuple[Path, int]:
+    """Write the pool file atomically (temp name + fsync + rename); returns (path, count).
+    Temporary pool files a killed publish left behind go first."""
+    folder.remove_stale(POOL_TEMP_PREFIX)
     count = 0
 
     def lines() -> Iterator[bytes]:
@@ -144,8 +145,8 @@ def write_pool_file(folder_root: Path, ids: Iterable[str]) -> tuple[Path, int]:
             yield uuuid.encode("utf-8") + b"\r\n"
             count += 1
 
-    replace_file(final, lines(), folder_root / f"{POOL_TEMP_PREFIX}{secrets.token_hex(6)}")
-    return final, count
+    replace_file(folder.pool_file, lines(), folder.pool_temp(secrets.token_hex(6)))
+    return folder.pool_file, count
 
 
 def publish_pool(settings: Settings, account: str, now: datetime | None = None) -> PoolResult:
@@ -156,7 +157,7 @@ def publish_pool(settings: Settings, account: str, now: datetime | None = None) 
     try:
         seen: set[str] = set()
         unique = (v for v in source_ids(settings, account) if not (v in seen or seen.add(v)))
-        path, count = write_pool_file(folder.root, unique)
+        path, count = write_pool_file(folder, unique)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         detail = (

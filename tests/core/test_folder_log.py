@@ -79,6 +79,20 @@ def test_trim_drops_only_old_lines_and_keeps_unreadable_ones(folder: AccountFold
     assert folder_log.trim(folder, 400, now) == 0
 
 
+def test_a_trim_killed_midway_leaves_nothing_in_the_way(folder: AccountFolder) -> None:
+    """A trim killed before its rename leaves its temporary file; the next trim (same
+    process id, as after a restart) removes it instead of failing on it forever."""
+    now = datetime(2027, 6, 1, 12, tzinfo=UTC)
+    folder_log.append(folder, NY, "LOADED", "a.txt", "old", when=now - timedelta(days=500))
+    folder_log.append(folder, NY, "LOADED", "a.txt", "recent", when=now - timedelta(days=10))
+    folder.log_trim_temp().write_text("half of a trimmed log")
+    assert folder_log.trim(folder, 400, now) == 1
+    assert [ln.split(" ", 2)[-1] for ln in folder_log.read_lines(folder)] == ["a.txt recent"]
+    assert sorted(p.name for p in folder.root.iterdir()) == sorted(
+        [folder.log_file.name, folder.log_lock.name]
+    )
+
+
 def test_service_files_are_never_data_files(settings: Settings) -> None:
     folder = account_folder(settings, "uni")
     assert not is_data_file_name(folder.log_file.name)

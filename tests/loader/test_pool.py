@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import time
 
 import pytest
 
@@ -110,3 +112,20 @@ def test_pool_table_in_postgres(settings, pg_url, onboard, tmp_path):
     assert import_ids(on.settings, on.name, ids) == 2
     assert publish_pool(on.settings, on.name).ok
     assert on.folder.pool_file.read_bytes() == b"P1\r\nP2\r\n"
+
+
+def test_temporary_pool_files_of_a_killed_publish_are_removed(deferred, tmp_path):
+    """A publish killed mid-write leaves a hidden temporary file (it counts against the
+    account's quota); the next publish removes those older than an hour, and leaves a fresh
+    one alone (another publish may be writing it)."""
+    ids = tmp_path / "ids.txt"
+    ids.write_text("K1\n")
+    import_ids(deferred.settings, deferred.name, ids)
+    stale, fresh = deferred.folder.pool_temp("dead"), deferred.folder.pool_temp("busy")
+    stale.write_bytes(b"K0\r\n" * 1000)
+    fresh.write_bytes(b"K0\r\n")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    assert publish_pool(deferred.settings, deferred.name).ok
+    assert not stale.exists() and fresh.exists()
+    assert deferred.folder.pool_file.read_bytes() == b"K1\r\n"

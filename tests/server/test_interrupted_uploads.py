@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,24 @@ def test_sigterm_lets_short_uploads_finish_and_cuts_long_ones(
     assert running.events("server.stopped")
     cut = running.events("upload.discarded")
     assert [e["name"] for e in cut] == ["big.csv"]
+
+
+def test_temporary_files_of_a_killed_server_are_removed_when_it_starts(
+    tmp_path: Path, alpha_key: Path
+) -> None:
+    """A server killed mid-upload leaves the hidden temporary file; the next start removes
+    those untouched for an hour (and only those: a fresh one may belong to a running node)."""
+    running = start_server(tmp_path / "srv", launch=False)
+    add_account(running, "alpha", alpha_key)
+    folder = running.folder("alpha")
+    stale, fresh = folder / ".ingest-upload-dead-a.csv", folder / ".ingest-upload-busy-b.csv"
+    stale.write_bytes(b"x" * 1000)
+    fresh.write_bytes(b"y")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    running.restart()
+    try:
+        assert running.events("server.started")[-1]["stale_uploads_removed"] == 1
+        assert temp_files(folder) == [fresh.name]
+    finally:
+        running.stop()
