@@ -33,6 +33,7 @@ from loader.nightly import AccountResult, accounts_to_run, report_crash, run_acc
 from loader.notify import notify_failure
 from loader.pool import PoolResult, pool_accounts, publish_pool
 from loader.precheck import PreCheckWatcher, precheck_file
+from loader.validate import without_values
 
 LOAD_JOB = "loader.load"
 POOL_JOB = "loader.pool"
@@ -219,7 +220,8 @@ class LoaderDaemon:
                     datetime.now(self.settings.zone),
                 )
             results.append(result)
-            self.log.info("account_run", account=name, ok=result.ok, summary=result.summary())
+            summary = without_values(result.summary())
+            self.log.info("account_run", account=name, ok=result.ok, summary=summary)
         return results
 
     async def run_pools(self, due: datetime | None = None) -> list[PoolResult]:

@@ -43,7 +43,13 @@ from loader.sis_db import (
     open_sis_db,
 )
 from loader.spec import Spec, closest_spec_hint, match_spec, specs_for, table_name
-from loader.validate import ValidationReport, iter_copy_blocks, iter_row_blocks, validate_file
+from loader.validate import (
+    ValidationReport,
+    iter_copy_blocks,
+    iter_row_blocks,
+    validate_file,
+    without_values,
+)
 
 HASH_BLOCK = 1 << 20
 
@@ -429,13 +435,14 @@ def _run_locked(
             log.info("load_done", deleted=deleted, **event)
             continue
         line("ERROR", path.name, f"{outcome.message}; the SIS data stays as it was")
-        log.error("load_failed", message=outcome.message, error=outcome.internal_error, **event)
+        operators = without_values(outcome.message)  # the values stay in the client's log
+        log.error("load_failed", message=operators, error=outcome.internal_error, **event)
         notify_failure(
             settings,
             "Load",
             account,
             path.name,
-            outcome.internal_error or outcome.message,
+            outcome.internal_error or operators,
             datetime.now(zone),
         )
 

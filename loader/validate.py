@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -94,6 +95,16 @@ def _shown(value: str) -> str:
     if len(value) > MAX_SHOWN_VALUE:
         value = value[:MAX_SHOWN_VALUE] + "..."
     return repr(value)
+
+
+_QUOTED = re.compile(r"'(?:[^'\\\n]|\\.)*'" + r'|"(?:[^"\\\n]|\\.)*"')  # Python reprs
+
+
+def without_values(message: str) -> str:
+    """A validation message for the operators' log and e-mail: every value quoted from the
+    file (by :func:`_shown`) becomes '…'. The values themselves (a duplicated ID, say) stay
+    in the client's own folder log, where they help; file contents go to no other log."""
+    return _QUOTED.sub("'…'", message)
 
 
 class _Format:

@@ -69,3 +69,21 @@ def test_pool_never_imported_is_refused_and_mailed_not_published_empty(
     assert result.ok and result.count == 0
     assert on.folder.pool_file.read_bytes() == b""
     assert sink.messages == [message]  # nothing more to tell
+
+
+def test_values_from_the_file_stay_in_the_clients_log_only(acme, kit, smtp_sink):
+    """A refusal that quotes a value from the file (a duplicated ID) tells the client the
+    value, in its own folder log; the operators' e-mail and log get the line numbers and the
+    kind of problem, not the value."""
+    sink, port = smtp_sink
+    lines = kit.data_text(5).splitlines(keepends=True)
+    acme.data_file.write_text("".join([*lines, lines[2]]), encoding="utf-8", newline="")
+    assert not run_account(_with_mail(acme.settings, port), acme.name).ok
+    client = acme.folder.log_file.read_text()
+    assert "line 7: duplicate key UUUID 'U0000001' (also on line 3" in client
+    (message,) = sink.wait(1)
+    body = message.get_payload(decode=True).decode()
+    assert "line 7: duplicate key UUUID '…' (also on line 3" in body
+    server_log = (acme.settings.log_dir / "loader.jsonl").read_text(encoding="utf-8")
+    assert "duplicate key UUUID" in server_log
+    assert "U0000001" not in body and "U0000001" not in server_log
