@@ -85,6 +85,11 @@ def create(args: argparse.Namespace, ctx) -> int:
     else:
         print(f"created account {view.name}; folder {view.folder}")
         print(f"next: ingestctl key add {view.name} FILE.pub; ingestctl ip add {view.name} ADDRESS")
+        if view.deferred_fetch:
+            print(
+                f"and: ingestctl pool import {view.name} FILE (the applicant list; no pool "
+                "file is published until it is imported)"
+            )
     return 0
 
 

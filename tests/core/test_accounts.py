@@ -36,6 +36,14 @@ def test_create_makes_a_private_folder_and_shows_up(ingestctl: Run, workdir: Pat
     assert "no client can log in yet" in shown
 
 
+def test_create_says_what_comes_next(ingestctl: Run) -> None:
+    plain = ingestctl("account", "create", "plain", check=True).stdout
+    assert "next: ingestctl key add plain FILE.pub; ingestctl ip add plain ADDRESS" in plain
+    assert "pool import" not in plain
+    deferred = ingestctl("account", "create", "defer", "--deferred-fetch", check=True).stdout
+    assert "and: ingestctl pool import defer FILE" in deferred
+
+
 def test_names_must_be_valid_and_unique(ingestctl: Run) -> None:
     for bad in ("Uni", "uni a", "x" * 33, "uni/../x", ""):
         result = ingestctl("account", "create", bad)
