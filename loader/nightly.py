@@ -295,11 +295,19 @@ def account_lock(settings: Settings, account: str) -> Iterator[bool]:
         os.close(fd)
 
 
+def _identity(path: Path) -> FileIdentity | None:
+    """What ``path`` points at now (None: nothing)."""
+    try:
+        return FileIdentity.of(path)
+    except FileNotFoundError:
+        return None
+
+
 def _delete_if_same(path: Path, identity: FileIdentity | None) -> bool:
     """Delete the loaded file, unless the name now points at a newer upload."""
+    if identity is None or _identity(path) != identity:
+        return False
     try:
-        if identity is None or FileIdentity.of(path) != identity:
-            return False
         os.unlink(path)
     except FileNotFoundError:
         return False
@@ -427,11 +435,14 @@ def _run_locked(
             "forced": force,
         }
         if outcome.ok:
-            deleted = _delete_if_same(path, outcome.identity)
+            # The client hears first, then the file goes: if the line cannot be written (a
+            # full disk) or the run dies in between, the file stays and the next run loads it
+            # again and says so, rather than the night's load never reaching the log.
             detail = f"{outcome.rows:,} rows imported"
-            if not deleted and path.exists():
+            if _identity(path) not in (outcome.identity, None):
                 detail += "; a newer copy of the file arrived meanwhile and stays for the next run"
             line("LOADED", path.name, detail, outcome.rows)
+            deleted = _delete_if_same(path, outcome.identity)
             log.info("load_done", deleted=deleted, **event)
             continue
         line("ERROR", path.name, f"{outcome.message}; the SIS data stays as it was")

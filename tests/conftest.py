@@ -219,9 +219,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def fill_disk(mount: Path) -> Path:
+def fill_disk(mount: Path, name: str = "filler.bin") -> Path:
     """Fill ``mount`` to the last byte with one file; returns it (delete it to make room)."""
-    filler = mount / "filler.bin"
+    filler = mount / name
     with open(filler, "wb", buffering=0) as handle:
         block = b"\0" * 4096
         try:

@@ -92,3 +92,32 @@ def test_pool_publish_on_a_full_folder_keeps_the_previous_pool_file(
 
 def _last_line(on) -> str:
     return on.folder.log_file.read_text().splitlines()[-1]
+
+
+def test_a_load_the_log_cannot_record_keeps_its_file_for_the_next_run(
+    settings, onboard, kit, small_disk: Path
+) -> None:
+    """The folder's disk is full when the LOADED line is due: the load is committed, but the
+    file is deleted only once the client has been told, so it stays; the next run (with room
+    again) loads it again and the log says so. No night's load goes unreported."""
+    on = onboard(settings, "logfull")
+    subprocess.run(["mount", "--bind", str(small_disk), str(on.folder.root)], check=True)
+    try:
+        kit.write_data(on.data_file, 50)
+        assert run_account(on.settings, on.name).ok
+        kit.write_data(on.data_file, 40, start=500)
+        with open(on.folder.log_file, "ab") as log:  # end the log on a page boundary
+            log.write(b"#" * (-(log.tell() + 1) % 4096) + b"\n")
+        log_before = on.folder.log_file.read_bytes()
+        filler = fill_disk(small_disk, ".filler")  # hidden: not a file the loader looks at
+        result = run_account(on.settings, on.name)
+        assert result.crashed and "No space left" in result.crashed
+        assert len(open_sis_db(on.settings.sis_db_url).table_rows(table_name(on.spec))) == 40
+        assert on.data_file.exists()  # the client was not told: the file stays
+        assert on.folder.log_file.read_bytes() == log_before
+        filler.unlink()
+        assert run_account(on.settings, on.name).ok
+        assert not on.data_file.exists()
+        assert _last_line(on).endswith(" LOADED sis_hr_user_info.txt 40 rows imported")
+    finally:
+        subprocess.run(["umount", str(on.folder.root)], check=False)
