@@ -163,6 +163,13 @@ def python_child(
     return json.loads(out.strip().splitlines()[-1]), rss
 
 
+def loader_child(data: Path, url: str, work: Path, rows: int, keyed: bool) -> tuple[float, int]:
+    """One load of ``data`` into ``url`` in a child process: (seconds, peak RSS in KiB)."""
+    result, rss = python_child("load", str(data), url, str(work), rows=rows, keyed=keyed)
+    assert result["ok"], result
+    return float(result["seconds"]), rss
+
+
 def sqlite_import(path: Path, db: Path) -> tuple[float, int]:
     """``sqlite3 .import`` into a fresh table (the header row names the columns)."""
     script = f".mode tabs\n.import {path} t\n"
@@ -329,10 +336,7 @@ def sqlite_rounds(work: Path, data: Path, rows: int, rounds: Rounds) -> None:
         return work / name
 
     def sqlite_load(db: Path, keyed: bool = True) -> tuple[float, int]:
-        url = f"sqlite:///{db}"
-        result, rss = python_child("load", str(data), url, str(work), rows=rows, keyed=keyed)
-        assert result["ok"], result
-        return float(result["seconds"]), rss
+        return loader_child(data, f"sqlite:///{db}", work, rows, keyed)
 
     loader, again, no_key, imported = (
         "loader (validate+load+swap)",
@@ -375,10 +379,7 @@ def postgres_rounds(work: Path, data: Path, rows: int, rounds: Rounds) -> None:
             subprocess.run(["dropdb", "--if-exists", "--force", name], capture_output=True)
 
     def pg_load(database: str, keyed: bool = True) -> tuple[float, int]:
-        url = f"postgresql+psycopg:///{database}"
-        result, rss = python_child("load", str(data), url, str(work), rows=rows, keyed=keyed)
-        assert result["ok"], result
-        return float(result["seconds"]), rss
+        return loader_child(data, f"postgresql+psycopg:///{database}", work, rows, keyed)
 
     loader, no_key, copied, indexed = (
         "loader (validate+load+swap)",
