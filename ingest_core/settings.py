@@ -83,6 +83,15 @@ class ServerSettings:
     shutdown_grace: float = 30.0
     # PROXY protocol v1/v2 is read only from these load balancer addresses.
     proxy_protocol_from: list[str] = field(default_factory=list)
+    # "compatible": the default algorithm lists keep what libssh2 1.10 (curl sftp://) needs;
+    # "strict": drops those extras (plain hmac-sha2-256) for fewer ssh-audit warnings.
+    algorithm_profile: str = "compatible"
+    # SSH channels (SFTP/SCP sessions) one connection may have open at once (OpenSSH's
+    # MaxSessions).
+    max_channels_per_connection: int = 10
+    # A logged-in connection with no channel, or no request on any channel, for this many
+    # seconds is closed (0: never).
+    idle_timeout: float = 600.0
 
     def worker_count(self) -> int:
         """How many session processes ``workers`` means on this machine."""
@@ -99,6 +108,20 @@ class LimitSettings:
     account_quota_bytes: int = 10 * 1024**3
     free_disk_reserve_bytes: int = 1024**3
     max_read_ahead_bytes: int = 8 * 1024**2
+    # Files (uploads and downloads) one connection may hold open at once; 0: sized at start
+    # from the process's file-descriptor limit (at most 64).
+    max_handles_per_session: int = 0
+    # Upload bytes one connection may hold in memory before they are written, across all
+    # its open files: memory per session stays bounded whatever the client does.
+    max_unflushed_bytes_per_session: int = 4 * 1024**2
+    # Logged-in connections one account may have at once (across all workers).
+    max_sessions_per_account: int = 10
+    # New connections per second from one address (with a burst of connection_burst), refused
+    # before the banner like the IP gate; counted across all workers.
+    connection_rate_per_address: float = 10.0
+    connection_burst: int = 10
+    # A write may start at most this many bytes past the end of the file (no large holes).
+    max_hole_bytes: int = 1024**2
 
 
 @dataclass(frozen=True)
@@ -106,11 +129,25 @@ class DefenderSettings:
     """Brute-force scores per source address (SFTPGo's defender, in spirit)."""
 
     enabled: bool = True
-    score_unknown_user: int = 5
-    score_bad_key: int = 2
+    # Equal by default: a different weight would tell anyone on an allowed address which
+    # account names exist.
+    score_unknown_user: int = 3
+    score_bad_key: int = 3
     threshold: int = 15
     window_seconds: int = 600
     ban_seconds: int = 1800
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """The JSON-lines logs in ``log_dir``: bounded in size and repetition."""
+
+    # A log file is rotated when it reaches max_bytes; backups older files are kept
+    # (NAME.jsonl.1 ... NAME.jsonl.N). 0 for max_bytes: never rotated by us (logrotate).
+    max_bytes: int = 64 * 1024**2
+    backups: int = 8
+    # Identical events from one session within this window are written once, with a count.
+    repeat_window_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -182,6 +219,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     defender: DefenderSettings = field(default_factory=DefenderSettings)
+    logs: LogSettings = field(default_factory=LogSettings)
     keys: KeyPolicySettings = field(default_factory=KeyPolicySettings)
     ips: IpPolicySettings = field(default_factory=IpPolicySettings)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
