@@ -3,6 +3,10 @@
 One line per event, newest last: ``ISO-timestamp-with-offset STATUS file detail``. Lines are
 appended with O_APPEND and fsync'ed, never rewritten; trimming old lines writes a new file
 and renames it over the old one, so a reader sees either the old or the new file, whole.
+
+Writer and readers agree on what a line is: text up to a line feed (LF). The writer escapes every
+control character and line separator (U+2028, U+0085, CR...) of a file name or a detail, so a
+name can never start a line of its own (a forged entry), and readers split on LF only.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from ingest_core.durable_files import replace_file
+from ingest_core.file_names import escape_for_operator
 from ingest_core.folders import LOG_TRIM_TEMP_PREFIX, AccountFolder
 
 STATUSES = ("LOADED", "NO FILE", "ERROR", "RECEIVED", "POOL")
@@ -27,7 +32,9 @@ def format_line(when: datetime, status: str, file_name: str, detail: str) -> str
         raise ValueError(f"unknown folder log status {status!r}")
     if when.tzinfo is None:
         raise ValueError("folder log timestamps must carry an offset")
-    flat = " ".join(detail.split())  # one event, one line: no newline can split it
+    # One event, one line: whitespace (line breaks included) becomes spaces, and whatever
+    # control character is left is escaped, like the file name.
+    flat = escape_for_operator(" ".join(detail.split()))
     return (
         f"{when.isoformat(timespec='seconds')} {status} {_file_field(file_name)} {flat}".rstrip()
         + "\n"
@@ -35,9 +42,11 @@ def format_line(when: datetime, status: str, file_name: str, detail: str) -> str
 
 
 def _file_field(file_name: str) -> str:
-    """The file name as one field: quoted (JSON string) when it holds a space or a quote."""
+    r"""The file name as one field, escaped (any name: undecodable bytes show as ``\xff``),
+    and quoted (JSON string) when it holds a space or a quote."""
     if not file_name:
         return "-"
+    file_name = escape_for_operator(file_name)
     if any(c.isspace() for c in file_name) or file_name.startswith('"'):
         return json.dumps(file_name, ensure_ascii=False)
     return file_name
@@ -108,10 +117,19 @@ def append(
 
 
 def read_lines(folder: AccountFolder) -> list[str]:
+    """The log's lines, split on LF only, as written (never on U+2028, U+0085 or CR).
+
+    Bytes that are not UTF-8 (a hand edit, an older writer) come back as lone surrogates,
+    so a line is never lost and :func:`trim` writes it back byte for byte.
+    """
     try:
-        return folder.log_file.read_text(encoding="utf-8").splitlines()
+        data = folder.log_file.read_bytes()
     except FileNotFoundError:
         return []
+    lines = data.decode("utf-8", errors="surrogateescape").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 def trim(folder: AccountFolder, retention_days: int, now: datetime) -> int:
@@ -124,7 +142,8 @@ def trim(folder: AccountFolder, retention_days: int, now: datetime) -> int:
         if dropped:
             folder.remove_stale(LOG_TRIM_TEMP_PREFIX, 0)  # a killed trim's; we hold the lock
             text = "".join(f"{ln}\n" for ln in kept)
-            replace_file(folder.log_file, [text.encode("utf-8")], folder.log_trim_temp())
+            data = text.encode("utf-8", errors="surrogateescape")
+            replace_file(folder.log_file, [data], folder.log_trim_temp())
     return dropped
 
 

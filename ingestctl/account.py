@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ingest_core.console import print_fields, print_json, print_table
+from ingest_core.console import print_escaped, print_fields, print_json, print_table
 from ingest_core.errors import Refused
 from ingest_core.registry import AccountView
 
@@ -68,7 +68,7 @@ def _show(view: AccountView) -> None:
             ("allowed IPs", ", ".join(view.ips) or "(none: no client can connect yet)"),
         ]
     )
-    print()
+    print_escaped()
     print_table(
         [(k.key_type, k.bits, k.fingerprint, k.comment, k.added_at) for k in view.keys],
         ["type", "bits", "fingerprint", "comment", "added"],
@@ -83,10 +83,12 @@ def create(args: argparse.Namespace, ctx) -> int:
     if args.json:
         print_json(view)
     else:
-        print(f"created account {view.name}; folder {view.folder}")
-        print(f"next: ingestctl key add {view.name} FILE.pub; ingestctl ip add {view.name} ADDRESS")
+        print_escaped(f"created account {view.name}; folder {view.folder}")
+        print_escaped(
+            f"next: ingestctl key add {view.name} FILE.pub; ingestctl ip add {view.name} ADDRESS"
+        )
         if view.deferred_fetch:
-            print(
+            print_escaped(
                 f"and: ingestctl pool import {view.name} FILE (the applicant list; no pool "
                 "file is published until it is imported)"
             )
@@ -127,7 +129,7 @@ def show(args: argparse.Namespace, ctx) -> int:
 
 def set_status(args: argparse.Namespace, ctx) -> int:
     view = ctx.registry.set_status(args.name, args.status)
-    print(f"account {view.name} is {view.status}")
+    print_escaped(f"account {view.name} is {view.status}")
     return 0
 
 
@@ -142,5 +144,5 @@ def delete(args: argparse.Namespace, ctx) -> int:
             raise Refused("not confirmed: nothing was deleted")
     ctx.registry.delete_account(args.name, purge=args.purge)
     kept = "" if args.purge else f"; files kept in {view.folder}"
-    print(f"deleted account {args.name}{kept}")
+    print_escaped(f"deleted account {args.name}{kept}")
     return 0

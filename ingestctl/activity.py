@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ingest_core.console import print_json, print_table
-from ingest_server.activity import account_activity
+from ingest_server.activity import ACTIVITY_COLUMNS, account_activity, activity_row
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,17 +27,9 @@ def run(args: argparse.Namespace, ctx) -> int:
     if args.json:
         print_json(events)
         return 0
-    rows = []
-    for e in events:
-        detail = e.get("name") or e.get("reason") or e.get("fingerprint") or e.get("request") or ""
-        if e.get("event") == "file.renamed":
-            detail = f"{e.get('old_name')} -> {e.get('name')}"
-        sha = (e.get("sha256") or "")[:16]
-        rows.append((e.get("timestamp", ""), e.get("event"), e.get("address"), detail,
-                     e.get("bytes", ""), sha))  # fmt: skip
     print_table(
-        rows,
-        ["when", "event", "address", "detail", "bytes", "sha256"],
+        [activity_row(e) for e in events],
+        ACTIVITY_COLUMNS,
         empty=f"no server activity logged for {args.name!r}",
     )
     return 0

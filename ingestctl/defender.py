@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ingest_core.console import print_json, print_table
+from ingest_core.console import print_escaped, print_json, print_table
 from ingest_server.defender import list_bans, unban
 
 
@@ -40,5 +40,5 @@ def list_(args: argparse.Namespace, ctx) -> int:
 def unban_(args: argparse.Namespace, ctx) -> int:
     address = unban(ctx.settings, args.address)
     ctx.registry.record(None, "defender.unban", address=address)
-    print(f"{address} is no longer banned")
+    print_escaped(f"{address} is no longer banned")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ingest_core.console import print_json, print_table
+from ingest_core.console import print_escaped, print_json, print_table
 from ingest_core.errors import NotFound
 from ingest_server.host_keys import HOST_KEY_FILES, describe_host_key, known_hosts_lines
 
@@ -38,7 +38,8 @@ def show(args: argparse.Namespace, ctx) -> int:
         if args.json:
             print_json(lines)
         else:
-            print("\n".join(lines))
+            for line in lines:
+                print_escaped(line)
         return 0
     infos = [describe_host_key(p) for p in paths]
     if args.json:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ingest_core.console import print_json, print_table
+from ingest_core.console import print_escaped, print_json, print_table
 from ingest_core.db import open_control_db
 from ingest_core.folders import ensure_base_folders
 from ingest_core.settings import Settings
@@ -35,10 +35,10 @@ def run(args: argparse.Namespace, ctx) -> int:
     if args.json:
         print_json({"data_root": str(ctx.settings.data_root), "host_keys": keys})
         return 0
-    print(f"settings:  {ctx.settings.source}")
-    print(f"data root: {ctx.settings.data_root}")
-    print(f"logs:      {ctx.settings.log_dir}")
-    print("host keys (give these fingerprints to client institutions):")
+    print_escaped(f"settings:  {ctx.settings.source}")
+    print_escaped(f"data root: {ctx.settings.data_root}")
+    print_escaped(f"logs:      {ctx.settings.log_dir}")
+    print_escaped("host keys (give these fingerprints to client institutions):")
     print_table(
         [(k.algorithm, k.bits, k.fingerprint, "new" if k.created else "kept") for k in keys],
         ["type", "bits", "fingerprint", "status"],

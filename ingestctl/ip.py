@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ingest_core.console import print_json, print_table, warn
+from ingest_core.console import print_escaped, print_json, print_table, warn
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,13 +33,13 @@ def add(args: argparse.Namespace, ctx) -> int:
     address, warning = ctx.registry.add_ip(args.name, args.address)
     if warning:
         warn(warning)
-    print(f"allowed {address} for {args.name}")
+    print_escaped(f"allowed {address} for {args.name}")
     return 0
 
 
 def remove(args: argparse.Namespace, ctx) -> int:
     address = ctx.registry.remove_ip(args.name, args.address)
-    print(f"removed {address} from {args.name}")
+    print_escaped(f"removed {address} from {args.name}")
     return 0
 
 
@@ -54,5 +54,5 @@ def list_(args: argparse.Namespace, ctx) -> int:
         ["address"],
         empty=f"{args.name} has no allowed addresses (no client can connect)",
     )
-    print(f"({len(ips)} of {limit} allowed)")
+    print_escaped(f"({len(ips)} of {limit} allowed)")
     return 0

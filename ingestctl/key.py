@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ingest_core.console import print_json, print_table
+from ingest_core.console import print_escaped, print_json, print_table
 from ingest_core.errors import Refused
 
 MAX_KEY_FILE_BYTES = 64 * 1024
@@ -54,7 +54,7 @@ def add(args: argparse.Namespace, ctx) -> int:
     if args.json:
         print_json(key)
     else:
-        print(f"added {key.key_type} {key.bits}-bit key {key.fingerprint} to {args.name}")
+        print_escaped(f"added {key.key_type} {key.bits}-bit key {key.fingerprint} to {args.name}")
     return 0
 
 
@@ -73,5 +73,5 @@ def list_(args: argparse.Namespace, ctx) -> int:
 
 def remove(args: argparse.Namespace, ctx) -> int:
     key = ctx.registry.remove_key(args.name, args.fingerprint)
-    print(f"removed key {key.fingerprint} from {args.name}")
+    print_escaped(f"removed key {key.fingerprint} from {args.name}")
     return 0

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ingest_core.client_keys import generate_client_keypair
-from ingest_core.console import print_json
+from ingest_core.console import print_escaped, print_json
 from ingest_core.errors import Refused
 
 
@@ -42,7 +42,7 @@ def _ask_passphrase() -> str:
 def run(args: argparse.Namespace, ctx) -> int:
     passphrase = _ask_passphrase() if args.passphrase else None
     if not args.json:
-        print("generating a 4096-bit RSA key pair...", file=sys.stderr)
+        print_escaped("generating a 4096-bit RSA key pair...", file=sys.stderr)
     pair = generate_client_keypair(Path(args.path), args.comment, passphrase)
     if args.json:
         print_json(
@@ -54,8 +54,8 @@ def run(args: argparse.Namespace, ctx) -> int:
             }
         )
         return 0
-    print(pair.public_line)
-    print(f"fingerprint: {pair.fingerprint}")
-    print(f"private key: {pair.private_path} (mode 0600; keep it secret)")
-    print(f"public key:  {pair.public_path} (give this to the sis-ingest operator)")
+    print_escaped(pair.public_line)
+    print_escaped(f"fingerprint: {pair.fingerprint}")
+    print_escaped(f"private key: {pair.private_path} (mode 0600; keep it secret)")
+    print_escaped(f"public key:  {pair.public_path} (give this to the sis-ingest operator)")
     return 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ingest_core.console import print_json, print_table
+from ingest_core.console import print_escaped, print_json, print_table
+from ingest_core.file_names import escape_for_operator
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +57,7 @@ class _ProgressBar:
         sys.stderr.flush()
 
     def rows(self, account: str, file_name: str, rows: int) -> None:
-        self._draw(f"{account}: {file_name} {rows:,} rows")
+        self._draw(escape_for_operator(f"{account}: {file_name} {rows:,} rows"))
 
     def account_done(self, _result: object) -> None:
         self.done += 1
@@ -101,9 +102,9 @@ def run(args: argparse.Namespace, ctx) -> int:
         )
     else:
         for r in results:
-            print(r.summary())
+            print_escaped(r.summary())
         if not results:
-            print("no active accounts")
+            print_escaped("no active accounts")
     return 0 if all(r.ok for r in results) else 1
 
 

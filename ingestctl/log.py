@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ingest_core.console import print_json
+from ingest_core.console import print_escaped, print_json
 from ingest_core.folder_log import parse_line, read_lines
 from ingest_core.folders import account_folder
 
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace, ctx) -> int:
         print_json([parse_line(line) for line in lines])
         return 0
     for line in lines:
-        print(line)
+        print_escaped(line)
     if not lines:
-        print(f"(the folder log of {args.name} is empty)")
+        print_escaped(f"(the folder log of {args.name} is empty)")
     return 0

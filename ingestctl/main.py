@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from functools import cached_property
 
-from ingest_core.console import OneLineErrorParser
+from ingest_core.console import OneLineErrorParser, print_escaped
 from ingest_core.errors import IngestError
 from ingest_core.registry import Registry
 from ingest_core.settings import Settings, load_settings
@@ -78,13 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args, ctx) or 0)
     except IngestError as exc:
-        print(f"ingestctl: {exc}", file=sys.stderr)
+        print_escaped(f"ingestctl: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("ingestctl: interrupted", file=sys.stderr)
+        print_escaped("ingestctl: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:
-        print(
+        print_escaped(
             f"ingestctl: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr
         )
         return 1

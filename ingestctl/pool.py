@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ingest_core.console import print_fields, print_json
+from ingest_core.console import print_escaped, print_fields, print_json
 
 if TYPE_CHECKING:
     from loader.pool import PoolView
@@ -42,7 +42,7 @@ def import_(args: argparse.Namespace, ctx) -> int:
 
     count = import_ids(ctx.settings, args.name, args.file)
     ctx.registry.record(args.name, "pool.import", file=str(args.file), count=count)
-    print(f"imported {count:,} applicant IDs for {args.name}")
+    print_escaped(f"imported {count:,} applicant IDs for {args.name}")
     return 0
 
 
@@ -55,9 +55,9 @@ def publish(args: argparse.Namespace, ctx) -> int:
     else:
         for r in results:
             state = "published" if r.ok else "FAILED"
-            print(f"{r.account}: {state}: {r.message}")
+            print_escaped(f"{r.account}: {state}: {r.message}")
         if not results:
-            print("no active deferred-fetch accounts")
+            print_escaped("no active deferred-fetch accounts")
     return 0 if all(r.ok for r in results) else 1
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from ingest_core.console import print_escaped
 from ingest_core.lifecycle import run_until_signalled
 from ingest_core.settings import Settings
 from ingestctl.init import initialize
@@ -56,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, ctx) -> int:
     initialize(ctx.settings)
-    print(
+    print_escaped(
         f"sis-ingest serving SFTP/SCP on {ctx.settings.server.host}:{ctx.settings.server.port};"
         f" loader at {ctx.settings.schedule.loader_time}, pool at "
         f"{ctx.settings.schedule.pool_time} {ctx.settings.schedule.timezone}; "

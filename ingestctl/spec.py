@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ingest_core.console import print_fields, print_json
+from ingest_core.console import print_escaped, print_fields, print_json
 from loader.spec import (
     DELIMITER_NAMES,
     TERMINATOR_NAMES,
@@ -69,8 +69,8 @@ def approve(args: argparse.Namespace, ctx) -> int:
     if args.json:
         print_json(spec.as_dict())
     else:
-        print(f"approved {spec.file_name} for {args.name}: {spec.describe()}")
-        print(f"loads into table {table_name(spec)}")
+        print_escaped(f"approved {spec.file_name} for {args.name}: {spec.describe()}")
+        print_escaped(f"loads into table {table_name(spec)}")
     return 0
 
 
@@ -80,15 +80,17 @@ def show(args: argparse.Namespace, ctx) -> int:
         print_json([s.as_dict() for s in specs])
         return 0
     if not specs:
-        print(f"{args.name} has no approved file format (ingestctl spec approve {args.name} FILE)")
+        print_escaped(
+            f"{args.name} has no approved file format (ingestctl spec approve {args.name} FILE)"
+        )
     for number, spec in enumerate(specs):
         if number:
-            print()
+            print_escaped()
         _show(spec)
     return 0
 
 
 def remove(args: argparse.Namespace, ctx) -> int:
     spec = remove_spec(ctx.registry, args.name, args.file_name)
-    print(f"removed the approved format of {spec.file_name} from {args.name}")
+    print_escaped(f"removed the approved format of {spec.file_name} from {args.name}")
     return 0

@@ -5,6 +5,9 @@ Rules that matter (issue 4):
   very file that was loaded (a newer upload that landed meanwhile stays for the next run);
 - a refused or failed load leaves the database and the file as they were;
 - files still being uploaded never show up here (``AccountFolder.candidate_files``);
+- a file whose name is not usable (not UTF-8, or holding control characters: an operator can
+  copy any name in) gets one escaped line in the folder log and is skipped; it never stops
+  the account's run and does not by itself make the run fail;
 - one run per account at a time (an fcntl lock on ``folders.lock_path``), and one account's
   failure never stops the others.
 
@@ -28,10 +31,15 @@ from pathlib import Path
 from ingest_core import folder_log
 from ingest_core.durable_files import fsync_folder
 from ingest_core.errors import Refused
+from ingest_core.file_names import (
+    UNUSABLE_NAME_REASON,
+    escape_for_operator,
+    undecodable_or_control,
+)
 from ingest_core.folders import account_folder, lock_path
 from ingest_core.registry import Registry
 from ingest_core.settings import Settings
-from ingest_core.structured_log import get_logger
+from ingest_core.structured_log import get_logger, log_limits
 from loader.notify import notify_failure
 from loader.sis_db import (
     FAILED,
@@ -102,9 +110,11 @@ class FileOutcome:
     """One line of an account's run, as it went into the folder log."""
 
     status: str  # LOADED | NO FILE | ERROR
-    file_name: str
+    file_name: str  # escaped: any name the folder held, safe to show and to log
     detail: str
     rows: int = 0
+    # False for a file skipped for its name alone: the client is told, but no load failed.
+    fails_run: bool = True
 
 
 @dataclass
@@ -117,18 +127,23 @@ class AccountResult:
     @property
     def ok(self) -> bool:
         return (
-            not self.busy and not self.crashed and all(o.status != "ERROR" for o in self.outcomes)
+            not self.busy
+            and not self.crashed
+            and all(o.status != "ERROR" or not o.fails_run for o in self.outcomes)
         )
 
     def summary(self) -> str:
+        """One line for operators, control characters escaped (file names can hold any)."""
         if self.busy:
-            return f"{self.account}: skipped, another load of this account is running"
-        if self.crashed:
-            return f"{self.account}: FAILED ({self.crashed})"
-        if not self.outcomes:
-            return f"{self.account}: nothing to do (no approved file spec and no file)"
-        parts = [f"{o.status} {o.file_name} {o.detail}" for o in self.outcomes]
-        return f"{self.account}: " + "; ".join(parts)
+            text = f"{self.account}: skipped, another load of this account is running"
+        elif self.crashed:
+            text = f"{self.account}: FAILED ({self.crashed})"
+        elif not self.outcomes:
+            text = f"{self.account}: nothing to do (no approved file spec and no file)"
+        else:
+            parts = [f"{o.status} {o.file_name} {o.detail}" for o in self.outcomes]
+            text = f"{self.account}: " + "; ".join(parts)
+        return escape_for_operator(text)
 
 
 @dataclass
@@ -170,6 +185,11 @@ class _ValidatedFile:
         self.report.errors[:] = full.errors
         self.report.error_count = full.error_count
         self.everything_reported = True
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception as one short, escaped line for operators (its text can quote a path)."""
+    return escape_for_operator(f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
 
 
 def file_sha256(path: Path) -> str:
@@ -258,7 +278,7 @@ def load_file(
         db.finish_load(load_id, REFUSED, report.rows, str(exc), source.sha256())
         return result(REFUSED, report.rows, str(exc))
     except Exception as exc:
-        internal = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        internal = error_text(exc)
         if not report.ok:  # the validator's own refusal surfaced through the driver
             source.report_everything()
             message = f"not loaded: {report.summary()}"
@@ -323,7 +343,7 @@ def run_account(
     now: Callable[[], datetime] | None = None,
 ) -> AccountResult:
     """One account's nightly run. Never raises for a bad file or a database failure."""
-    log = get_logger(settings.log_dir, "loader")
+    log = get_logger(settings.log_dir, "loader", **log_limits(settings))
     result = AccountResult(account)
     clock = now or _now(settings)
     try:
@@ -337,14 +357,15 @@ def run_account(
                 account_folder(settings, account), settings.loader.log_retention_days, clock()
             )
     except Exception as exc:  # one account's crash never stops the others
-        result.crashed = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        result.crashed = error_text(exc)
         report_crash(settings, account, result.crashed, clock())
     return result
 
 
 def report_crash(settings: Settings, account: str, error: str, when: datetime) -> None:
     """A run that broke on our side: tell the client in words, the operators in detail."""
-    get_logger(settings.log_dir, "loader").error("load_crashed", account=account, error=error)
+    log = get_logger(settings.log_dir, "loader", **log_limits(settings))
+    log.error("load_crashed", account=account, error=error)
     # The folder itself may be the problem; the operators still get the e-mail.
     with contextlib.suppress(OSError):
         folder_log.append(
@@ -370,19 +391,31 @@ def _run_locked(
     progress: Progress | None,
     result: AccountResult,
 ) -> None:
-    log = get_logger(settings.log_dir, "loader")
+    log = get_logger(settings.log_dir, "loader", **log_limits(settings))
     folder = account_folder(settings, account)
     zone = settings.zone
     specs = specs_for(settings, account)
     files = folder.candidate_files()
     db = open_sis_db(settings.sis_db_url)
 
-    def line(status: str, file_name: str, detail: str, rows: int = 0) -> None:
+    def line(
+        status: str, file_name: str, detail: str, rows: int = 0, fails_run: bool = True
+    ) -> None:
         folder_log.append(folder, zone, status, file_name, detail)
-        result.outcomes.append(FileOutcome(status, file_name, detail, rows))
+        shown = escape_for_operator(file_name)
+        result.outcomes.append(FileOutcome(status, shown, detail, rows, fails_run))
 
     for path in files:
-        if match_spec(specs, path.name) is None:
+        if undecodable_or_control(path.name):
+            shown = escape_for_operator(path.name)
+            detail = (
+                f"not loaded: {UNUSABLE_NAME_REASON}; the file stays in the folder and is "
+                f"skipped; {closest_spec_hint(specs, shown)}"
+            )
+            line("ERROR", path.name, detail, fails_run=False)
+            log.warning("file_name_unusable", account=account, file=shown)
+            notify_failure(settings, "Load", account, shown, detail, datetime.now(zone))
+        elif match_spec(specs, path.name) is None:
             detail = (
                 f"not loaded: {path.name!r} is not an approved file name; "
                 f"{closest_spec_hint(specs, path.name)}; the file stays in the folder"
@@ -415,7 +448,7 @@ def _run_locked(
             log.info("load_no_file", account=account, file=spec.file_name, vanished=True)
             continue
         except Exception as exc:  # e.g. the SIS database is down: the next spec still runs
-            error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            error = error_text(exc)
             line(
                 "ERROR",
                 path.name,

@@ -5,6 +5,8 @@ client closes it, so a complete file shows up as a *moved* event (or, for a file
 place by something else, a *closed* event). In-flight names are ignored. The check runs the
 same validation as the nightly load and appends one ``RECEIVED`` line to the folder log:
 passed (row count, and when it will load) or the errors. It never loads and never deletes.
+A file whose name is not usable (not UTF-8, or holding control characters) is reported as
+such, escaped, and not read.
 """
 
 from __future__ import annotations
@@ -25,10 +27,15 @@ from watchdog.observers import Observer
 
 from ingest_core import folder_log
 from ingest_core.errors import NotFound
+from ingest_core.file_names import (
+    UNUSABLE_NAME_REASON,
+    escape_for_operator,
+    undecodable_or_control,
+)
 from ingest_core.folders import account_folder, accounts_root, is_data_file_name
 from ingest_core.schedule import Daily, parse_hhmm, utc_now
 from ingest_core.settings import Settings
-from ingest_core.structured_log import get_logger
+from ingest_core.structured_log import get_logger, log_limits
 from loader.sis_db import open_sis_db
 from loader.spec import closest_spec_hint, match_spec, specs_for
 from loader.validate import validate_file
@@ -57,7 +64,10 @@ def precheck_file(settings: Settings, path: Path, now: datetime | None = None) -
         return None
     spec = match_spec(specs, path.name)
     zone = settings.zone
-    if spec is None:
+    if undecodable_or_control(path.name):
+        shown = escape_for_operator(path.name)
+        detail = f"will NOT load: {UNUSABLE_NAME_REASON}; {closest_spec_hint(specs, shown)}"
+    elif spec is None:
         detail = (
             f"will NOT load: {path.name!r} is not an approved file name; "
             f"{closest_spec_hint(specs, path.name)}"
@@ -81,8 +91,11 @@ def precheck_file(settings: Settings, path: Path, now: datetime | None = None) -
         else:
             detail = f"will NOT load: {report.summary()}; fix the file and upload it again"
     line = folder_log.append(folder, zone, "RECEIVED", path.name, detail, now)
-    get_logger(settings.log_dir, "loader").info(
-        "precheck", account=account, file=path.name, passed=detail.startswith("passed")
+    get_logger(settings.log_dir, "loader", **log_limits(settings)).info(
+        "precheck",
+        account=account,
+        file=escape_for_operator(path.name),
+        passed=detail.startswith("passed"),
     )
     return line
 
@@ -113,7 +126,7 @@ class PreCheckWatcher:
         self._queue: queue.Queue[Path | None] = queue.Queue()
         self._observer = Observer()
         self._worker = threading.Thread(target=self._work, name="precheck", daemon=True)
-        self._log = get_logger(settings.log_dir, "loader")
+        self._log = get_logger(settings.log_dir, "loader", **log_limits(settings))
         self._last: dict[Path, tuple[int, int, int]] = {}
 
     def start(self) -> None:
@@ -153,7 +166,11 @@ class PreCheckWatcher:
                 if self._is_new_version(path):
                     self._check(path)
             except Exception as exc:  # one bad file never stops the watcher
-                self._log.error("precheck_failed", file=str(path), error=str(exc))
+                self._log.error(
+                    "precheck_failed",
+                    file=escape_for_operator(str(path)),
+                    error=escape_for_operator(str(exc)),
+                )
             finally:
                 self._queue.task_done()
 

@@ -32,6 +32,7 @@ from sqlalchemy import select
 
 from ingest_core.db import Account, FileSpec, open_control_db
 from ingest_core.errors import NotFound, Refused
+from ingest_core.file_names import client_name_refusal, escape_for_operator
 from ingest_core.folders import is_data_file_name
 from ingest_core.registry import Registry
 from ingest_core.settings import Settings
@@ -160,8 +161,11 @@ def check_file_name(name: str) -> str:
     """An approved file name is a plain, visible, complete file name in the account folder."""
     if not name or PurePath(name).name != name or name in (".", ".."):
         raise Refused(f"file name {name!r} is not valid: give a plain name without folders")
-    if len(name.encode("utf-8")) > 255:
+    if len(name.encode("utf-8", "surrogateescape")) > 255:
         raise Refused(f"file name {name!r} is longer than 255 bytes")
+    refusal = client_name_refusal(name.encode("utf-8", "surrogateescape"))
+    if refusal is not None:  # a name no client could upload would never load
+        raise Refused(f"file name {escape_for_operator(name)!r}: {refusal}")
     if not is_data_file_name(name):
         raise Refused(
             f"file name {name!r} is reserved (hidden, partial-upload or service file names "

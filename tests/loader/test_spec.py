@@ -100,7 +100,20 @@ def test_key_column_must_be_in_the_header_and_unique_in_the_sample(tmp_path: Pat
 
 
 @pytest.mark.parametrize(
-    "name", ["../x.txt", "sub/x.txt", ".hidden.txt", "x.txt.filepart", "sis_loader.log", ""]
+    "name",
+    [
+        "../x.txt",
+        "sub/x.txt",
+        ".hidden.txt",
+        "x.txt.filepart",
+        "sis_loader.log",
+        "",
+        # names the server refuses to create, so a file of that name could never arrive
+        "line\nbreak.txt",
+        "fake\u2028LOADED.txt",
+        "SIS_LOADER.LOG",
+        "\udcff-x.txt",
+    ],
 )
 def test_reserved_or_unsafe_file_names_are_refused(tmp_path: Path, name: str) -> None:
     path = write_people(tmp_path / "s.txt", 2)
