@@ -2,7 +2,7 @@
 # System packages the test suite drives for real: OpenSSH's sshd (the comparison and push-agent
 # target), PuTTY's psftp/pscp and lftp (client matrix), PostgreSQL 15 (SIS database tests),
 # iproute2 (a private network namespace for the handshake ACK test), strace (which syscalls
-# make an upload durable).
+# make an upload durable), logrotate (the shipped deploy/sis-ingest.logrotate is run for real).
 # Runs apt-get only for what is missing, so a second run costs nothing.
 set -euo pipefail
 
@@ -15,6 +15,7 @@ command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need+=(iproute2)
 command -v strace >/dev/null 2>&1 || need+=(strace)
+command -v logrotate >/dev/null 2>&1 || [ -x /usr/sbin/logrotate ] || need+=(logrotate)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

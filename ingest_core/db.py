@@ -7,6 +7,7 @@ so a fresh checkout and an old deployment both end up on the same schema.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -185,12 +186,29 @@ _opened: dict[str, ControlDB] = {}
 _open_lock = threading.Lock()
 
 
+SQLITE_FILE_MODE = 0o600
+
+
+def create_private_sqlite_file(path: Path) -> None:
+    """Create an empty SQLite file with mode 0600 before SQLite does (it would use 0644
+    minus the caller's umask); SQLite gives the -wal and -shm files the database's mode."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, SQLITE_FILE_MODE)
+    except FileExistsError:
+        return  # an existing database keeps the mode its operator gave it
+    try:
+        os.fchmod(fd, SQLITE_FILE_MODE)
+    finally:
+        os.close(fd)
+
+
 def make_engine(url: str) -> Engine:
     """An engine with the per-backend settings we rely on (SQLite: FKs, WAL, busy timeout)."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            create_private_sqlite_file(Path(path))
         engine = create_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")

@@ -10,6 +10,8 @@ import asyncssh
 
 HOST_KEY_FILES = {"ssh-ed25519": "ssh_host_ed25519_key", "ssh-rsa": "ssh_host_rsa_key"}
 RSA_HOST_KEY_BITS = 4096
+PRIVATE_KEY_MODE = 0o600
+PUBLIC_KEY_MODE = 0o644  # public, like OpenSSH's ssh_host_*_key.pub
 
 
 @dataclass(frozen=True)
@@ -22,9 +24,11 @@ class HostKeyInfo:
     created: bool
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """A new key file with exactly ``mode``, whatever the caller's umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as handle:
+        os.fchmod(handle.fileno(), mode)
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
@@ -44,8 +48,9 @@ def ensure_host_keys(key_dir: Path) -> list[HostKeyInfo]:
             else:
                 key = asyncssh.generate_private_key(algorithm)
             try:
-                _write_private(path, key.export_private_key("openssh"))
-                Path(f"{path}.pub").write_bytes(key.export_public_key("openssh"))
+                _write_new(path, key.export_private_key("openssh"), PRIVATE_KEY_MODE)
+                Path(f"{path}.pub").unlink(missing_ok=True)  # a leftover of a removed key
+                _write_new(Path(f"{path}.pub"), key.export_public_key("openssh"), PUBLIC_KEY_MODE)
                 created = True
             except FileExistsError:
                 pass  # another process made it first: keep theirs

@@ -28,7 +28,7 @@ from ingest_core.db import JobRun, open_control_db, utcnow
 from ingest_core.lifecycle import run_until_signalled
 from ingest_core.schedule import Daily, local_date, missed_run, parse_hhmm, utc_now, wait_until
 from ingest_core.settings import Settings
-from ingest_core.structured_log import get_logger
+from ingest_core.structured_log import get_logger, log_limits
 from loader.nightly import AccountResult, accounts_to_run, report_crash, run_account
 from loader.notify import notify_failure
 from loader.pool import PoolResult, pool_accounts, publish_pool
@@ -129,7 +129,7 @@ class LoaderDaemon:
         self.settings = settings
         self.now = now
         self.step = step
-        self.log = get_logger(settings.log_dir, "loader")
+        self.log = get_logger(settings.log_dir, "loader", **log_limits(settings))
         self._loads = ChildRunner(in_process)
         self._pools = ChildRunner(in_process)
         self._prechecks = ChildRunner(in_process)

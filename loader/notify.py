@@ -10,7 +10,7 @@ from datetime import datetime
 
 from ingest_core.mail import mail_enabled, send_mail
 from ingest_core.settings import Settings
-from ingest_core.structured_log import get_logger
+from ingest_core.structured_log import get_logger, log_limits
 
 
 def notify_failure(
@@ -32,7 +32,7 @@ def notify_failure(
     try:
         send_mail(settings.smtp, subject, body)
     except (OSError, smtplib.SMTPException) as exc:
-        get_logger(settings.log_dir, "loader").warning(
+        get_logger(settings.log_dir, "loader", **log_limits(settings)).warning(
             "mail_failed", account=account, error=str(exc) or type(exc).__name__
         )
         return False

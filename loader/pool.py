@@ -23,7 +23,7 @@ from ingest_core.errors import NotFound, Refused
 from ingest_core.folders import POOL_FILE_NAME, POOL_TEMP_PREFIX, AccountFolder, account_folder
 from ingest_core.registry import Registry
 from ingest_core.settings import Settings
-from ingest_core.structured_log import get_logger
+from ingest_core.structured_log import get_logger, log_limits
 from loader.notify import notify_failure
 from loader.sis_db import open_sis_db
 
@@ -101,7 +101,8 @@ def import_ids(settings: Settings, account: str, path: Path) -> int:
     _require_deferred(settings, account)
     ids = read_id_file(Path(path))
     count = open_sis_db(settings.sis_db_url).replace_applicants(account, ids)
-    get_logger(settings.log_dir, "loader").info("pool_imported", account=account, count=count)
+    log = get_logger(settings.log_dir, "loader", **log_limits(settings))
+    log.info("pool_imported", account=account, count=count)
     return count
 
 
@@ -151,7 +152,7 @@ def write_pool_file(folder: AccountFolder, ids: Iterable[str]) -> tuple[Path, in
 
 def publish_pool(settings: Settings, account: str, now: datetime | None = None) -> PoolResult:
     """Publish one account's pool file and log it; a failure keeps the previous pool file."""
-    log = get_logger(settings.log_dir, "loader")
+    log = get_logger(settings.log_dir, "loader", **log_limits(settings))
     folder = account_folder(settings, account)
     when = now or datetime.now(settings.zone)
     try:
