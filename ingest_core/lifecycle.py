@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import resource
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -39,6 +40,35 @@ def loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | N
 def loop_name(loop: asyncio.AbstractEventLoop) -> str:
     """ "uvloop" or "asyncio": what the audit log says the server runs on."""
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit; the soft limit now.
+
+    Every connection, open file and worker pipe is a file descriptor, and the usual soft
+    limit (1024) is far below what the server's budgets allow (a process at its limit cannot
+    even accept a socket). The hard limit is what the administrator allows (systemd's
+    ``LimitNOFILE``); raising the soft one up to it needs no privilege. Where even that is
+    refused, the process keeps the limit it had.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft in (hard, resource.RLIM_INFINITY):
+        return soft
+    # An unlimited hard limit cannot be the soft one on Linux (it must stay below
+    # fs.nr_open): then try a large finite number instead.
+    candidates = [hard] if hard != resource.RLIM_INFINITY else [hard, 1 << 20, 65536]
+    for wanted in candidates:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            continue
+        break
+    return open_file_limit()
+
+
+def open_file_limit() -> int:
+    """This process's soft limit on open files (what the server's start event reports)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def run_until_signalled(

@@ -4,7 +4,9 @@ Scores live in memory in the listener process (workers report each failed connec
 it) over a sliding window; bans live in the control DB (``defender_bans``) so they survive a
 restart, are shared by nodes, and can be listed and lifted with ``ingestctl defender``.
 A connection that failed counts
-once, whatever number of keys it tried; an unknown user name weighs more than a wrong key.
+once, whatever number of keys it tried. An unknown user name and a wrong key weigh the same
+by default: different weights would let anyone on an allowed address tell, from how soon
+the ban comes, which account names exist.
 """
 
 from __future__ import annotations

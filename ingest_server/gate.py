@@ -9,10 +9,12 @@ added with ``ingestctl ip add`` is let in at once.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import Counter
 
 from ingest_core.registry import Registry
 from ingest_core.settings import LimitSettings
+from ingest_server.connection_rate import ConnectionRate
 from ingest_server.defender import Defender
 
 
@@ -23,6 +25,7 @@ class ConnectionGate:
         self.limits = limits
         self.registry = registry
         self.defender = defender
+        self.rate = ConnectionRate(limits.connection_rate_per_address, limits.connection_burst)
         self.per_address: Counter[str] = Counter()
         self.total = 0
 
@@ -38,6 +41,8 @@ class ConnectionGate:
 
         Raises whatever the control DB raises; the caller refuses the connection then.
         """
+        if not self.rate.allow(address):  # before the DB: a flood costs nothing
+            return f"too many new connections from this address ({self.rate.describe_limit()})"
         refusal = await asyncio.to_thread(self._lookup, address)
         if refusal is not None:
             return refusal
@@ -54,7 +59,46 @@ class ConnectionGate:
         return None
 
     def release(self, address: str) -> None:
-        self.total -= 1
+        """Give back one admitted connection's slots (never below zero).
+
+        Call it through ``AdmittedConnections.release``, which makes it once per connection.
+        """
+        if self.per_address[address] <= 0:
+            self.per_address.pop(address, None)
+            return
+        self.total = max(self.total - 1, 0)
         self.per_address[address] -= 1
         if self.per_address[address] <= 0:
             del self.per_address[address]
+
+
+class AdmittedConnections:
+    """Every admitted connection by number, so its slots are released exactly once.
+
+    Whatever fails between admission and the end of a session (the hand-over to a worker,
+    the worker's receipt of the socket, a worker crash, an exception), the paths that notice
+    it all call ``release`` with the connection's number; only the first call for a number
+    still held gives the slots back, so none can leak and none is freed twice.
+    """
+
+    def __init__(self, gate: ConnectionGate):
+        self.gate = gate
+        self._held: dict[int, str] = {}
+        self._numbers = itertools.count(1)
+
+    def hold(self, address: str) -> int:
+        """Number a connection ``gate.admit`` has just counted."""
+        number = next(self._numbers)
+        self._held[number] = address
+        return number
+
+    def release(self, number: int) -> bool:
+        """Release connection ``number``'s slots; False if it was no longer held."""
+        address = self._held.pop(number, None)
+        if address is None:
+            return False
+        self.gate.release(address)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._held)

@@ -25,9 +25,12 @@ def server(
     tmp_path_factory: pytest.TempPathFactory, alpha_key: Path, beta_key: Path
 ) -> Iterator[RunningServer]:
     """A server shared by one test module, with accounts alpha and beta on 127.0.0.1."""
-    # The defender is off here: these modules fail logins on purpose from 127.0.0.1.
+    # The defender is off here: these modules fail logins on purpose from 127.0.0.1. So is the
+    # rate of new connections per address: loopback clients run one after another faster than
+    # 10 a second (test_ssh_audit.py and test_connection_rate.py test that limit).
     running = server_harness.start_server(
-        tmp_path_factory.mktemp("server"), {"defender": {"enabled": False}}
+        tmp_path_factory.mktemp("server"),
+        {"defender": {"enabled": False}, "limits": {"connection_rate_per_address": 0}},
     )
     server_harness.add_account(running, "alpha", alpha_key)
     server_harness.add_account(running, "beta", beta_key)
