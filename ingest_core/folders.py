@@ -56,9 +56,10 @@ class AccountFolder:
     def log_lock(self) -> Path:
         return self.root / LOG_LOCK_NAME
 
-    def upload_temp(self, final_name: str, token: str) -> Path:
-        """Hidden temporary name for an upload to ``final_name``, in the same folder."""
-        return self.root / f"{UPLOAD_TEMP_PREFIX}{token}-{final_name}"
+    def upload_temp(self, token: str) -> Path:
+        """Hidden temporary name for an upload, in the same folder. It does not carry the
+        final name, so a name of up to 255 bytes (the file system's limit) can be uploaded."""
+        return self.root / f"{UPLOAD_TEMP_PREFIX}{token}"
 
     def pool_temp(self, token: str) -> Path:
         """Hidden temporary name a new pool file is written under."""
@@ -82,7 +83,12 @@ class AccountFolder:
         return removed
 
     def candidate_files(self) -> list[Path]:
-        """Complete data files a loader may look at (not temp, partial, log or pool files)."""
+        """Complete data files a loader may look at (not temp, partial, log or pool files).
+
+        Names are whatever the folder holds, undecodable bytes (as os.fsdecode's lone
+        surrogates) and control characters included: listing never fails on them, and the
+        caller decides with ``file_names.undecodable_or_control`` whether it can use one.
+        """
         if not self.root.is_dir():
             return []
         return sorted(

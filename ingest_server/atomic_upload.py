@@ -12,8 +12,13 @@ left to write, writeback of every WRITEBACK_BYTES written is started as the data
 
 An upload that does not truncate (resume with ``reput``, OpenSSH scp in SFTP mode, WinSCP
 resume) starts from a copy of the existing file, so writes at an offset behave as if made in
-place. SHA-256 is computed as the data arrives when writes are sequential, else re-read once
-at commit.
+place. That copy is proportional to the file's size, so the caller runs :meth:`Upload.copy_base`
+in a thread before anything that needs it (``base_pending``). SHA-256 is computed as the
+data arrives when writes are sequential, else re-read once at commit (also in a thread).
+
+Memory: data waits in a batch until BATCH_BYTES have arrived, but one session's batches
+together never hold more than its :class:`UnflushedBytes` budget, however many files it has
+open.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ class Received:
     bytes: int
     sha256: str
     seconds: float
+    replaced_bytes: int  # size of the earlier file of that name it replaced (0: none)
 
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
@@ -92,9 +98,6 @@ def _runs(batch: list[tuple[int, bytes, bool]]) -> list[tuple[int, list[bytes], 
         if pieces:
             runs.append((start, pieces, hashing))
             pieces = []
-        if not data:  # a marker: copy the existing file's tail here, in order
-            runs.append((offset, [], False))
-            continue
         pieces, start, end, hashing = [data], offset, offset + len(data), hash_it
     if pieces:
         runs.append((start, pieces, hashing))
@@ -116,6 +119,29 @@ def _write_pieces(fd: int, pieces: list[bytes], offset: int) -> None:
         offset += size
 
 
+class UnflushedBytes:
+    """Upload data one session holds in memory, not yet written, across all its files."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.pending = 0
+        self.uploads: set[Upload] = set()
+
+    def relieve(self, current: Upload) -> None:
+        """Over the limit: write ``current``'s batch, then the largest others', until under.
+        A failure writing another upload is kept by that upload (it fails its next request)."""
+        current.flush()
+        while self.limit and self.pending > self.limit:
+            others = [u for u in self.uploads if u is not current and u.pending_bytes]
+            if not others:
+                return
+            upload = max(others, key=lambda u: u.pending_bytes)
+            try:
+                upload.flush()
+            except (OSError, LimitHit):
+                upload.drop_pending()
+
+
 class Upload:
     """A file being received; not visible under its final name until committed."""
 
@@ -127,10 +153,11 @@ class Upload:
         truncate: bool,
         append: bool,
         limits: UploadLimits,
+        buffer: UnflushedBytes,
         durable: bool = True,
     ):
         self.final = final
-        self.temp = folder.upload_temp(final.name, secrets.token_hex(8))
+        self.temp = folder.upload_temp(secrets.token_hex(8))
         if final.parent != folder.root:
             self.temp = final.parent / self.temp.name
         self.append = append
@@ -149,17 +176,22 @@ class Upload:
         # scp overwrites from offset 0 and then truncates, which needs no copy at all.
         self._base_fd = -1
         self._covered = 0  # bytes [0, covered) written by the client
-        self._base_copy_queued = False
         self._batch: list[tuple[int, bytes, bool]] = []
         self._batch_bytes = 0
+        self.buffer = buffer
+        self.reserved = 0  # bytes of the account's quota held for this upload in the ledger
+        self.credit = 0  # bytes it may reach without reserving: the file it will replace
         self._times: tuple[float, float] | None = None
         try:
+            if final.is_file():
+                self.credit = final.stat().st_size
             if not truncate and final.is_file():
                 self._base_fd = os.open(final, os.O_RDONLY | os.O_NOFOLLOW)
             self.size = os.fstat(self._base_fd).st_size if self._base_fd >= 0 else 0
         except BaseException:
             self.discard()
             raise
+        buffer.uploads.add(self)
 
     @property
     def name(self) -> str:
@@ -171,21 +203,19 @@ class Upload:
             raise self.failed
         if not data:
             return 0
-        if self.append:
-            offset = self.size
+        offset = self.write_offset(offset)
         end = offset + len(data)
         if end > self.size:
             try:
-                self.limits.check(end, end - self.size)
+                self.limits.check_growth(self.size, offset, end)
             except LimitHit as exc:
                 self.failed = exc
                 raise
-        if self._base_fd >= 0 and not self._base_copy_queued:
+        if self._base_fd >= 0:
             if offset == self._covered:
                 self._covered = end
-            else:
-                self._batch.append((self._covered, b"", False))  # copy the old tail first
-                self._base_copy_queued = True
+            else:  # the caller should have run copy_base() in a thread; never lose data
+                self.copy_base()
         hash_it = False
         if self._sequential:
             if offset == self._hashed_upto:
@@ -195,25 +225,64 @@ class Upload:
                 self._sequential = False
         self._batch.append((offset, data, hash_it))
         self._batch_bytes += len(data)
+        self.buffer.pending += len(data)
         self.size = max(self.size, end)
         if self._batch_bytes >= BATCH_BYTES:
             self.flush()
+        elif self.buffer.limit and self.buffer.pending > self.buffer.limit:
+            self.buffer.relieve(self)
         return len(data)
+
+    def write_offset(self, offset: int) -> int:
+        """Where a write at ``offset`` lands (appending handles write at the end)."""
+        return self.size if self.append else offset
+
+    def reservation_needed(self, end: int) -> int:
+        """Quota bytes still to reserve before the file may reach ``end`` bytes (the size of
+        the file it replaces is already counted in the folder's usage)."""
+        return max(0, end - self.credit - self.reserved)
+
+    @property
+    def base_pending(self) -> bool:
+        """The existing file's content has still to be copied (see :meth:`copy_base`)."""
+        return self._base_fd >= 0
+
+    def needs_base_copy(self, offset: int) -> bool:
+        """A write at ``offset`` would need the existing content first (a resume)."""
+        return self._base_fd >= 0 and self.write_offset(offset) != self._covered
+
+    def copy_base(self) -> None:
+        """Copy the existing file's bytes the client has not overwritten (blocking: call it
+        in a thread; the client's data below ``covered`` is left alone)."""
+        self._materialize(self._covered)
+
+    @property
+    def covered(self) -> int:
+        """Bytes [0, covered) of a resumed upload were written by the client."""
+        return self._covered
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._batch_bytes
+
+    def drop_pending(self) -> None:
+        """Forget data not yet written (the upload has failed or is being discarded)."""
+        self.buffer.pending -= self._batch_bytes
+        self._batch, self._batch_bytes = [], 0
 
     def take_batch(self, minimum: int = BATCH_BYTES) -> list[tuple[int, bytes, bool]] | None:
         """The writes accepted so far, once there are ``minimum`` bytes of them."""
         if not self._batch or self._batch_bytes < minimum:
             return None
-        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        batch, self._batch = self._batch, []
+        self.buffer.pending -= self._batch_bytes
+        self._batch_bytes = 0
         return batch
 
     def write_batch(self, batch: list[tuple[int, bytes, bool]]) -> None:
         """Write (and hash) a batch in order, contiguous writes joined into one pwrite."""
         try:
             for offset, pieces, hash_it in _runs(batch):
-                if not pieces:
-                    self._materialize(offset)
-                    continue
                 _write_pieces(self.fd, pieces, offset)
                 end = offset + sum(map(len, pieces))
                 if self.durable and end - self._writeback_from >= WRITEBACK_BYTES:
@@ -255,7 +324,7 @@ class Upload:
 
     def truncate(self, size: int) -> None:
         if size > self.size:
-            self.limits.check(size, size - self.size)
+            self.limits.check_growth(self.size, size, size)
         self.flush()
         if self._base_fd >= 0 and size <= self._covered:
             self._drop_base()  # everything kept was written by the client
@@ -309,18 +378,26 @@ class Upload:
         os.close(self.fd)
         self.fd = -1
         try:
+            replaced = os.lstat(self.final).st_size
+        except FileNotFoundError:
+            replaced = 0
+        try:
             os.replace(self.temp, self.final)
         except OSError:
             self.discard()
             raise
         self.done = True
+        self.buffer.uploads.discard(self)
         if self.durable:
             fsync_folder(self.final.parent)
-        return Received(self.final.name, size, digest, time.monotonic() - self.started)
+        seconds = time.monotonic() - self.started
+        return Received(self.final.name, size, digest, seconds, replaced)
 
     def discard(self) -> None:
         """Drop the upload: close and remove the temporary file (idempotent)."""
         self.done = True
+        self.drop_pending()
+        self.buffer.uploads.discard(self)
         self._drop_base()
         if self.fd >= 0:
             with contextlib.suppress(OSError):

@@ -4,6 +4,10 @@ Public key only. The key must be registered to the account named by the user nam
 account active, the client's address on *that* account's allowlist, and the key must still
 pass the key policy. Unknown users and wrong keys get the same answer. Everything except the
 SFTP subsystem and SCP is refused: shells and commands get one line saying so.
+
+After login the connection lives within its :class:`SessionBudget` (channels, open files,
+unflushed bytes), the account within its share of the ledger (sessions at once), and a
+connection that makes no request for ``idle_timeout`` is closed.
 """
 
 from __future__ import annotations
@@ -17,10 +21,14 @@ from typing import Any
 
 import asyncssh
 
+from ingest_core.folders import account_folder
 from ingest_core.policy import key_refusal
 from ingest_core.registry import LoginView, Registry
+from ingest_core.repeated_events import RepeatedEvents
 from ingest_core.settings import Settings
-from ingest_server.sftp import UploadTracker
+from ingest_server.ledger import AccountLedger
+from ingest_server.session_budget import BudgetExceeded, Held, SessionBudget
+from ingest_server.sftp import AccountSFTPServer, UploadTracker
 
 SERVICE_ONLY_MESSAGE = "This service accepts SFTP and SCP only."
 SHA2_RSA_SIGNATURES = frozenset({b"rsa-sha2-256", b"rsa-sha2-512"})
@@ -102,6 +110,7 @@ class ServerState:
     registry: Registry
     failed_login: FailedLogin
     audit: Any
+    ledger: AccountLedger
     tracker: UploadTracker = field(default_factory=UploadTracker)
     keys: KeyCache = field(default_factory=KeyCache)
     connections: set[asyncssh.SSHServerConnection] = field(default_factory=set)
@@ -123,6 +132,10 @@ class ClientConnection(asyncssh.SSHServer):
         self.registry_failed = False  # not the client's fault: no defender score
         self.started = time.monotonic()
         self.handshake_acks: HandshakeAcks | None = None
+        self.budget = SessionBudget(state.settings)
+        self.repeats = RepeatedEvents(state.audit, state.settings.logs.repeat_window_seconds)
+        self._admission: asyncio.Future[bool] | None = None  # this login's session slot
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -134,8 +147,12 @@ class ClientConnection(asyncssh.SSHServer):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.handshake_acks is not None:
             self.handshake_acks.stop()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         if self.conn is not None:
             self.state.connections.discard(self.conn)
+        self._release_session_slot()
+        self.repeats.flush()
         audit = self.state.audit
         if self.authenticated:
             audit.info(
@@ -235,6 +252,102 @@ class ClientConnection(asyncssh.SSHServer):
             address=self.address,
             fingerprint=self.accepted_fingerprint,
         )
+        # The account's session slot is asked for now; channels wait for the answer.
+        self._admission = asyncio.ensure_future(self.state.ledger.open_session(self.username))
+        self.budget.touch()
+        self._arm_idle_timer()
+
+    def _release_session_slot(self) -> None:
+        """Give the account's session slot back, exactly once, even if the answer to the
+        request for it is still on its way."""
+        admission, self._admission = self._admission, None
+        if admission is None:
+            return
+        ledger, account = self.state.ledger, self.username
+
+        def give_back(done: asyncio.Future[bool]) -> None:
+            if not done.cancelled() and done.exception() is None and done.result():
+                ledger.close_session(account)
+
+        if admission.done():
+            give_back(admission)
+        else:
+            admission.add_done_callback(give_back)
+
+    # -- after login: idle connections, channels --------------------------------------------
+
+    def _arm_idle_timer(self) -> None:
+        timeout = self.state.settings.server.idle_timeout
+        if timeout and self.conn is not None:
+            delay = max(timeout - self.budget.idle_for(), 0.0) + 0.05
+            self._idle_timer = asyncio.get_running_loop().call_later(delay, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._idle_timer = None
+        timeout = self.state.settings.server.idle_timeout
+        if self.budget.idle_for() < timeout:
+            self._arm_idle_timer()
+            return
+        self.state.audit.info(
+            "session.idle_closed",
+            account=self.username,
+            address=self.address,
+            idle_seconds=round(self.budget.idle_for(), 1),
+            channels=self.budget.channels,
+        )
+        if self.conn is not None:
+            self.conn.close()
+
+    def session_requested(self) -> Any:
+        """An SFTP or SCP session (or a shell, which is refused with one line): counted
+        against the connection's channels and the account's sessions."""
+        try:
+            held = self.budget.open_channel()
+        except BudgetExceeded as exc:
+            self._refuse("session beyond max_channels_per_connection")
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, str(exc)
+            ) from None
+        return self._admitted_session(held)
+
+    async def _admitted_session(self, held: Held) -> asyncssh.SSHServerProcess[Any]:
+        admitted = False
+        try:
+            if self._admission is not None:
+                admitted = await asyncio.shield(self._admission)
+        except Exception as exc:  # the ledger could not answer: refuse, keep serving others
+            self.state.audit.error("ledger.error", account=self.username, error=repr(exc))
+        if not admitted:
+            held.release()
+            limit = self.state.settings.limits.max_sessions_per_account
+            self._refuse("session beyond max_sessions_per_account")
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                f"too many sessions for this account: at most {limit} at once; "
+                "try again when one has ended",
+            )
+        return _CountedSession(held, self._refuse_process, self._sftp_server)
+
+    def _sftp_server(self, chan: asyncssh.SSHServerChannel) -> AccountSFTPServer:
+        state = self.state
+        return AccountSFTPServer(
+            chan,
+            settings=state.settings,
+            folder=account_folder(state.settings, self.username),
+            address=self.address,
+            audit=state.audit,
+            tracker=state.tracker,
+            budget=self.budget,
+            ledger=state.ledger,
+            repeats=self.repeats,
+        )
+
+    def _refuse_process(self, process: asyncssh.SSHServerProcess[Any]) -> None:
+        """A shell, a command other than scp, or another subsystem: one line, exit 1."""
+        command = process.command
+        self._refuse(f"command {command!r}" if command else process.subsystem or "shell")
+        process.stderr.write(SERVICE_ONLY_MESSAGE + "\r\n")
+        process.exit(1)
 
     # -- what an authenticated client may open --------------------------------------------
 
@@ -263,22 +376,19 @@ class ClientConnection(asyncssh.SSHServer):
         return self._refuse("tap forwarding")
 
 
-def refusing_session(audit: Any, address: str) -> Any:
-    """A session handler for a shell, a command other than scp, or another subsystem."""
+class _CountedSession(asyncssh.SSHServerProcess):  # type: ignore[type-arg]
+    """asyncssh's own SFTP/SCP session, extended to give its channel back to the
+    connection's budget when it closes (for any reason, exactly once)."""
 
-    def refuse(
-        stdin: asyncssh.SSHReader[str],
-        stdout: asyncssh.SSHWriter[str],
-        stderr: asyncssh.SSHWriter[str],
-    ) -> None:
-        channel = stderr.channel
-        audit.warning(
-            "channel.refused",
-            account=channel.get_extra_info("username"),
-            address=address,
-            request=f"command {channel.get_command()!r}" if channel.get_command() else "shell",
-        )
-        stderr.write(SERVICE_ONLY_MESSAGE + "\r\n")
-        channel.exit(1)
+    def __init__(
+        self,
+        held: Held,
+        refuse: Callable[[asyncssh.SSHServerProcess[Any]], None],
+        sftp_factory: Callable[[asyncssh.SSHServerChannel], AccountSFTPServer],
+    ):
+        super().__init__(refuse, sftp_factory, asyncssh.sftp.MIN_SFTP_VERSION, True)
+        self.held = held
 
-    return refuse
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.held.release()
+        super().connection_lost(exc)

@@ -1,9 +1,9 @@
 """Upload limits: file size, account quota and the free-disk reserve, checked while writing.
 
 Each check raises :class:`LimitHit` with one line for the client; the upload is then
-discarded by its caller. The quota counts what is in the account folder when the upload
-starts (an overwritten file's old size is not counted twice); two uploads racing in the same
-account can together pass it by at most one file, which is accepted.
+discarded by its caller. The account quota is kept by the ledger (``ledger.py``): an upload
+reserves its bytes there before writing them, so uploads racing in one account, in any
+session or worker, cannot pass it together.
 """
 
 from __future__ import annotations
@@ -26,27 +26,6 @@ class LimitHit(Exception):
         self.kind = kind
 
 
-def folder_usage(root: Path) -> int:
-    """Bytes used by the regular files in an account folder (recursively, symlinks skipped)."""
-    total = 0
-    stack = [root]
-    while stack:
-        folder = stack.pop()
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            continue
-        for entry in entries:
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(Path(entry.path))
-                elif entry.is_file(follow_symlinks=False):
-                    total += entry.stat(follow_symlinks=False).st_size
-            except OSError:
-                continue
-    return total
-
-
 def free_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
@@ -54,35 +33,42 @@ def free_bytes(path: Path) -> int:
 
 @dataclass
 class UploadLimits:
-    """The limits one upload runs under, with the folder's usage measured at its start."""
+    """The per-file limits one upload runs under (the account quota is the ledger's)."""
 
     settings: LimitSettings
     root: Path
-    used_by_others: int
     written_since_disk_check: int = 0
 
     @classmethod
-    def for_upload(cls, settings: LimitSettings, root: Path, replaced_bytes: int) -> UploadLimits:
-        used = folder_usage(root) - replaced_bytes if settings.account_quota_bytes else 0
-        limits = cls(settings=settings, root=root, used_by_others=max(used, 0))
+    def for_upload(cls, settings: LimitSettings, root: Path) -> UploadLimits:
+        limits = cls(settings=settings, root=root)
         limits.check_disk(0)
         return limits
 
-    def check(self, new_size: int, added: int) -> None:
-        """Raise LimitHit if a file growing to ``new_size`` (``added`` just now) crosses one."""
+    def refusal(self, size: int, offset: int, end: int) -> LimitHit | None:
+        """Why a file of ``size`` bytes may not be written from ``offset`` to ``end`` (a hole
+        too far past its end, or past the file size limit); None if it may."""
         s = self.settings
-        if s.max_file_bytes and new_size > s.max_file_bytes:
-            raise LimitHit(
+        if s.max_hole_bytes and offset > size + s.max_hole_bytes:
+            return LimitHit(
+                "max_hole_bytes",
+                f"write refused: it starts {offset - size} bytes past the end of the file; "
+                f"writes may start at most {s.max_hole_bytes} bytes past it",
+            )
+        if s.max_file_bytes and end > s.max_file_bytes:
+            return LimitHit(
                 "max_file_bytes",
                 f"file too large: the most accepted per file is {s.max_file_bytes} bytes",
             )
-        if s.account_quota_bytes and self.used_by_others + new_size > s.account_quota_bytes:
-            raise LimitHit(
-                "account_quota_bytes",
-                f"account quota exceeded: the folder may hold at most "
-                f"{s.account_quota_bytes} bytes",
-            )
-        self.written_since_disk_check += added
+        return None
+
+    def check_growth(self, size: int, offset: int, end: int) -> None:
+        """Raise LimitHit if growing a file of ``size`` bytes by writing from ``offset`` to
+        ``end`` crosses a limit (see :meth:`refusal`) or the free-disk reserve."""
+        refusal = self.refusal(size, offset, end)
+        if refusal is not None:
+            raise refusal
+        self.written_since_disk_check += end - size
         if self.written_since_disk_check >= DISK_CHECK_EVERY:
             self.written_since_disk_check = 0
             self.check_disk(0)
@@ -94,3 +80,12 @@ class UploadLimits:
                 "free_disk_reserve_bytes",
                 "server disk is nearly full: upload refused, try again later",
             )
+
+
+def quota_refusal(quota: int) -> LimitHit:
+    """What a client hears when its account's quota has no room for more."""
+    return LimitHit(
+        "account_quota_bytes",
+        f"account quota exceeded: the folder may hold at most {quota} bytes "
+        "(files stored and uploads in progress)",
+    )

@@ -4,6 +4,11 @@ We accept TCP connections ourselves (not ``asyncssh.listen``) so that the IP gat
 defender, connection limits and an optional PROXY protocol header are all dealt with before
 asyncssh writes its banner; each admitted socket then goes to ``asyncssh.run_server``.
 
+Every admitted connection gets a number (``gate.AdmittedConnections``) and is released
+exactly once, by whichever path sees it end first: the session's end, a failed hand-over,
+a worker's ``closed`` report or its death. The account ledger (sessions per account, quota
+reservations) lives here too: a ``ledger.LocalLedger`` that the workers ask remotely.
+
 Shutdown (``stop`` set, e.g. by SIGTERM): stop accepting, refuse new uploads, close idle
 sessions, let uploads in flight finish for ``server.shutdown_grace`` seconds, then close the
 rest (their temporary files are removed) and return.
@@ -27,14 +32,20 @@ from ingest_core.folders import (
     account_folder,
     accounts_root,
 )
-from ingest_core.lifecycle import loop_name, run_until_signalled
+from ingest_core.lifecycle import (
+    loop_name,
+    open_file_limit,
+    raise_open_file_limit,
+    run_until_signalled,
+)
 from ingest_core.policy import normalize_peer_address
 from ingest_core.registry import Registry
 from ingest_core.settings import Settings
-from ingest_core.structured_log import get_logger
+from ingest_core.structured_log import get_logger, log_limits
 from ingest_server.defender import Defender
-from ingest_server.gate import ConnectionGate
+from ingest_server.gate import AdmittedConnections, ConnectionGate
 from ingest_server.host_keys import HOST_KEY_FILES, ensure_host_keys
+from ingest_server.ledger import LocalLedger
 from ingest_server.proxy_protocol import ProxyHeaderError, read_proxy_header
 from ingest_server.session_host import SessionHost, host_keypairs
 from ingest_server.worker_pool import WorkerPool
@@ -63,12 +74,14 @@ class Server:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.audit = get_logger(settings.log_dir, "server", pid=os.getpid())
+        self.audit = get_logger(settings.log_dir, "server", pid=os.getpid(), **log_limits(settings))
         db = open_control_db(settings.control_db_url)
         self.defender = Defender(settings.defender, db)
         self.gate = ConnectionGate(
             settings.limits, Registry(settings, db=db, actor="ingest-server"), self.defender
         )
+        self.admitted = AdmittedConnections(self.gate)
+        self.ledger = LocalLedger(settings)
         self.proxy_from = {normalize_peer_address(a) for a in settings.server.proxy_protocol_from}
         self.listening = asyncio.Event()
         self.port = settings.server.port
@@ -88,10 +101,12 @@ class Server:
         pairs = host_keypairs(self.settings)
         removed = remove_stale_uploads(self.settings)
         if s.worker_count() > 1:
-            self.pool = WorkerPool(self.settings, self.audit, self.gate.release, self.failed_login)
+            self.pool = WorkerPool(
+                self.settings, self.audit, self.admitted.release, self.failed_login, self.ledger
+            )
             await self.pool.start()
         else:
-            self.sessions = SessionHost(self.settings, self.audit, self.failed_login)
+            self.sessions = SessionHost(self.settings, self.audit, self.failed_login, self.ledger)
         try:
             listener = socket.create_server(
                 (s.host, s.port),
@@ -114,6 +129,7 @@ class Server:
             stale_uploads_removed=removed,
             workers=s.worker_count(),
             event_loop=loop_name(asyncio.get_running_loop()),
+            open_file_limit=open_file_limit(),
         )
         for item in fingerprints:
             print(
@@ -174,22 +190,33 @@ class Server:
 
     async def _handle(self, sock: socket.socket, peer: tuple[Any, ...]) -> None:
         try:
-            address = await self._admit(sock, peer)
+            admitted = await self._admit(sock, peer)
         except asyncio.CancelledError:
             sock.close()
             raise
-        if address is None:
+        if admitted is None:
             return
-        if self.pool is not None:
-            if not self.pool.dispatch(sock, address):
+        number, address = admitted
+        try:
+            if self.pool is not None:
+                if not self.pool.dispatch(sock, number, address):
+                    sock.close()
+                    self.admitted.release(number)
+                    self._log_refusal(address, "no server worker available")
+            elif self.sessions is not None:
+                self.sessions.start(sock, address, lambda _address: self.admitted.release(number))
+            else:
                 sock.close()
-                self.gate.release(address)
-                self._log_refusal(address, "no server worker available")
-        elif self.sessions is not None:
-            self.sessions.start(sock, address, self.gate.release)
+                self.admitted.release(number)
+        except BaseException as exc:  # the slot must come back whatever went wrong
+            sock.close()
+            self.admitted.release(number)
+            if not isinstance(exc, Exception):
+                raise
+            self.audit.exception("connection.error", address=address, error=repr(exc))
 
-    async def _admit(self, sock: socket.socket, peer: tuple[Any, ...]) -> str | None:
-        """The client's address if it may go on (and is then counted), else None (closed)."""
+    async def _admit(self, sock: socket.socket, peer: tuple[Any, ...]) -> tuple[int, str] | None:
+        """(number, client address) if it may go on (it is then counted), else None (closed)."""
         address = normalize_peer_address(peer[0])
         if address in self.proxy_from:
             try:
@@ -211,7 +238,7 @@ class Server:
             sock.close()
             self._log_refusal(address, refusal)
             return None
-        return address
+        return self.admitted.hold(address), address
 
     # -- the defender -----------------------------------------------------------------------
 
@@ -258,5 +285,6 @@ class Server:
 
 def run_server(settings: Settings) -> int:
     """Run the server until SIGTERM/SIGINT; returns 0 after a clean shutdown."""
+    raise_open_file_limit()  # every socket and open file is a descriptor
     run_until_signalled(Server(settings).serve, event_loop=settings.server.event_loop)
     return 0

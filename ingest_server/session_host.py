@@ -18,12 +18,11 @@ from typing import Any
 import asyncssh
 
 from ingest_core.db import open_control_db
-from ingest_core.folders import account_folder
 from ingest_core.registry import Registry
 from ingest_core.settings import Settings
-from ingest_server.connection import ClientConnection, FailedLogin, ServerState, refusing_session
+from ingest_server.connection import ClientConnection, FailedLogin, ServerState
 from ingest_server.host_keys import load_host_keys
-from ingest_server.sftp import AccountSFTPServer
+from ingest_server.ledger import AccountLedger
 
 _CLOSE_WAIT = 5.0
 LINGER = 1.0
@@ -50,7 +49,9 @@ def host_keypairs(settings: Settings) -> list[tuple[asyncssh.SSHKeyPair, str]]:
 class SessionHost:
     """Runs asyncssh on each socket it is given and drains the sessions at shutdown."""
 
-    def __init__(self, settings: Settings, audit: Any, failed_login: FailedLogin):
+    def __init__(
+        self, settings: Settings, audit: Any, failed_login: FailedLogin, ledger: AccountLedger
+    ):
         self.settings = settings
         self.audit = audit
         db = open_control_db(settings.control_db_url)
@@ -59,6 +60,7 @@ class SessionHost:
             registry=Registry(settings, db=db, actor="ingest-server"),
             failed_login=failed_login,
             audit=audit,
+            ledger=ledger,
         )
         self._keypairs = [pair for pair, _ in host_keypairs(settings)]
         self._tasks: set[asyncio.Task[None]] = set()
@@ -96,17 +98,6 @@ class SessionHost:
         if s.allow_sha1_rsa_signatures:
             sig_algs.append("ssh-rsa")
 
-        def sftp_factory(chan: asyncssh.SSHServerChannel) -> AccountSFTPServer:
-            name = chan.get_connection().get_extra_info("username")
-            return AccountSFTPServer(
-                chan,
-                settings=self.settings,
-                folder=account_folder(self.settings, name),
-                address=address,
-                audit=self.audit,
-                tracker=state.tracker,
-            )
-
         return {
             "server_factory": lambda: ClientConnection(state, address),
             "server_host_keys": self._keypairs,
@@ -129,9 +120,8 @@ class SessionHost:
             "allow_pty": False,
             "agent_forwarding": False,
             "x11_forwarding": False,
-            "sftp_factory": sftp_factory,
-            "allow_scp": True,
-            "session_factory": refusing_session(self.audit, address),
+            # Sessions (SFTP, SCP, refused shells) come from ClientConnection.session_requested,
+            # which counts them against the connection's and the account's budgets.
         }
 
     async def shut_down(self) -> None:

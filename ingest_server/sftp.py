@@ -5,6 +5,12 @@ lexically; on top of that every path is resolved for real and refused if it lead
 (a symlink planted inside the folder is not followed out), links cannot be created,
 service files (``.ingest-*``) are invisible and untouchable, and the loader's log and the
 pool file are read-only. Every write goes to an :class:`Upload` (temp file + rename).
+
+One client must never hurt another: every open file counts against the connection's
+:class:`SessionBudget`, every byte an upload may grow to is first reserved against the
+account's quota in the :class:`AccountLedger` (across sessions and workers), work
+proportional to a file's size runs in a thread, and any unexpected error reaches the client
+as a plain SFTP failure (its detail goes to the audit log, never to the client).
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ import os
 import stat
 import sys
 import time
+import typing
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncssh
 from asyncssh import (
@@ -35,6 +43,7 @@ from asyncssh import (
     SFTPPermissionDenied,
 )
 
+from ingest_core.file_names import client_name_refusal
 from ingest_core.folders import (
     AccountFolder,
     create_account_folder,
@@ -43,11 +52,22 @@ from ingest_core.folders import (
 )
 from ingest_core.settings import Settings
 from ingest_server.atomic_upload import Upload
-from ingest_server.limits import LimitHit, UploadLimits
+from ingest_server.limits import LimitHit, UploadLimits, quota_refusal
+from ingest_server.session_budget import BudgetExceeded, Held, SessionBudget
+
+if TYPE_CHECKING:
+    from ingest_core.repeated_events import RepeatedEvents
+    from ingest_server.ledger import AccountLedger
 
 # Largest single read served (SFTP allows short reads; bounds memory per request).
 MAX_READ_CHUNK = 256 * 1024
 _BACKPRESSURE_POLL = 0.002
+# Quota is reserved ahead in steps of this size (one ledger request per step, not per
+# write); when the account is nearly full only what the write needs is asked for.
+RESERVE_STEP = 8 * 1024 * 1024
+# SFTP v3 carries times as unsigned 32-bit seconds: anything outside is clamped.
+_TIME_MAX = 2**32 - 1
+UNEXPECTED_ERROR = "the server could not complete this request"
 
 
 _ERRNO_ERRORS: dict[int, type[asyncssh.SFTPError]] = {
@@ -62,31 +82,85 @@ _ERRNO_ERRORS: dict[int, type[asyncssh.SFTPError]] = {
 }
 
 
-def _without_paths(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn OSErrors into SFTP errors that carry no server path (legacy SCP prints str(exc))."""
+def _sftp_error(exc: Exception) -> asyncssh.SFTPError | None:
+    """The SFTP error a client sees for ``exc`` (None: let asyncssh send it as it is).
 
-    def convert(exc: OSError) -> asyncssh.SFTPError:
+    OSErrors carry no server path (legacy SCP prints str(exc)); anything unexpected becomes
+    one plain failure, never Python's words ("embedded null byte", "int too large").
+    """
+    if isinstance(exc, asyncssh.SFTPError):
+        return None
+    if isinstance(exc, OSError):
         return _ERRNO_ERRORS.get(exc.errno or 0, SFTPFailure)(exc.strerror or "failed")
+    if isinstance(exc, BudgetExceeded | LimitHit):
+        return SFTPFailure(str(exc))
+    return SFTPFailure(UNEXPECTED_ERROR)
+
+
+def _sftp_request(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap an SFTP hook: the session is not idle, and every error is one the client may see
+    (an unexpected one is logged with its detail for the operator)."""
+
+    def convert(server: AccountSFTPServer, exc: Exception) -> asyncssh.SFTPError | None:
+        error = _sftp_error(exc)
+        if error is not None and not isinstance(exc, OSError | BudgetExceeded | LimitHit):
+            server.audit.error(
+                "sftp.error",
+                account=server.folder.name,
+                address=server.address,
+                request=method.__name__,
+                error=repr(exc),
+            )
+        return error
 
     if inspect.iscoroutinefunction(method):
 
         @functools.wraps(method)
-        async def run_async(*args: Any, **kwargs: Any) -> Any:
+        async def run_async(self: AccountSFTPServer, *args: Any, **kwargs: Any) -> Any:
+            self.budget.touch()
             try:
-                return await method(*args, **kwargs)
-            except OSError as exc:
-                raise convert(exc) from None
+                return await method(self, *args, **kwargs)
+            except Exception as exc:
+                error = convert(self, exc)
+                if error is None:
+                    raise
+                raise error from None
 
         return run_async
 
     @functools.wraps(method)
-    def run(*args: Any, **kwargs: Any) -> Any:
+    def run(self: AccountSFTPServer, *args: Any, **kwargs: Any) -> Any:
+        self.budget.touch()
         try:
-            return method(*args, **kwargs)
-        except OSError as exc:
-            raise convert(exc) from None
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            error = convert(self, exc)
+            if error is None:
+                raise
+            raise error from None
 
     return run
+
+
+def _clamp_time(value: int | None) -> int | None:
+    return None if value is None else min(max(value, 0), _TIME_MAX)
+
+
+def client_attrs(st: os.stat_result) -> SFTPAttrs:
+    """A file's attributes as a client may see them: times clamped to what SFTP can carry,
+    so one file with an odd time (a negative one from legacy SCP) never breaks a listing."""
+    attrs = SFTPAttrs.from_local(st)
+    for name in ("atime", "mtime", "ctime", "crtime"):
+        value = getattr(attrs, name, None)
+        if value is not None:
+            setattr(attrs, name, _clamp_time(value))
+    return attrs
+
+
+def _clamped_times(attrs: SFTPAttrs) -> tuple[int, int] | None:
+    if attrs.atime is None or attrs.mtime is None:
+        return None
+    return _clamp_time(attrs.atime) or 0, _clamp_time(attrs.mtime) or 0
 
 
 class UploadTracker:
@@ -122,6 +196,39 @@ class UploadTracker:
         self._by_conn.clear()
 
 
+class _Listing:
+    """An open folder handle: the names are read at the first request (in a thread, so a
+    folder of 10,000 files does not stall the worker) and no descriptor stays open. It
+    counts against the session's handles until the client closes it or the session ends."""
+
+    def __init__(self, server: AccountSFTPServer, path: bytes, held: Held):
+        self.server = server
+        self.path = path
+        self.held = held
+        self._names: list[SFTPName] | None = None
+
+    def __del__(self) -> None:  # asyncssh forgets a closed folder handle: give it back
+        self.held.release()
+
+    def __aiter__(self) -> _Listing:
+        return self
+
+    async def __anext__(self) -> SFTPName:
+        if self._names is None:
+            self.server.budget.touch()
+            try:
+                names = await asyncio.to_thread(self.server.list_folder, self.path)
+            except Exception as exc:
+                error = _sftp_error(exc)
+                if error is None:
+                    raise
+                raise error from None
+            self._names = names[::-1]
+        if not self._names:
+            raise StopAsyncIteration
+        return self._names.pop()
+
+
 class _Download:
     """A file opened for reading, with the bytes sent counted for the audit log."""
 
@@ -148,6 +255,9 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         address: str,
         audit: Any,
         tracker: UploadTracker,
+        budget: SessionBudget,
+        ledger: AccountLedger,
+        repeats: RepeatedEvents,
     ):
         if not folder.root.is_dir():  # made by `account create`; recreate it if it went away
             folder = create_account_folder(settings, folder.name)
@@ -158,15 +268,28 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         self.address = address
         self.audit = audit
         self.tracker = tracker
+        self.budget = budget
+        self.ledger = ledger
+        self.repeats = repeats
         self.conn = chan.get_connection()
         self.is_sftp = chan.get_subsystem() == "sftp"
         self.protocol = "sftp" if self.is_sftp else "scp"
         self._uploads: set[Upload] = set()
+        self._held: dict[object, Held] = {}  # open files -> their place in the budget
+        self._listings: weakref.WeakSet[_Listing] = weakref.WeakSet()
 
     # -- paths ------------------------------------------------------------------------------
 
-    def _resolve(self, path: bytes, *, write: bool = False) -> Path:
-        """The local path for a client path, or an SFTP error if it is not the client's."""
+    def _resolve(self, path: bytes, *, write: bool = False, create: bool = False) -> Path:
+        """The local path for a client path, or an SFTP error if it is not the client's.
+
+        ``create``: the last name is one the client is making (a new file, folder or rename
+        target), so it must be a name the service accepts.
+        """
+        if create:
+            refusal = client_name_refusal(path.rsplit(b"/", 1)[-1])
+            if refusal is not None:
+                raise SFTPPermissionDenied(refusal)
         local = Path(os.fsdecode(self.map_path(path)))
         try:
             parts = local.relative_to(self.root).parts
@@ -194,9 +317,13 @@ class AccountSFTPServer(asyncssh.SFTPServer):
     def format_group(self, gid: int | None) -> str:
         return self.folder.name
 
+    @_sftp_request
+    def realpath(self, path: bytes) -> Any:
+        return super().realpath(path)
+
     # -- files ------------------------------------------------------------------------------
 
-    @_without_paths
+    @_sftp_request
     def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> object:
         writing = bool(pflags & (FXF_WRITE | FXF_APPEND | FXF_CREAT | FXF_TRUNC))
         if not writing:
@@ -206,8 +333,15 @@ class AccountSFTPServer(asyncssh.SFTPServer):
                 raise SFTPFailure("not a regular file")
             if st.st_nlink > 1:
                 raise SFTPPermissionDenied("file has several hard links: not served")
-            return _Download(Path(os.path.realpath(local)), local.name)
-        local = self._resolve(path, write=True)
+            held = self.budget.open_handle()
+            try:
+                download = _Download(Path(os.path.realpath(local)), local.name)
+            except BaseException:
+                held.release()
+                raise
+            self._held[download] = held
+            return download
+        local = self._resolve(path, write=True, create=True)
         if not self.tracker.accepting:
             raise SFTPFailure("server is shutting down: try again in a minute")
         exists = os.path.lexists(local)
@@ -217,42 +351,99 @@ class AccountSFTPServer(asyncssh.SFTPServer):
             raise SFTPFailure("file already exists")
         if not exists and not pflags & FXF_CREAT:
             raise SFTPNoSuchFile("no such file")
-        replaced = os.stat(local).st_size if exists else 0
         try:
-            limits = UploadLimits.for_upload(self.settings.limits, self.root, replaced)
+            limits = UploadLimits.for_upload(self.settings.limits, self.root)
         except LimitHit as exc:
             self._limit_hit(local.name, exc)
-            raise SFTPFailure(str(exc)) from None
-        upload = Upload(
-            self.folder,
-            Path(os.path.realpath(local.parent)) / local.name,
-            truncate=bool(pflags & FXF_TRUNC),
-            append=bool(pflags & FXF_APPEND),
-            limits=limits,
-            durable=self.settings.server.fsync_uploads,
-        )
+            raise
+        held = self.budget.open_handle()
+        try:
+            upload = Upload(
+                self.folder,
+                Path(os.path.realpath(local.parent)) / local.name,
+                truncate=bool(pflags & FXF_TRUNC),
+                append=bool(pflags & FXF_APPEND),
+                limits=limits,
+                buffer=self.budget.unflushed,
+                durable=self.settings.server.fsync_uploads,
+            )
+        except BaseException:
+            held.release()
+            raise
+        self._held[upload] = held
         self._uploads.add(upload)
         self.tracker.add(self.conn, upload)
         return upload
 
-    def write(self, file_obj: object, offset: int, data: bytes) -> int:
-        # The hot path (once per 32 KiB packet): OSErrors are converted here, no decorator.
+    def write(self, file_obj: object, offset: int, data: bytes) -> Any:
+        # The hot path (once per 32 KiB packet): plain and synchronous unless this write
+        # needs more of the quota reserved or the existing file copied (a resume) first.
         if not isinstance(file_obj, Upload):
             raise SFTPPermissionDenied("file was opened for reading")
+        self.budget.last_request = self.budget.clock()
         upload = file_obj
+        end = upload.write_offset(offset) + len(data)
+        if end > upload.credit + upload.reserved or upload.needs_base_copy(offset):
+            return self._write_after_preparing(upload, offset, data)
+        return self._write_now(upload, offset, data)
+
+    async def _write_after_preparing(self, upload: Upload, offset: int, data: bytes) -> int:
+        if upload.failed is None:
+            end = upload.write_offset(offset) + len(data)
+            refusal = upload.limits.refusal(upload.size, upload.write_offset(offset), end)
+            if refusal is not None:
+                self._fail(upload, refusal)
+            await self._reserve(upload, end)
+            if upload.needs_base_copy(offset):
+                try:
+                    await asyncio.to_thread(upload.copy_base)
+                except OSError as exc:
+                    self._fail(upload, exc)
+        return self._write_now(upload, offset, data)
+
+    def _write_now(self, upload: Upload, offset: int, data: bytes) -> int:
         try:
             return upload.write(offset, data)
-        except LimitHit as exc:
+        except (LimitHit, OSError) as exc:
+            self._fail(upload, exc)
+        except Exception as exc:  # a bug must cost this upload, never the session's others
+            self._fail(upload, exc)
+
+    async def _reserve(self, upload: Upload, end: int) -> None:
+        """Hold the account's quota for ``upload`` to reach ``end`` bytes, or fail it."""
+        need = upload.reservation_needed(end)
+        quota = self.settings.limits.account_quota_bytes
+        if not need:
+            return
+        if not quota:  # no quota: nothing to ask, and nothing to ask again
+            upload.credit += need
+            return
+        step = max(need, RESERVE_STEP)
+        for ask in (step, need) if step > need else (need,):
+            if await self.ledger.reserve(self.folder.name, ask):
+                upload.reserved += ask
+                return
+        self._fail(upload, quota_refusal(quota))
+
+    def _fail(self, upload: Upload, exc: BaseException) -> typing.NoReturn:
+        """Discard ``upload`` for ``exc`` and raise the error its client hears."""
+        if isinstance(exc, LimitHit):
             self._drop(upload, reason=exc.kind)
             self._limit_hit(upload.name, exc)
             raise SFTPFailure(str(exc)) from None
-        except OSError as exc:
+        if isinstance(exc, OSError):
             self._drop(upload, reason=f"write error: {exc.strerror or exc}")
             raise SFTPFailure(
                 f"server could not store the file ({exc.strerror or exc}): upload discarded"
             ) from None
+        self._drop(upload, reason="unexpected error")
+        self.audit.error(
+            "sftp.error", account=self.folder.name, address=self.address, request="write",
+            error=repr(exc),
+        )  # fmt: skip
+        raise SFTPFailure(UNEXPECTED_ERROR) from None
 
-    @_without_paths
+    @_sftp_request
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
         # Wait while earlier replies still sit in the channel: a client asking for a whole
         # file at once (paramiko's get) must not make us queue the file in memory.
@@ -263,22 +454,32 @@ class AccountSFTPServer(asyncssh.SFTPServer):
             await asyncio.sleep(_BACKPRESSURE_POLL)
         size = min(size, MAX_READ_CHUNK)
         if isinstance(file_obj, Upload):
+            await self._copy_base(file_obj)
             return file_obj.read(offset, size)
         assert isinstance(file_obj, _Download)
         data = os.pread(file_obj.fd, size, offset)
         file_obj.sent += len(data)
         return data
 
-    @_without_paths
+    async def _copy_base(self, upload: Upload) -> None:
+        """A resumed upload's existing content, copied in a thread before it is needed."""
+        if upload.base_pending:
+            await asyncio.to_thread(upload.copy_base)
+
+    @_sftp_request
     async def close(self, file_obj: object) -> None:
         # asyncssh calls close() for the client's CLOSE and also for every handle left open
         # when a session dies; only the latter runs while an exception is being handled
         # (SFTP: EOF/connection lost; legacy SCP: its receiver closes in a `finally`).
         aborting = sys.exc_info()[1] is not None or self.channel.is_closing()
+        held = self._held.pop(file_obj, None)
+        if held is not None:
+            held.release()
         if isinstance(file_obj, _Download):
             os.close(file_obj.fd)
-            self.audit.info(
+            self.repeats.info(
                 "file.download",
+                (self.folder.name, self.address, file_obj.name),
                 account=self.folder.name,
                 address=self.address,
                 protocol=self.protocol,
@@ -299,12 +500,14 @@ class AccountSFTPServer(asyncssh.SFTPServer):
             self._forget(upload)
             return
         try:
+            await self._copy_base(upload)
             received = await asyncio.to_thread(upload.commit)
         except OSError as exc:
             self._drop(upload, reason=f"could not store the file: {exc.strerror or exc}")
             raise SFTPFailure(f"server could not store the file ({exc.strerror or exc})") from None
         finally:
             self._forget(upload)
+        self._settle(upload, received.bytes - received.replaced_bytes)
         self.audit.info(
             "file.received",
             account=self.folder.name,
@@ -316,42 +519,55 @@ class AccountSFTPServer(asyncssh.SFTPServer):
             seconds=round(received.seconds, 3),
         )
 
+    @_sftp_request
     async def fsync(self, file_obj: object) -> None:
         """fsync@openssh.com (OpenSSH ``put -f``): the upload's data to disk now."""
         if not isinstance(file_obj, Upload):
             return  # nothing of a download to flush
         try:
+            await self._copy_base(file_obj)
             await asyncio.to_thread(file_obj.fsync)
         except OSError as exc:
             raise SFTPFailure(f"server could not flush the file ({exc.strerror or exc})") from None
 
-    @_without_paths
-    def fstat(self, file_obj: object) -> os.stat_result:
+    @_sftp_request
+    async def fstat(self, file_obj: object) -> SFTPAttrs:
         if isinstance(file_obj, Upload):
-            return file_obj.fstat()
+            await self._copy_base(file_obj)
+            return client_attrs(file_obj.fstat())
         assert isinstance(file_obj, _Download)
-        return os.fstat(file_obj.fd)
+        return client_attrs(os.fstat(file_obj.fd))
 
-    @_without_paths
-    def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
+    @_sftp_request
+    async def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
         if not isinstance(file_obj, Upload):
             raise SFTPPermissionDenied("file was opened for reading")
+        upload = file_obj
         if attrs.size is not None:
+            if attrs.size > upload.size:
+                refusal = upload.limits.refusal(upload.size, attrs.size, attrs.size)
+                if refusal is not None:
+                    self._fail(upload, refusal)
+                await self._reserve(upload, attrs.size)
             try:
-                file_obj.truncate(attrs.size)
-            except LimitHit as exc:
-                self._drop(file_obj, reason=exc.kind)
-                self._limit_hit(file_obj.name, exc)
-                raise SFTPFailure(str(exc)) from None
-            except OSError as exc:
-                self._drop(file_obj, reason=f"write error: {exc.strerror or exc}")
-                raise SFTPFailure(f"server could not store the file ({exc.strerror})") from None
-        if attrs.atime is not None and attrs.mtime is not None:
-            file_obj.set_times(attrs.atime, attrs.mtime)
+                if upload.base_pending and attrs.size > upload.covered:
+                    await self._copy_base(upload)
+                upload.truncate(attrs.size)
+            except (LimitHit, OSError) as exc:
+                self._fail(upload, exc)
+        times = _clamped_times(attrs)
+        if times is not None:
+            upload.set_times(*times)
 
     def _forget(self, upload: Upload) -> None:
         self._uploads.discard(upload)
         self.tracker.remove(self.conn, upload)
+
+    def _settle(self, upload: Upload, delta: int) -> None:
+        """Give back the upload's quota reservation (once) and record what it changed."""
+        reserved, upload.reserved = upload.reserved, 0
+        if self.settings.limits.account_quota_bytes and (reserved or delta):
+            self.ledger.settle(self.folder.name, reserved, delta)
 
     def _drop(self, upload: Upload, reason: str) -> None:
         if not upload.done:
@@ -365,6 +581,7 @@ class AccountSFTPServer(asyncssh.SFTPServer):
                 bytes=upload.size,
                 reason=reason,
             )
+        self._settle(upload, 0)
 
     def _limit_hit(self, name: str, exc: LimitHit) -> None:
         self.audit.warning(
@@ -378,66 +595,83 @@ class AccountSFTPServer(asyncssh.SFTPServer):
 
     # -- names ------------------------------------------------------------------------------
 
-    @_without_paths
-    def lstat(self, path: bytes) -> os.stat_result:
-        return os.lstat(self._resolve(path))
+    @_sftp_request
+    def lstat(self, path: bytes) -> SFTPAttrs:
+        return client_attrs(os.lstat(self._resolve(path)))
 
-    @_without_paths
-    def stat(self, path: bytes) -> os.stat_result:
-        return os.stat(self._resolve(path))
+    @_sftp_request
+    def stat(self, path: bytes) -> SFTPAttrs:
+        return client_attrs(os.stat(self._resolve(path)))
 
-    @_without_paths
+    @_sftp_request
     def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
         local = self._resolve(path, write=True)
         if attrs.size is not None and attrs.size != os.stat(local).st_size:
             raise SFTPPermissionDenied("changing a stored file's size is not allowed: upload it")
         # Times only (WinSCP and `put -p` set them after an upload); modes and owners are the
         # service's business, silently kept as they are.
-        if attrs.atime is not None and attrs.mtime is not None:
-            os.utime(local, (attrs.atime, attrs.mtime))
+        times = _clamped_times(attrs)
+        if times is not None:
+            os.utime(local, times)
 
     def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> None:
         self.setstat(path, attrs)
 
-    async def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
+    @_sftp_request
+    def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
         self._resolve(path)
-        try:
-            async for entry in super().scandir(path):
-                name = entry.filename
-                if isinstance(name, bytes) and name.startswith(b".ingest-"):
-                    continue
-                if isinstance(name, str) and is_service_name(name):
-                    continue
-                yield entry
-        except OSError as exc:
-            raise _ERRNO_ERRORS.get(exc.errno or 0, SFTPFailure)(exc.strerror or "failed") from None
+        listing = _Listing(self, path, self.budget.open_handle())
+        self._listings.add(listing)
+        return listing
 
-    @_without_paths
+    def list_folder(self, path: bytes) -> list[SFTPName]:
+        """A folder's entries as the client sees them (blocking: runs in a thread): service
+        files hidden, times clamped, and one entry that cannot be read skipped, not fatal."""
+        local = self._resolve(path)
+        names = [SFTPName(b".", attrs=client_attrs(os.stat(local)))]
+        names.append(SFTPName(b"..", attrs=client_attrs(os.stat(local.parent))))
+        with os.scandir(os.fsencode(local)) as entries:
+            for entry in entries:
+                if entry.name.startswith(b".ingest-"):
+                    continue
+                try:
+                    attrs = client_attrs(entry.stat(follow_symlinks=False))
+                except (OSError, ValueError, OverflowError):
+                    continue
+                names.append(SFTPName(entry.name, attrs=attrs))
+        return names
+
+    @_sftp_request
     def remove(self, path: bytes) -> None:
         local = self._resolve(path, write=True)
         size = os.lstat(local).st_size
         os.remove(local)
+        if self.settings.limits.account_quota_bytes:
+            self.ledger.settle(self.folder.name, 0, -size)
         self.audit.info(
             "file.removed", account=self.folder.name, address=self.address, name=local.name,
             bytes=size,
         )  # fmt: skip
 
-    @_without_paths
+    @_sftp_request
     def rename(self, oldpath: bytes, newpath: bytes) -> None:
         old = self._resolve(oldpath, write=True)
-        new = self._resolve(newpath, write=True)
+        new = self._resolve(newpath, write=True, create=True)
         if os.path.lexists(new):
             raise SFTPFailure("target file already exists")
         os.rename(old, new)
         self._log_rename(old, new)
 
-    @_without_paths
+    @_sftp_request
     def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
         old = self._resolve(oldpath, write=True)
-        new = self._resolve(newpath, write=True)
+        new = self._resolve(newpath, write=True, create=True)
         if os.path.isdir(new):
             raise SFTPFailure("target is a folder")
+        replaced = os.lstat(new).st_size if os.path.lexists(new) else 0
         os.replace(old, new)
+        if replaced and self.settings.limits.account_quota_bytes:
+            self.ledger.settle(self.folder.name, 0, -replaced)
         self._log_rename(old, new)
 
     def _log_rename(self, old: Path, new: Path) -> None:
@@ -449,13 +683,13 @@ class AccountSFTPServer(asyncssh.SFTPServer):
             old_name=str(old.relative_to(self.root)),
         )
 
-    @_without_paths
+    @_sftp_request
     def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
         if not self.settings.server.allow_subfolders:
             raise SFTPPermissionDenied("subfolders are not enabled: upload into the top folder")
-        os.mkdir(self._resolve(path, write=True), 0o750)
+        os.mkdir(self._resolve(path, write=True, create=True), 0o750)
 
-    @_without_paths
+    @_sftp_request
     def rmdir(self, path: bytes) -> None:
         if not self.settings.server.allow_subfolders:
             raise SFTPPermissionDenied("subfolders are not enabled")
@@ -470,10 +704,22 @@ class AccountSFTPServer(asyncssh.SFTPServer):
     def readlink(self, path: bytes) -> bytes:
         raise SFTPPermissionDenied("symbolic links are not served")
 
+    @_sftp_request
+    def statvfs(self, path: bytes) -> os.statvfs_result:
+        return os.statvfs(self._resolve(path))
+
+    @_sftp_request
+    def fstatvfs(self, file_obj: object) -> os.statvfs_result:
+        return os.statvfs(self.root)
+
     def exit(self) -> None:
         for upload in list(self._uploads):
             self._drop(upload, reason="session ended before the file was closed")
             self._forget(upload)
+        for held in [*self._held.values(), *(listing.held for listing in self._listings)]:
+            held.release()  # handles asyncssh did not close (each is released once)
+        self._held.clear()
+        self._listings.clear()
         if self.is_sftp and not self.channel.is_closing():
             # OpenSSH scp (SFTP mode) exits 1 after a good upload without an exit status.
             self.channel.exit(0)

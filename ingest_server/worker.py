@@ -6,6 +6,11 @@ IP gate, the connection limits and the defender, so they count across all worker
 only runs asyncssh. SIGTERM, SIGINT, a ``stop`` message or the listener going away all make
 it drain its sessions (the shutdown grace) and exit 0. It answers the listener's pings from
 its event loop, so a stuck loop shows.
+
+Every connection handed over is answered with exactly one ``closed`` (its number), also
+when its socket never arrived (this process at its file-descriptor limit): otherwise the
+listener would count it forever. Sessions per account and quota reservations are asked of
+the listener through a ``RemoteLedger``, so they count across all workers.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ import pickle
 import socket
 import sys
 
-from ingest_core.lifecycle import loop_name, run_until_signalled
+from ingest_core.lifecycle import loop_name, raise_open_file_limit, run_until_signalled
 from ingest_core.settings import Settings
-from ingest_core.structured_log import get_logger
+from ingest_core.structured_log import get_logger, log_limits
+from ingest_server.ledger import RemoteLedger
 from ingest_server.session_host import SessionHost
 from ingest_server.worker_channel import ControlChannel, Message
 
@@ -29,33 +35,64 @@ class Worker:
     def __init__(self, settings: Settings, channel: ControlChannel):
         self.settings = settings
         self.channel = channel
-        self.audit = get_logger(settings.log_dir, "server", pid=os.getpid())
+        self.audit = get_logger(settings.log_dir, "server", pid=os.getpid(), **log_limits(settings))
         self.stop = asyncio.Event()
         self.host: SessionHost | None = None
+        self.ledger = RemoteLedger(channel.send)
 
     async def run(self, stop: asyncio.Event) -> None:
         self.stop = stop
-        self.host = SessionHost(self.settings, self.audit, self._failed)
-        self.channel.watch(self._message, stop.set)  # listener gone: drain and exit
+        self.host = SessionHost(self.settings, self.audit, self._failed, self.ledger)
+        self.channel.watch(self._message, self._listener_gone)
         self.audit.info("worker.started", event_loop=loop_name(asyncio.get_running_loop()))
         self._send({"ready": os.getpid()})
         await stop.wait()
-        self.channel.unwatch()
+        # Still reading while the sessions drain: the ledger's answers arrive this way (new
+        # connections are refused and reported closed by the host meanwhile).
         await self.host.shut_down()
+        self.channel.unwatch()
         self.audit.info("worker.stopped")
 
+    def _listener_gone(self) -> None:
+        """The listener exited: refuse what waits on it, drain and exit."""
+        self.ledger.listener_gone()
+        self.stop.set()
+
     def _message(self, message: Message, sock: socket.socket | None) -> None:
-        if sock is not None and self.host is not None:
-            self.host.start(sock, str(message.get("address", "")), self._closed)
-        elif sock is not None:
+        if "connection" in message:
+            self._connection(message, sock)
+        elif sock is not None:  # a socket with any other message: not ours to serve
             sock.close()
+        elif "ledger_reply" in message:
+            self.ledger.answer(message)
         elif message.get("stop"):
             self.stop.set()
         elif "ping" in message:
             self._send({"pong": message["ping"]})
 
-    def _closed(self, address: str) -> None:
-        self._send({"closed": address})
+    def _connection(self, message: Message, sock: socket.socket | None) -> None:
+        """Serve a handed-over connection; whatever fails, the listener hears it closed."""
+        number = message["connection"]
+        address = str(message.get("address", ""))
+        if sock is None:
+            # MSG_CTRUNC: at the file-descriptor limit the kernel dropped (and closed) it.
+            self.audit.error(
+                "connection.handover_failed",
+                address=address,
+                reason="socket not received (too many open files in this worker)",
+            )
+            self._send({"closed": number})
+            return
+        if self.host is None:
+            sock.close()
+            self._send({"closed": number})
+            return
+        try:
+            self.host.start(sock, address, lambda _address: self._send({"closed": number}))
+        except Exception as exc:  # the listener must still hear it; the others go on
+            sock.close()
+            self.audit.exception("connection.handover_failed", address=address, error=repr(exc))
+            self._send({"closed": number})
 
     def _failed(self, address: str, unknown_user: bool) -> None:
         self._send({"failed": address, "unknown_user": unknown_user})
@@ -68,6 +105,7 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> int:
+    raise_open_file_limit()  # every socket and open file is a descriptor
     args = sys.argv[1:] if argv is None else argv
     settings: Settings = pickle.loads(sys.stdin.buffer.read())
     channel = ControlChannel(socket.socket(fileno=int(args[0])))

@@ -7,6 +7,11 @@ and scores count across all workers, as an operator reads them), and passes each
 socket over a Unix socket (SCM_RIGHTS) to the worker with the fewest connections. Workers
 are fresh interpreters (``python -m ingest_server.worker``), not forks of a process that
 already runs threads and an event loop.
+
+Each connection handed over carries the listener's number for it; the pool remembers which
+worker holds which numbers, passes each ``closed`` on once (only for a number that worker
+still holds) and, when a worker dies, releases all it held. Likewise each worker's sessions
+and quota reservations in the account ledger (``ledger.LedgerService``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +31,7 @@ from typing import Any
 from ingest_core.errors import IngestError
 from ingest_core.settings import Settings
 from ingest_server.connection import FailedLogin
+from ingest_server.ledger import LedgerService, LocalLedger
 from ingest_server.worker_channel import ControlChannel, Message
 
 START_TIMEOUT = 60.0
@@ -44,15 +49,16 @@ class _Worker:
     process: subprocess.Popen[bytes]
     channel: ControlChannel
     started: float
+    ledger: LedgerService  # its sessions and reservations in the account ledger
     ready: bool = False
     gone: bool = False
     last_heard: float = 0.0  # monotonic time of its last message (or of its start)
-    connections: Counter[str] = field(default_factory=Counter)
+    connections: dict[int, str] = field(default_factory=dict)  # number -> client address
     last_used: int = 0
 
     @property
     def load(self) -> int:
-        return sum(self.connections.values())
+        return len(self.connections)
 
 
 class WorkerPool:
@@ -62,13 +68,15 @@ class WorkerPool:
         self,
         settings: Settings,
         audit: Any,
-        closed: Callable[[str], None],
+        closed: Callable[[int], None],
         failed: FailedLogin,
+        ledger: LocalLedger,
     ):
         self.settings = settings
         self.audit = audit
-        self.closed = closed
+        self.closed = closed  # told each connection number exactly once, when it has ended
         self.failed = failed
+        self.ledger = ledger
         self.size = settings.server.worker_count()
         self.workers: list[_Worker | None] = [None] * self.size
         self.stopping = False
@@ -135,22 +143,24 @@ class WorkerPool:
         with process.stdin:
             process.stdin.write(pickle.dumps(self.settings))
         started = time.monotonic()
-        worker = _Worker(index, process, channel, started, last_heard=started)
+        service = LedgerService(self.ledger, channel.send, self.audit)
+        worker = _Worker(index, process, channel, started, service, last_heard=started)
         self.workers[index] = worker
         channel.watch(
             lambda message, sock: self._message(worker, message, sock),
             lambda: self._lost(worker),
         )
 
-    def dispatch(self, sock: socket.socket, address: str) -> bool:
-        """Hand ``sock`` to the least busy worker (then closed here); False if none took it."""
+    def dispatch(self, sock: socket.socket, number: int, address: str) -> bool:
+        """Hand connection ``number`` to the least busy worker (``sock`` is then closed here);
+        False if none took it (the caller still holds it)."""
         ready = [w for w in self.workers if w is not None and w.ready and not w.gone]
         for worker in sorted(ready, key=lambda w: (w.load, w.last_used)):
             try:
-                worker.channel.send({"address": address}, sock)
+                worker.channel.send({"connection": number, "address": address}, sock)
             except OSError:
                 continue
-            worker.connections[address] += 1
+            worker.connections[number] = address
             worker.last_used = next(self._turn)
             sock.close()
             return True
@@ -166,12 +176,11 @@ class WorkerPool:
             if all(w is not None and (w.ready or w.gone) for w in self.workers):
                 self._ready.set()
         elif "closed" in message:
-            address = str(message["closed"])
-            if worker.connections[address] > 0:
-                worker.connections[address] -= 1
-                if not worker.connections[address]:
-                    del worker.connections[address]
-                self.closed(address)
+            number = message["closed"]
+            if isinstance(number, int) and worker.connections.pop(number, None) is not None:
+                self.closed(number)
+        elif "ledger" in message:
+            worker.ledger.handle(message)
         elif "failed" in message:
             self.failed(str(message["failed"]), bool(message.get("unknown_user")))
 
@@ -179,10 +188,11 @@ class WorkerPool:
         """The worker's end closed: it exited. Release what it held; restart it."""
         worker.gone = True
         worker.channel.close()
-        for address, count in worker.connections.items():
-            for _ in range(count):
-                self.closed(address)
+        held = list(worker.connections)
         worker.connections.clear()
+        for number in held:
+            self.closed(number)
+        worker.ledger.release_all()
         if not self._ready.is_set():
             self._ready.set()  # start() sees the gone worker and fails
         task = asyncio.ensure_future(self._reap(worker))
@@ -240,3 +250,5 @@ class WorkerPool:
                 self._lost(worker)
         if self._reaping:
             await asyncio.wait(set(self._reaping))
+        for worker in live:
+            await worker.ledger.drain()

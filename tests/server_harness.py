@@ -336,3 +336,44 @@ def kill_group(process: subprocess.Popen[bytes]) -> None:
     """kill -9 a client and its ssh child (started with start_new_session=True)."""
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(10)
+
+
+def login(running: RunningServer, key: Path, user: str = "alpha", bind: str | None = None) -> Any:
+    """An authenticated, idle paramiko SSH connection (from ``bind`` if given)."""
+    import paramiko
+
+    sock = socket.create_connection((running.host, running.port), timeout=20,
+                                    source_address=(bind, 0) if bind else None)  # fmt: skip
+    transport = paramiko.Transport(sock)
+    transport.start_client(timeout=20)
+    transport.auth_publickey(user, paramiko.RSAKey.from_private_key_file(str(key)))
+    return transport
+
+
+def paramiko_sftp(
+    running: RunningServer, key: Path, user: str = "alpha", bind: str | None = None
+) -> Any:
+    """A paramiko SFTP client on a connection of its own (closing it closes both)."""
+    import paramiko
+
+    class _OwnSFTPClient(paramiko.SFTPClient):
+        def close(self) -> None:
+            super().close()
+            transport.close()
+
+    transport = login(running, key, user, bind)
+    try:
+        sftp = _OwnSFTPClient.from_transport(transport)
+    except BaseException:
+        transport.close()
+        raise
+    assert sftp is not None
+    return sftp
+
+
+def memory_kib(pid: int, field: str) -> int:
+    """A process's memory figure from /proc (VmRSS, VmHWM, ...), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")

@@ -97,7 +97,7 @@ def test_service_files_are_never_data_files(settings: Settings) -> None:
     folder = account_folder(settings, "uni")
     assert not is_data_file_name(folder.log_file.name)
     assert not is_data_file_name(folder.pool_file.name)
-    assert not is_data_file_name(folder.upload_temp("data.txt", "abc").name)
+    assert not is_data_file_name(folder.upload_temp("abc").name)
     assert not is_data_file_name("data.txt.filepart")
     assert not is_data_file_name(folder.log_lock.name)
     assert is_data_file_name("sis_hr_user_info.txt")

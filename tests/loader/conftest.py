@@ -39,7 +39,7 @@ def write_data(path: Path, rows: int, start: int = 0, tag: str = "") -> Path:
 
 def upload(folder: AccountFolder, name: str, text: str) -> Path:
     """Put a complete file in place the way the server does: hidden temp name, then rename."""
-    tmp = folder.upload_temp(name, "test")
+    tmp = folder.upload_temp("test")
     tmp.write_text(text, encoding="utf-8", newline="")
     final = folder.root / name
     tmp.rename(final)

@@ -23,7 +23,7 @@ def test_renamed_upload_gets_a_received_line_and_is_neither_loaded_nor_deleted(a
     watcher.start()
     try:
         # in flight only: no line
-        tmp = acme.folder.upload_temp(acme.spec.file_name, "abc")
+        tmp = acme.folder.upload_temp("abc")
         tmp.write_text(kit.data_text(12), encoding="utf-8", newline="")
         assert watcher.idle()
         # the server's rename into place: one RECEIVED line

@@ -9,7 +9,7 @@ import pytest
 
 from ingest_core.folders import AccountFolder
 from ingest_core.settings import LimitSettings
-from ingest_server.atomic_upload import Upload
+from ingest_server.atomic_upload import UnflushedBytes, Upload
 from ingest_server.limits import LimitHit, UploadLimits
 
 NO_LIMITS = LimitSettings(
@@ -17,14 +17,21 @@ NO_LIMITS = LimitSettings(
 )
 
 
-def start(folder: AccountFolder, name: str, truncate: bool, limits: LimitSettings = NO_LIMITS):
+def start(
+    folder: AccountFolder,
+    name: str,
+    truncate: bool,
+    limits: LimitSettings = NO_LIMITS,
+    buffer: UnflushedBytes | None = None,
+) -> Upload:
     final = folder.root / name
     return Upload(
         folder,
         final,
         truncate=truncate,
         append=False,
-        limits=UploadLimits.for_upload(limits, folder.root, 0),
+        limits=UploadLimits.for_upload(limits, folder.root),
+        buffer=buffer or UnflushedBytes(0),
     )
 
 
@@ -79,6 +86,9 @@ def test_write_over_the_start_keeps_the_old_tail(folder: AccountFolder) -> None:
 def test_resume_at_an_offset(folder: AccountFolder) -> None:
     (folder.root / "f.csv").write_bytes(b"01234")
     upload = start(folder, "f.csv", truncate=False)
+    assert upload.needs_base_copy(5)  # the caller copies the old content in a thread first
+    upload.copy_base()
+    assert not upload.base_pending
     upload.write(5, b"56789")
     received = upload.commit()
     assert (folder.root / "f.csv").read_bytes() == b"0123456789"
@@ -117,7 +127,8 @@ def test_append_mode_writes_at_the_end(folder: AccountFolder) -> None:
         folder.root / "f.csv",
         truncate=False,
         append=True,
-        limits=UploadLimits.for_upload(NO_LIMITS, folder.root, 0),
+        limits=UploadLimits.for_upload(NO_LIMITS, folder.root),
+        buffer=UnflushedBytes(0),
     )
     upload.write(0, b"tail")  # the offset is ignored in append mode
     upload.commit()
@@ -161,3 +172,36 @@ def test_out_of_order_writes_land_in_place(folder: AccountFolder) -> None:
     received = upload.commit()
     assert (folder.root / "gaps.bin").read_bytes() == a + b + c
     assert received.sha256 == hashlib.sha256(a + b + c).hexdigest()
+
+
+def test_one_session_holds_at_most_its_budget_across_many_files(folder: AccountFolder) -> None:
+    """Many open uploads each below the batch size: the session's unflushed bytes stay
+    within its budget (the rest is written), and a discard gives its share back."""
+    budget = UnflushedBytes(256 * 1024)
+    uploads = [start(folder, f"f{i}.bin", truncate=True, buffer=budget) for i in range(40)]
+    for i, upload in enumerate(uploads):
+        for offset in range(0, 96 * 1024, 32 * 1024):
+            upload.write(offset, bytes([i]) * 32 * 1024)
+            assert budget.pending <= budget.limit  # 96 KiB per file: below BATCH_BYTES
+    for upload in uploads[:20]:
+        upload.commit()
+    for upload in uploads[20:]:
+        upload.discard()
+    assert budget.pending == 0
+    assert not budget.uploads
+    for i in range(20):
+        assert (folder.root / f"f{i}.bin").read_bytes() == bytes([i]) * 96 * 1024
+
+
+def test_a_write_far_past_the_end_is_refused(folder: AccountFolder) -> None:
+    limits = LimitSettings(
+        max_file_bytes=0, account_quota_bytes=0, free_disk_reserve_bytes=0, max_hole_bytes=1024
+    )
+    upload = start(folder, "holes.bin", truncate=True, limits=limits)
+    upload.write(0, b"x" * 10)
+    upload.write(10 + 1024, b"y")  # a gap of max_hole_bytes is allowed
+    with pytest.raises(LimitHit) as info:
+        upload.write(2**31 - 1, b"z")
+    assert info.value.kind == "max_hole_bytes"
+    upload.discard()
+    assert hidden(folder) == []

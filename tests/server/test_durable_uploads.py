@@ -54,7 +54,8 @@ def calls_on_upload(lines: list[str], name: str) -> list[str]:
         opened = re.search(r'openat\(AT_FDCWD, "([^"]+)", ([^)]*)\) = (\d+)', line)
         if opened:
             path, flags, fd = opened.groups()
-            if "/.ingest-upload-" in path and name in path and "O_CREAT" in flags:
+            # Temporary names do not carry the final name: one upload per traced session.
+            if "/.ingest-upload-" in path and "O_CREAT" in flags:
                 role[fd] = "file"
             elif "O_DIRECTORY" in flags and path.endswith("/alpha"):
                 role[fd] = "folder"

@@ -14,17 +14,10 @@ from pathlib import Path
 
 import paramiko
 import pytest
-from server_harness import RunningServer
+from server_harness import RunningServer, memory_kib
 
 SIZE = 256 * 1024 * 1024
 ALLOWED_GROWTH = 48 * 1024 * 1024
-
-
-def memory_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field} for {pid}")
 
 
 @pytest.mark.slow
