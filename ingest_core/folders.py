@@ -13,7 +13,10 @@ Layout under the data root::
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +133,37 @@ def is_in_flight_name(name: str) -> bool:
 def is_data_file_name(name: str) -> bool:
     """A name the loader may consider: visible, complete, not one of the service's own files."""
     return not name.startswith(".") and not is_in_flight_name(name) and not is_read_only_name(name)
+
+
+def upload_owner(pid: int | None = None) -> str:
+    """Which process on which machine writes an upload (part of its temporary name), so the
+    files of a process that died are removed at once, and never another node's on shared
+    storage."""
+    return f"{_host_tag()}-{pid or os.getpid()}"
+
+
+@functools.cache
+def _host_tag() -> str:
+    return hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+
+
+def _remove_uploads(settings: Settings, prefix: str, older_than: float) -> int:
+    root = accounts_root(settings)
+    if not root.is_dir():
+        return 0
+    folders = (account_folder(settings, entry.name) for entry in root.iterdir())
+    return sum(f.remove_stale(prefix, older_than) for f in folders if f.root.is_dir())
+
+
+def remove_stale_uploads(settings: Settings, older_than: float = STALE_TEMP_SECONDS) -> int:
+    """Temporary upload files left by a crashed server (not touched for an hour)."""
+    return _remove_uploads(settings, UPLOAD_TEMP_PREFIX, older_than)
+
+
+def remove_uploads_of(settings: Settings, pid: int) -> int:
+    """Temporary upload files of a server process of this machine that has exited (blocking:
+    it lists every account folder)."""
+    return _remove_uploads(settings, f"{UPLOAD_TEMP_PREFIX}{upload_owner(pid)}-", 0.0)
 
 
 def ensure_base_folders(settings: Settings) -> None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ingest_core.durable_files import fsync_folder
-from ingest_core.folders import AccountFolder
+from ingest_core.folders import AccountFolder, upload_owner
 from ingest_server.limits import LimitHit, UploadLimits
 
 TEMP_FILE_MODE = 0o640
@@ -157,7 +157,7 @@ class Upload:
         durable: bool = True,
     ):
         self.final = final
-        self.temp = folder.upload_temp(secrets.token_hex(8))
+        self.temp = folder.upload_temp(f"{upload_owner()}-{secrets.token_hex(8)}")
         if final.parent != folder.root:
             self.temp = final.parent / self.temp.name
         self.append = append

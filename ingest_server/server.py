@@ -26,12 +26,7 @@ from typing import Any
 
 from ingest_core.db import open_control_db
 from ingest_core.errors import IngestError
-from ingest_core.folders import (
-    STALE_TEMP_SECONDS,
-    UPLOAD_TEMP_PREFIX,
-    account_folder,
-    accounts_root,
-)
+from ingest_core.folders import remove_stale_uploads
 from ingest_core.lifecycle import (
     loop_name,
     open_file_limit,
@@ -53,15 +48,6 @@ from ingest_server.worker_pool import WorkerPool
 PROXY_HEADER_TIMEOUT = 5.0
 _CLOSE_WAIT = 5.0
 REFUSAL_LOG_WINDOW = 10.0
-
-
-def remove_stale_uploads(settings: Settings, older_than: float = STALE_TEMP_SECONDS) -> int:
-    """Temporary upload files left by a crashed server (not touched for an hour)."""
-    root = accounts_root(settings)
-    if not root.is_dir():
-        return 0
-    folders = (account_folder(settings, entry.name) for entry in root.iterdir())
-    return sum(f.remove_stale(UPLOAD_TEMP_PREFIX, older_than) for f in folders if f.root.is_dir())
 
 
 class Server:

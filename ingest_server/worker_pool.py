@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ingest_core.errors import IngestError
+from ingest_core.folders import remove_uploads_of
 from ingest_core.settings import Settings
 from ingest_server.connection import FailedLogin
 from ingest_server.ledger import LedgerService, LocalLedger
@@ -205,6 +206,11 @@ class WorkerPool:
         except subprocess.TimeoutExpired:
             worker.process.kill()
             code = await asyncio.to_thread(worker.process.wait)
+        removed = await asyncio.to_thread(remove_uploads_of, self.settings, worker.process.pid)
+        if removed:  # its sessions' uploads died with it: their temporary files go now
+            self.audit.warning(
+                "worker.uploads_removed", worker_pid=worker.process.pid, count=removed
+            )
         if self.stopping or self.broken.is_set():
             return
         if not worker.ready:

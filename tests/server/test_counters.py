@@ -16,9 +16,8 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-import paramiko
 import pytest
-from server_harness import RunningServer, add_account, sftp_batch, start_server, wait_until
+from server_harness import RunningServer, add_account, login, sftp_batch, start_server, wait_until
 
 from ingest_server.gate import AdmittedConnections, ConnectionGate
 
@@ -51,14 +50,6 @@ def pooled(tmp_path: Path, alpha_key: Path, beta_key: Path) -> Iterator[RunningS
     wait_until(lambda: len(running.events("worker.started")) == 2, 30, "two workers")
     yield running
     running.stop()
-
-
-def login(running: RunningServer, key: Path, user: str = "alpha") -> paramiko.Transport:
-    """An authenticated, idle SSH connection."""
-    transport = paramiko.Transport((running.host, running.port))
-    transport.start_client(timeout=20)
-    transport.auth_publickey(user, paramiko.RSAKey.from_private_key_file(str(key)))
-    return transport
 
 
 def dropped_before_banner(running: RunningServer) -> bool:

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import paramiko
 import pytest
-from server_harness import RunningServer, add_account, sftp_batch, start_server, wait_until
+from server_harness import (
+    RunningServer,
+    add_account,
+    login,
+    sftp_batch,
+    start_server,
+    temp_files,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -34,14 +42,6 @@ def pooled(tmp_path: Path, alpha_key: Path) -> Iterator[RunningServer]:
 
 def worker_pids(running: RunningServer) -> set[int]:
     return {e["pid"] for e in running.events("worker.started")}
-
-
-def login(running: RunningServer, key: Path) -> paramiko.Transport:
-    """An authenticated, idle SSH connection as alpha."""
-    transport = paramiko.Transport((running.host, running.port))
-    transport.start_client(timeout=20)
-    transport.auth_publickey("alpha", paramiko.RSAKey.from_private_key_file(str(key)))
-    return transport
 
 
 def dropped_before_banner(running: RunningServer) -> bool:
@@ -88,9 +88,16 @@ def test_a_killed_worker_is_replaced_and_its_connections_released(
     try:
         first = worker_pids(pooled)
         victim = pooled.events("auth.success")[-1]["pid"]
+        in_flight = paramiko.SFTPClient.from_transport(held[-1])  # on the victim
+        assert in_flight is not None
+        in_flight.open("in-flight.bin", "wb").write(b"x" * 600_000)
+        assert temp_files(pooled.folder("alpha"))
         os.kill(victim, signal.SIGKILL)
         exited = pooled.wait_for_event("worker.exited", worker_pid=victim)
         assert exited["restarting"] is True
+        # Its upload died with it: the temporary file goes now, not at the next start.
+        pooled.wait_for_event("worker.uploads_removed", worker_pid=victim, count=1)
+        assert temp_files(pooled.folder("alpha")) == []
         wait_until(lambda: len(worker_pids(pooled)) == 3, 30, "a new worker")
         assert len(worker_pids(pooled) - first) == 1
         # The dead worker's session no longer counts: one more login fits.
