@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import hashlib
 import os
 import secrets
@@ -394,7 +395,10 @@ class Upload:
         return Received(self.final.name, size, digest, seconds, replaced)
 
     def discard(self) -> None:
-        """Drop the upload: close and remove the temporary file (idempotent)."""
+        """Drop the upload: close and remove the temporary file (idempotent). Whatever the
+        client writes to it afterwards fails: it must never look stored."""
+        if not self.done and self.failed is None:
+            self.failed = OSError(errno.ECANCELED, "the upload was discarded")
         self.done = True
         self.drop_pending()
         self.buffer.uploads.discard(self)

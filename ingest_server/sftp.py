@@ -426,7 +426,10 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         self._fail(upload, quota_refusal(quota))
 
     def _fail(self, upload: Upload, exc: BaseException) -> typing.NoReturn:
-        """Discard ``upload`` for ``exc`` and raise the error its client hears."""
+        """Discard ``upload`` for ``exc`` and raise the error its client hears (and hears
+        again at every later write and at close: the upload is gone)."""
+        if upload.failed is None and isinstance(exc, LimitHit | OSError):
+            upload.failed = exc
         if isinstance(exc, LimitHit):
             self._drop(upload, reason=exc.kind)
             self._limit_hit(upload.name, exc)

@@ -61,6 +61,8 @@ def test_discard_keeps_the_earlier_file(folder: AccountFolder) -> None:
     upload.write(0, b"partial")
     upload.discard()
     assert (folder.root / "f.csv").read_bytes() == b"old"
+    with pytest.raises(OSError):  # a write after the discard must never look stored
+        upload.write(7, b" more")
     assert hidden(folder) == []
 
 

@@ -90,7 +90,8 @@ def test_a_killed_worker_is_replaced_and_its_connections_released(
         victim = pooled.events("auth.success")[-1]["pid"]
         in_flight = paramiko.SFTPClient.from_transport(held[-1])  # on the victim
         assert in_flight is not None
-        in_flight.open("in-flight.bin", "wb").write(b"x" * 600_000)
+        handle = in_flight.open("in-flight.bin", "wb")  # kept open: not committed
+        handle.write(b"x" * 600_000)
         assert temp_files(pooled.folder("alpha"))
         os.kill(victim, signal.SIGKILL)
         exited = pooled.wait_for_event("worker.exited", worker_pid=victim)
