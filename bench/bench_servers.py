@@ -1,17 +1,19 @@
-"""The two servers the benchmark compares, each started on a free loopback port in a temp dir.
+"""The servers the benchmark compares, each started on a free loopback port in a temp dir.
 
 - OpenSSH ``sshd`` from Debian's openssh-server with ``internal-sftp``, chrooted, for one
   dedicated system user (``benchsftp``), public key auth against a temp authorized_keys file.
 - sis-ingest's own server (``ingestctl server``) with a fresh data root, one account, the same
-  client key and 127.0.0.1 allowed.
+  client key and 127.0.0.1 allowed; one or two of them ("ours", and "before" from another
+  source tree), each running its own tree's packages.
 
-Both offer aes128-gcm@openssh.com. Every process started here is stopped by :meth:`stop`
+All offer aes128-gcm@openssh.com. Every process started here is stopped by :meth:`stop`
 (root first, then any descendant still alive), which the benchmark calls from ``finally``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import shutil
@@ -300,10 +302,61 @@ def ensure_user(name: str) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-class IngestServer(BenchServer):
-    """sis-ingest's server, started the way an operator does: init, account, key, ip, server."""
+# [limits] our servers get for the benchmark, each with why: the measurements open hundreds of
+# connections from one address and account, quickly, and upload GiB-sized files. A tree that
+# does not know a setting (an older commit) is not given it. Every other setting, the
+# per-session budgets included (handles, unflushed bytes, channels), keeps its default.
+BENCH_LIMITS: dict[str, tuple[str, str]] = {
+    "max_connections_total": ("0", "200 idle sessions at once"),
+    "max_connections_per_address": ("0", "every client is 127.0.0.1"),
+    "max_sessions_per_account": ("0", "every session is account 'bench'"),
+    "connection_rate_per_address": ("0", "sequential sessions run at ~30/s"),
+    "max_file_bytes": ("0", "1 GiB uploads"),
+    "account_quota_bytes": ("0", "GiBs uploaded per run"),
+}
 
-    label = "ours"
+# Run inside the source tree: which settings it knows (with defaults) and where it imports
+# its packages from, so the benchmark can check it measures the tree it was given.
+_PROBE = """
+import dataclasses, json
+import ingest_core, ingest_server, ingestctl
+from ingest_core.settings import Settings
+defaults = Settings()
+sections = {
+    f.name: {g.name: getattr(getattr(defaults, f.name), g.name)
+             for g in dataclasses.fields(getattr(defaults, f.name))}
+    for f in dataclasses.fields(defaults)
+    if dataclasses.is_dataclass(getattr(defaults, f.name))
+}
+modules = {m.__name__: m.__file__ for m in (ingest_core, ingest_server, ingestctl)}
+print(json.dumps({"sections": sections, "modules": modules}, default=str))
+"""
+
+_UPLOAD_DIR = """
+import sys
+from ingest_core.folders import account_folder
+from ingest_core.settings import load_settings
+print(account_folder(load_settings(sys.argv[1]), sys.argv[2]).root)
+"""
+
+
+def parse_setting(text: str) -> tuple[str, str, str]:
+    """'KEY = VALUE' (a [server] setting) or 'SECTION.KEY = VALUE' -> (section, key, value)."""
+    name, sep, value = text.partition("=")
+    name, value = name.strip(), value.strip()
+    if not sep or not name or not value:
+        raise BenchError(f"setting {text!r}: expected 'KEY = VALUE' or 'SECTION.KEY = VALUE'")
+    section, dot, key = name.rpartition(".")
+    return (section if dot else "server"), key, value
+
+
+class IngestServer(BenchServer):
+    """sis-ingest's server, started the way an operator does: init, account, key, ip, server.
+
+    ``label`` names it in the results ("ours" for the tree under test, "before" for a
+    baseline tree); ``source`` is the tree whose packages it runs (first on PYTHONPATH, and
+    the working directory, so ``python -m`` puts it first on sys.path too).
+    """
 
     def __init__(
         self,
@@ -311,16 +364,20 @@ class IngestServer(BenchServer):
         client_pub: Path,
         workers: int,
         source: Path = REPO,
-        server_settings: tuple[str, ...] = (),
+        settings: tuple[str, ...] = (),
+        label: str = "ours",
     ) -> None:
         super().__init__()
+        self.label = label
         self.source = source
-        self.dir = workdir / "ours"
+        self.dir = workdir / label
         self.client_pub = client_pub
         self.workers = workers
-        self.server_settings = server_settings  # extra `key = value` lines for [server]
+        self.settings = settings  # 'KEY = VALUE' ([server]) or 'SECTION.KEY = VALUE'
         self.user = ACCOUNT
         self.config = self.dir / "ingest.toml"
+        self.known: dict[str, dict[str, object]] = {}
+        self.raised: list[str] = []  # limits raised for the bench, as "key default -> value"
 
     def _ingestctl(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "ingestctl.main", "--config", str(self.config), *args]
@@ -330,8 +387,23 @@ class IngestServer(BenchServer):
         src = str(self.source)
         return {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{path}" if path else src}
 
+    def _python(self, code: str, *args: str) -> str:
+        """Run ``code`` with this tree's packages first; its stdout (BenchError if it fails)."""
+        result = subprocess.run(
+            [sys.executable, "-c", code, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=self._env(),
+            cwd=self.source,
+        )
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+            raise BenchError(f"python in {self.source} failed: {last}")
+        return result.stdout
+
     def available(self) -> str | None:
-        """None if ``ingestctl server`` exists, else why not."""
+        """None if ``ingestctl server`` exists in the tree, else why not."""
         result = subprocess.run(
             [sys.executable, "-m", "ingestctl.main", "server", "--help"],
             capture_output=True,
@@ -347,34 +419,72 @@ class IngestServer(BenchServer):
             )
         return None
 
+    def probe(self) -> None:
+        """Read the tree's settings and check its packages are imported from the tree itself."""
+        found = json.loads(self._python(_PROBE))
+        self.known = found["sections"]
+        for module, file in found["modules"].items():
+            if not Path(file).resolve().is_relative_to(self.source):
+                raise BenchError(f"{module} imports from {file}, not {self.source}")
+
+    def _sections(self) -> dict[str, dict[str, str]]:
+        """Every section's `key = value` text: ours, then the bench limits, then overrides."""
+        sections: dict[str, dict[str, str]] = {
+            "server": {
+                "host": '"127.0.0.1"',
+                "port": str(self.port),
+                "host_key_dir": f'"{self.dir / "keys"}"',
+            },
+            "limits": {},
+        }
+        if self.workers:
+            sections["server"]["workers"] = str(self.workers)
+        self.raised = []
+        for key, (value, why) in BENCH_LIMITS.items():
+            if key in self.known.get("limits", {}):
+                sections["limits"][key] = value
+                self.raised.append(f"{key} {self.known['limits'][key]} -> {value} ({why})")
+        for text in self.settings:
+            section, key, value = parse_setting(text)
+            if key not in self.known.get(section, {}):
+                raise BenchError(f"{self.source} has no setting {section}.{key}")
+            sections.setdefault(section, {})[key] = value
+        return sections
+
     def start(self) -> None:
         self.dir.mkdir()
         self.port = free_port()
-        workers = f"workers = {self.workers}\n" if self.workers else ""
-        workers += "".join(f"{line}\n" for line in self.server_settings)
-        # No connection caps, size limit or quota: 200 idle sessions and 1 GiB files are the
-        # point of the exercise. Everything else is the default configuration.
-        self.config.write_text(
-            f'data_root = "var"\nlog_dir = "logs"\n\n[server]\nhost = "127.0.0.1"\n'
-            f'port = {self.port}\nhost_key_dir = "keys"\n{workers}\n'
-            "[limits]\nmax_connections_total = 0\nmax_connections_per_address = 0\n"
-            "max_file_bytes = 0\naccount_quota_bytes = 0\n"
-        )
+        self.probe()
+        lines = [f'data_root = "{self.dir / "var"}"', f'log_dir = "{self.dir / "logs"}"']
+        for section, values in self._sections().items():
+            lines += ["", f"[{section}]", *(f"{k} = {v}" for k, v in values.items())]
+        self.config.write_text("\n".join(lines) + "\n")
         for step in (
             ["init"],
             ["account", "create", ACCOUNT],
             ["key", "add", ACCOUNT, str(self.client_pub)],
             ["ip", "add", ACCOUNT, "127.0.0.1"],
         ):
-            run_checked(self._ingestctl(*step), env=self._env(), cwd=self.dir)
-        sys.path.insert(0, str(REPO))
-        from ingest_core.folders import account_folder
-        from ingest_core.settings import load_settings
-
-        self.upload_dir = account_folder(load_settings(self.config), ACCOUNT).root
+            run_checked(self._ingestctl(*step), env=self._env(), cwd=self.source)
+        self.upload_dir = Path(self._python(_UPLOAD_DIR, str(self.config), ACCOUNT).strip())
         log = self.dir / "server.log"
-        self._popen(self._ingestctl("server"), log, env=self._env(), cwd=self.dir)
+        self._popen(self._ingestctl("server"), log, env=self._env(), cwd=self.source)
         wait_for_banner(self.port, self.process)
+
+    def runs_from_source(self) -> str | None:
+        """None if every process of the server has the tree first on PYTHONPATH and as its
+        working directory (what ``python -m`` puts first on sys.path), else which does not."""
+        for stat in proc_tree.tree(self.pid):
+            try:
+                cwd = Path(os.readlink(f"/proc/{stat.pid}/cwd"))
+                environ = Path(f"/proc/{stat.pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue  # exited meanwhile
+            path = next((e[11:] for e in environ if e.startswith(b"PYTHONPATH=")), b"")
+            first = path.decode(errors="replace").split(os.pathsep)[0]
+            if cwd != self.source or Path(first) != self.source:
+                return f"pid {stat.pid}: cwd {cwd}, PYTHONPATH starts with {first!r}"
+        return None
 
     def log_tail(self, lines: int = 15) -> str:
         path = self.dir / "server.log"

@@ -10,7 +10,14 @@ next to the target of issue 3:
 - 10 concurrent 100 MiB uploads: aggregate MB/s, ratio >= 1.2x;
 - 50 sequential ``sftp -b`` sessions each uploading a tiny file: sessions/s, ratio >= 3x,
   and server CPU per session;
-- resident memory with 200 idle authenticated SFTP sessions: <= 50 KB per session (ours).
+- resident memory with 200 idle authenticated SFTP sessions: <= 50 KB per session (ours);
+- resident memory with 200 sessions each holding 10 upload handles with 480 KiB written to
+  each (below the 512 KiB write batch, so a server without a per-session budget of unflushed
+  bytes keeps all of it in memory).
+
+``--baseline-source DIR`` adds a second sis-ingest server, labelled ``before``, run from
+another source tree (an older commit) in the same alternating rounds, so that a change's
+cost is a ratio ours/before from one run (``--servers before,ours``).
 
 Run as root (sshd must switch users): ``python bench/server_bench.py [--quick]``.
 MB means 10^6 bytes. See bench/README.md.
@@ -60,7 +67,11 @@ TARGETS = {
     "sessions_per_s": (">=", 3.0),
 }
 IDLE_TARGET_KB = 50.0
-MEASUREMENTS = ("single", "concurrent", "sessions", "idle")
+MEASUREMENTS = ("single", "concurrent", "sessions", "idle", "handles")
+SERVER_LABELS = ("sshd", "before", "ours")  # table order; "after" is accepted for "ours"
+# Sessions set up at once by the handles measurement: enough to fill the servers
+# quickly, few enough that 2 cores running client and server keep up.
+OPEN_CONCURRENCY = 20
 
 
 def say(message: str) -> None:
@@ -269,37 +280,62 @@ class IdleMemory:
         return (self.pss_after - self.pss_before) / 1000 / self.sessions
 
 
-async def _open_idle(server: BenchServer, key: object, count: int) -> list:
+async def _connect(server: BenchServer, key: object) -> object:
+    """One authenticated SSH connection from this process (asyncssh), on loopback."""
     import asyncssh
 
+    return await asyncio.wait_for(
+        asyncssh.connect(
+            "127.0.0.1",
+            server.port,
+            username=server.user,
+            client_keys=[key],
+            known_hosts=None,
+            encryption_algs=[CIPHER],
+            agent_path=None,
+            config=[],
+        ),
+        60,
+    )
+
+
+def _ignore_client_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """After a failure is reported: connection errors of abandoned client tasks are expected."""
+    import asyncssh
+
+    if not isinstance(context.get("exception"), (OSError, asyncssh.Error)):
+        loop.default_exception_handler(context)
+
+
+async def _all_or_none(coroutines: list, opened: list) -> None:
+    """Run the session openers; if one fails, cancel the rest (so none opens a session after
+    the clean-up) and close every session opened so far before re-raising."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        # asyncssh's own tasks for the writes cut short would each log a traceback.
+        asyncio.get_running_loop().set_exception_handler(_ignore_client_errors)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await _close_idle(opened)
+        raise
+
+
+async def _open_idle(server: BenchServer, key: object, count: int) -> list:
     opened: list = []
     gate = asyncio.Semaphore(10)
 
     async def one() -> None:
         async with gate:
-            conn = await asyncio.wait_for(
-                asyncssh.connect(
-                    "127.0.0.1",
-                    server.port,
-                    username=server.user,
-                    client_keys=[key],
-                    known_hosts=None,
-                    encryption_algs=[CIPHER],
-                    agent_path=None,
-                    config=[],
-                ),
-                60,
-            )
+            conn = await _connect(server, key)
             sftp = await asyncio.wait_for(conn.start_sftp_client(), 60)
             opened.append((conn, sftp))
             if len(opened) % 50 == 0:
                 say(f"  {server.label}: {len(opened)}/{count} idle sessions open")
 
-    try:
-        await asyncio.gather(*(one() for _ in range(count)))
-    except BaseException:
-        await _close_idle(opened)
-        raise
+    await _all_or_none([one() for _ in range(count)], opened)
     return opened
 
 
@@ -336,6 +372,93 @@ def idle_memory(run: Run, server: BenchServer, count: int) -> IdleMemory:
             await _close_idle(opened)
 
     return asyncio.run(measure())
+
+
+@dataclass
+class HandleMemory(IdleMemory):
+    handles_per_session: int
+    bytes_per_handle: int
+    open_seconds: float
+
+    @property
+    def held_bytes(self) -> int:
+        """Upload bytes written and not yet closed, over all sessions."""
+        return self.sessions * self.handles_per_session * self.bytes_per_handle
+
+
+async def _open_handles(
+    server: BenchServer, key: object, sessions: int, handles: int, data: bytes
+) -> list:
+    """``sessions`` connections, each with ``handles`` files open for writing and ``data``
+    written to each (acknowledged by the server), OPEN_CONCURRENCY being set up at a time.
+    Returns (connection, sftp client) pairs; on failure, closes what it opened."""
+    opened: list = []
+    ready: list[int] = []  # sessions whose handles are all open and written
+    gate = asyncio.Semaphore(OPEN_CONCURRENCY)
+
+    async def one(number: int) -> None:
+        async with gate:
+            conn = await _connect(server, key)
+            try:
+                sftp = await asyncio.wait_for(conn.start_sftp_client(), 60)
+            except BaseException:
+                conn.close()
+                raise
+            opened.append((conn, sftp))
+            for handle in range(handles):
+                name = f"bench-handles-{number}-{handle}.bin"
+                upload = await asyncio.wait_for(sftp.open(name, "wb"), 60)
+                await asyncio.wait_for(upload.write(data), 60)  # left open on purpose
+            ready.append(number)
+            if len(ready) % 50 == 0:
+                say(f"  {server.label}: {len(ready)}/{sessions} sessions holding handles")
+
+    await _all_or_none([one(n) for n in range(sessions)], opened)
+    return opened
+
+
+def handle_memory(
+    run: Run, server: BenchServer, sessions: int, handles: int, nbytes: int
+) -> HandleMemory:
+    """The server's memory while ``sessions`` sessions each hold ``handles`` unfinished
+    uploads of ``nbytes``: what a server keeps per open upload (unwritten batches, buffers).
+    The connections are then dropped without closing the files (the uploads are abandoned)."""
+    import asyncssh
+
+    key = asyncssh.read_private_key(run.key)
+    data = os.urandom(nbytes)
+
+    async def measure() -> HandleMemory:
+        await asyncio.sleep(1)
+        rss_before = proc_tree.tree_rss_bytes(server.pid)
+        pss_before = proc_tree.tree_pss_bytes(server.pid)
+        started = time.monotonic()
+        opened = await _open_handles(server, key, sessions, handles, data)
+        open_seconds = time.monotonic() - started
+        try:
+            await asyncio.sleep(2)  # let per-connection processes and buffers settle
+            return HandleMemory(
+                sessions=sessions,
+                rss_before=rss_before,
+                rss_after=proc_tree.tree_rss_bytes(server.pid),
+                pss_before=pss_before,
+                pss_after=proc_tree.tree_pss_bytes(server.pid),
+                processes_after=len(proc_tree.tree(server.pid)),
+                handles_per_session=handles,
+                bytes_per_handle=nbytes,
+                open_seconds=open_seconds,
+            )
+        finally:
+            await _close_idle(opened)
+
+    quiet_disk(server)
+    try:
+        return asyncio.run(measure())
+    except (OSError, asyncssh.Error) as exc:  # a refusal (a budget?), a timeout, a lost link
+        raise BenchError(f"{server.label}: holding upload handles failed: {exc!r}") from None
+    finally:
+        time.sleep(1)  # the server abandons the uploads (sshd's children exit)
+        server.clear_uploads()
 
 
 # -- profile -----------------------------------------------------------------------------------
@@ -465,6 +588,8 @@ def measure(run: Run, servers: list[BenchServer]) -> dict:
         measure_sessions(run, servers, results)
     if "idle" in args.only:
         measure_idle(run, servers, results)
+    if "handles" in args.only:
+        measure_handles(run, servers, results)
     ours = next((s for s in servers if s.label == "ours"), None)
     if args.profile and ours is not None:
         py_spy = args.py_spy or shutil.which("py-spy")
@@ -491,7 +616,7 @@ def measure_single(run: Run, servers: list[BenchServer], big: Path, results: dic
             {"seconds": t.seconds, "mb_s": t.mb_s, "cpu_s_per_gib": t.cpu_seconds / gib}
         )
         say(
-            f"  round {r + 1} {server.label:4}: {t.mb_s:7.1f} MB/s  "
+            f"  round {r + 1} {server.label:6}: {t.mb_s:7.1f} MB/s  "
             f"{t.cpu_seconds / gib:5.2f} CPU s/GiB  ({t.seconds:.2f} s)"
         )
 
@@ -508,7 +633,7 @@ def measure_concurrent(run: Run, servers: list[BenchServer], mid: Path, results:
                 "cpu_s_per_gib": t.cpu_seconds / (t.nbytes / GIB),
             }
         )
-        say(f"  round {r + 1} {server.label:4}: {t.mb_s:7.1f} MB/s aggregate ({t.seconds:.2f} s)")
+        say(f"  round {r + 1} {server.label:6}: {t.mb_s:7.1f} MB/s aggregate ({t.seconds:.2f} s)")
 
 
 def measure_sessions(run: Run, servers: list[BenchServer], results: dict) -> None:
@@ -527,7 +652,7 @@ def measure_sessions(run: Run, servers: list[BenchServer], results: dict) -> Non
             }
         )
         say(
-            f"  round {r + 1} {server.label:4}: {s.per_s:6.2f} sessions/s  {s.cpu_ms:6.1f} ms "
+            f"  round {r + 1} {server.label:6}: {s.per_s:6.2f} sessions/s  {s.cpu_ms:6.1f} ms "
             f"server CPU, {s.client_cpu_ms:6.1f} ms client CPU per session"
         )
 
@@ -547,17 +672,57 @@ def measure_idle(run: Run, servers: list[BenchServer], results: dict) -> None:
             "pss_kb_per_session": m.pss_kb_per_session,
         }
         say(
-            f"  {server.label:4}: RSS {m.rss_before / MB:.1f} -> {m.rss_after / MB:.1f} MB "
+            f"  {server.label:6}: RSS {m.rss_before / MB:.1f} -> {m.rss_after / MB:.1f} MB "
             f"({m.rss_kb_per_session:.1f} KB/session; PSS {m.pss_kb_per_session:.1f} KB/session; "
             f"{m.processes_after} processes)"
         )
 
 
+def measure_handles(run: Run, servers: list[BenchServer], results: dict) -> None:
+    args = run.args
+    say(
+        f"handles: {args.handle_sessions} sessions x {args.handles_per_session} open uploads "
+        f"x {args.handle_kib} KiB written, {OPEN_CONCURRENCY} sessions set up at a time"
+    )
+    for server in servers:
+        m = handle_memory(
+            run, server, args.handle_sessions, args.handles_per_session, args.handle_kib * 1024
+        )
+        results[server.label]["handles"] = {
+            "sessions": m.sessions,
+            "handles_per_session": m.handles_per_session,
+            "bytes_per_handle": m.bytes_per_handle,
+            "held_bytes": m.held_bytes,
+            "open_seconds": m.open_seconds,
+            "rss_before": m.rss_before,
+            "rss_after": m.rss_after,
+            "pss_before": m.pss_before,
+            "pss_after": m.pss_after,
+            "processes": m.processes_after,
+            "rss_kb_per_session": m.rss_kb_per_session,
+            "pss_kb_per_session": m.pss_kb_per_session,
+        }
+        say(
+            f"  {server.label:6}: RSS {m.rss_before / MB:.1f} -> {m.rss_after / MB:.1f} MB "
+            f"({m.rss_kb_per_session:.1f} KB/session; PSS {m.pss_kb_per_session:.1f} KB/session; "
+            f"{m.held_bytes / MB:.0f} MB written to open handles; {m.processes_after} processes; "
+            f"set up in {m.open_seconds:.1f} s)"
+        )
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator, NaN when either is missing or the denominator is 0."""
+    if math.isnan(numerator) or math.isnan(denominator) or denominator == 0:
+        return float("nan")
+    return numerator / denominator
+
+
 def summarize(results: dict) -> dict:
-    """Medians per server, ratios ours/sshd, and whether each target is met."""
+    """Medians per server, ratios ours/sshd (and ours/before), whether each target is met."""
     summary: dict = {}
     for label, res in results.items():
         single = res.get("single", [])
+        handles = res.get("handles", {})
         summary[label] = {
             "single_mb_s": median([x["mb_s"] for x in single]),
             "single_mb_s_best": max((x["mb_s"] for x in single), default=float("nan")),
@@ -573,9 +738,17 @@ def summarize(results: dict) -> dict:
             ),
             "idle_kb_per_session": res.get("idle", {}).get("rss_kb_per_session", float("nan")),
             "idle_pss_kb_per_session": res.get("idle", {}).get("pss_kb_per_session", float("nan")),
+            "handles_rss_mb_before": handles.get("rss_before", math.nan) / MB,
+            "handles_rss_mb": handles.get("rss_after", math.nan) / MB,
+            "handles_kb_per_session": handles.get("rss_kb_per_session", math.nan),
+            "handles_pss_kb_per_session": handles.get("pss_kb_per_session", math.nan),
+        }
+    if "before" in summary and "ours" in summary:
+        summary["ratio_before"] = {
+            k: ratio(summary["ours"][k], summary["before"][k]) for k in summary["ours"]
         }
     if "sshd" in summary and "ours" in summary:
-        ratios = {k: summary["ours"][k] / summary["sshd"][k] for k in summary["ours"]}
+        ratios = {k: ratio(summary["ours"][k], summary["sshd"][k]) for k in summary["ours"]}
         summary["ratio"] = ratios
         met: dict[str, bool | None] = {}
         for key, (op, target) in TARGETS.items():
@@ -600,38 +773,63 @@ ROWS: list[tuple[str, str, str, Callable[[float], str]]] = [
     ("client_cpu_ms_per_session", "client CPU ms per session", "", "{:.1f}".format),
     ("idle_kb_per_session", "idle session RSS KB", "<= 50 KB", "{:.1f}".format),
     ("idle_pss_kb_per_session", "idle session PSS KB", "", "{:.1f}".format),
+    ("handles_rss_mb_before", "handles: server RSS MB, none open", "", "{:.1f}".format),
+    ("handles_rss_mb", "handles: server RSS MB, all open", "", "{:.1f}".format),
+    ("handles_kb_per_session", "handles: RSS KB per session", "", "{:.1f}".format),
+    ("handles_pss_kb_per_session", "handles: PSS KB per session", "", "{:.1f}".format),
 ]
 
 
+# Rows printed without ratios: a starting point, not a figure to compare.
+NO_RATIO = {"handles_rss_mb_before"}
+
+
 def table(summary: dict, args: argparse.Namespace, notes: list[str]) -> str:
-    labels = [label for label in ("sshd", "ours") if label in summary]
-    header = ["figure", *labels, "ours/sshd", "target", "met"]
+    """Servers side by side; ours/sshd with the issue's targets, ours/before when measured."""
+    labels = [label for label in SERVER_LABELS if label in summary]
+    with_sshd, with_before = "ratio" in summary, "ratio_before" in summary
+    header = ["figure", *labels]
+    header += ["ours/sshd", "target", "met"] if with_sshd else []
+    header += ["ours/before"] if with_before else []
     rows = []
     for key, title, target, fmt in ROWS:
         values = [summary[label][key] for label in labels]
         if all(math.isnan(v) for v in values):
             continue  # not measured in this run (--only)
         row = [title, *("-" if math.isnan(v) else fmt(v) for v in values)]
-        if "ratio" in summary:
-            ratio = summary["ratio"][key]
-            row.append("-" if math.isnan(ratio) else f"{ratio:.2f}x")
+        if with_sshd:
             met = summary["target_met"].get(key)
-            row += [target, "" if met is None else ("yes" if met else "NO")]
-        else:
-            row += ["", target, ""]
+            row += [
+                "" if key in NO_RATIO else _times(summary["ratio"][key]),
+                target,
+                "" if met is None else ("yes" if met else "NO"),
+            ]
+        if with_before:
+            row.append("" if key in NO_RATIO else _times(summary["ratio_before"][key]))
         rows.append(row)
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    measured = {
+        "single": f"{args.size_mib} MiB single x {args.rounds} rounds",
+        "concurrent": f"{args.concurrent} x {args.concurrent_mib} MiB concurrent",
+        "sessions": f"{args.sessions} sessions",
+        "idle": f"{args.idle} idle",
+        "handles": f"{args.handle_sessions} sessions x {args.handles_per_session} handles "
+        f"of {args.handle_kib} KiB",
+    }
+    what = ", ".join(text for name, text in measured.items() if name in args.only)
     lines = [
         f"sis-ingest server benchmark ({time.strftime('%Y-%m-%d %H:%M %Z')}, {os.cpu_count()} "
-        f"CPUs, {args.size_mib} MiB single x {args.rounds} rounds, {args.concurrent} x "
-        f"{args.concurrent_mib} MiB concurrent, {args.sessions} sessions, {args.idle} idle; "
-        f"cipher {CIPHER}; MB = 10^6 bytes)",
-        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
+        f"CPUs, {what}; cipher {CIPHER}; MB = 10^6 bytes)",
+        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(),
         "  ".join("-" * w for w in widths),
     ]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
+
+
+def _times(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}x"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -643,6 +841,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sessions", type=int, default=50, help="sequential sessions (50)")
     p.add_argument("--idle", type=int, default=200, help="idle authenticated sessions (200)")
     p.add_argument(
+        "--handle-sessions", type=int, default=200, help="sessions holding upload handles (200)"
+    )
+    p.add_argument(
+        "--handles-per-session", type=int, default=10, help="open upload handles each (10)"
+    )
+    p.add_argument(
+        "--handle-kib",
+        type=int,
+        default=480,
+        help="KiB written to each handle (480: below the server's 512 KiB write batch)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=0,
@@ -653,9 +863,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="'KEY = VALUE'",
-        help="a [server] setting for our server, e.g. 'fsync_uploads = false' (repeatable)",
+        help="a setting for our server: 'KEY = VALUE' for [server], e.g. 'fsync_uploads = "
+        "false', or 'SECTION.KEY = VALUE', e.g. 'limits.max_handles_per_session = 32' "
+        "(repeatable)",
     )
-    p.add_argument("--servers", default="sshd,ours", help="which to run: sshd,ours (both)")
+    p.add_argument(
+        "--baseline-setting",
+        action="append",
+        default=[],
+        metavar="'KEY = VALUE'",
+        help="the same for the 'before' server (only settings its tree knows)",
+    )
+    p.add_argument(
+        "--servers",
+        default=None,
+        help="which to run, of sshd,before,ours ('after' = ours): sshd,ours by default, "
+        "and before too with --baseline-source",
+    )
     p.add_argument(
         "--only",
         default=",".join(MEASUREMENTS),
@@ -672,6 +896,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=str(REPO),
         help="run our server from this source tree (e.g. a 'git archive' of an older commit)",
     )
+    p.add_argument(
+        "--baseline-source",
+        metavar="DIR",
+        help="also run a server labelled 'before' from this tree, in the same rounds "
+        "(ratios ours/before)",
+    )
     p.add_argument("--quick", action="store_true", help="small sizes, one round: a smoke run")
     p.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
     p.add_argument("--profile", metavar="FILE", help="py-spy our server on one extra upload")
@@ -682,10 +912,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.size_mib, args.rounds = min(args.size_mib, 128), 1
         args.concurrent, args.concurrent_mib = min(args.concurrent, 4), min(args.concurrent_mib, 16)
         args.sessions, args.idle = min(args.sessions, 10), min(args.idle, 20)
+        args.handle_sessions = min(args.handle_sessions, 20)
+    if args.servers is None:
+        args.servers = "sshd,before,ours" if args.baseline_source else "sshd,ours"
+    names = [n.strip() for n in args.servers.split(",") if n.strip()]
+    args.servers = {"ours" if n == "after" else n for n in names}
+    if not args.servers or not args.servers <= set(SERVER_LABELS):
+        p.error("--servers takes sshd,before,ours (or after for ours)")
+    if "before" in args.servers and not args.baseline_source:
+        p.error("--servers before needs --baseline-source DIR")
     args.only = {m.strip() for m in args.only.split(",")}
     if not args.only <= set(MEASUREMENTS):
         p.error(f"--only takes {','.join(MEASUREMENTS)}")
-    for name in ("size_mib", "rounds", "concurrent", "concurrent_mib", "sessions", "idle"):
+    for name in (
+        "size_mib",
+        "rounds",
+        "concurrent",
+        "concurrent_mib",
+        "sessions",
+        "idle",
+        "handle_sessions",
+        "handles_per_session",
+        "handle_kib",
+    ):
         if not 0 < getattr(args, name) <= 100_000:
             p.error(f"--{name.replace('_', '-')} must be a positive number")
     return args
@@ -718,10 +967,41 @@ def use_project_python() -> None:
         raise
 
 
+def start_ours(
+    run: Run,
+    pub: Path,
+    label: str,
+    source: Path,
+    settings: list[str],
+    servers: list[BenchServer],
+    notes: list[str],
+) -> None:
+    """Start one of our servers from ``source`` and add it to ``servers`` (which the caller
+    stops, also after a failed start); a tree without a server gets a note instead."""
+    server = IngestServer(run.workdir, pub, run.args.workers, source, tuple(settings), label)
+    missing = server.available()
+    if missing:
+        notes.append(f"{label} not measured: {missing}")
+        say(notes[-1])
+        return
+    servers.append(server)
+    try:
+        server.start()
+    except BenchError as exc:
+        raise BenchError(f"{label}: {exc}\n{server.log_tail()}") from None
+    say(f"{label} listening on 127.0.0.1:{server.port} (pid {server.pid}) from {source}")
+    wrong = server.runs_from_source()
+    if wrong:
+        raise BenchError(f"{label} does not run from {source}: {wrong}")
+    if source != REPO or label != "ours":
+        notes.append(f"{label} run from {source} (first on PYTHONPATH and its cwd, checked)")
+    notes.append(f"{label}: [limits] for the bench: {'; '.join(server.raised)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     use_project_python()
-    wanted = {s.strip() for s in args.servers.split(",")}
+    wanted = args.servers
     workdir = Path(tempfile.mkdtemp(prefix="sis-bench-"))
     servers: list[BenchServer] = []
     notes: list[str] = []
@@ -738,27 +1018,13 @@ def main(argv: list[str] | None = None) -> int:
                 sshd.start()
                 say(f"sshd listening on 127.0.0.1:{sshd.port} (pid {sshd.pid})")
                 notes.append(f"sshd offers {sshd.algorithms}; both offer {CIPHER} first")
-            if "ours" in wanted:
-                ours = IngestServer(
-                    workdir,
-                    pub,
-                    args.workers,
-                    Path(args.ours_source).resolve(),
-                    tuple(args.ours_setting),
-                )
-                missing = ours.available()
-                if missing:
-                    notes.append(f"ours not measured: {missing}")
-                    say(notes[-1])
-                else:
-                    servers.append(ours)
-                    try:
-                        ours.start()
-                    except BenchError as exc:
-                        raise BenchError(f"ours: {exc}\n{ours.log_tail()}") from None
-                    say(f"ours listening on 127.0.0.1:{ours.port} (pid {ours.pid})")
-                    if ours.source != REPO:
-                        notes.append(f"ours run from {ours.source}")
+            ours_trees = [
+                ("before", args.baseline_source, args.baseline_setting),
+                ("ours", args.ours_source, args.ours_setting),
+            ]
+            for label, source, settings in ours_trees:
+                if label in wanted:
+                    start_ours(run, pub, label, Path(source).resolve(), settings, servers, notes)
             if not servers:
                 raise BenchError("no server to measure")
             for server in servers:
