@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from ingest_core.console import print_escaped, print_json, print_table
 from ingest_core.file_names import escape_for_operator
+
+if TYPE_CHECKING:
+    from loader.nightly import AccountResult
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,10 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--force",
         action="store_true",
         help="load even if the row count dropped below loader.min_row_share of the last load "
-        "(this run only; needs NAME)",
+        "(this run only; needs NAME; each load it lets through is audited and marked)",
     )
     r.add_argument("--json", action="store_true", help="machine-readable output")
-    r.set_defaults(func=run)
+    r.set_defaults(func=run, parser=r)
 
     d = nouns.add_parser(
         "daemon", help="run loads and pool publishes on schedule, and on-arrival pre-checks"
@@ -68,25 +72,54 @@ class _ProgressBar:
         sys.stderr.flush()
 
 
+def _audit_forced(ctx, result: AccountResult) -> None:
+    """Audit each load --force let past the row-count guard, after the fact: the account,
+    the file and the load (sis_loads id), never a run that forced nothing."""
+    for outcome in result.outcomes:
+        if outcome.forced:
+            ctx.registry.record(
+                result.account,
+                "loader.force",
+                file=outcome.file_name,
+                load_id=outcome.load_id,
+                rows=outcome.rows,
+                reason="loaded past the row-count guard (--force)",
+            )
+
+
 def run(args: argparse.Namespace, ctx) -> int:
     from loader.nightly import accounts_to_run, run_accounts
 
+    if args.force and not args.names:
+        args.parser.error(
+            "--force needs the account name(s) it is for: it lets their loads past the "
+            "row-count guard once"
+        )
     names = accounts_to_run(ctx.settings, args.names or None)
     bar = _ProgressBar(len(names)) if sys.stderr.isatty() and not args.json else None
-    if args.force:
-        for name in args.names:
-            ctx.registry.record(name, "loader.force", reason="row-count guard overridden once")
+
+    def account_done(result: AccountResult) -> None:
+        _audit_forced(ctx, result)
+        if bar:
+            bar.account_done(result)
+
     try:
         results = run_accounts(
             ctx.settings,
             names if args.names else None,
             force=args.force,
             progress=bar.rows if bar else None,
-            on_account=bar.account_done if bar else None,
+            on_account=account_done,
         )
     finally:
         if bar:
             bar.close()
+    if args.force and not any(o.forced for r in results for o in r.outcomes):
+        print_escaped(
+            "ingestctl: --force changed nothing: no load was below the row-count guard "
+            "(nothing was audited)",
+            file=sys.stderr,
+        )
     if args.json:
         print_json(
             [
@@ -116,11 +149,18 @@ def daemon(args: argparse.Namespace, ctx) -> int:
 
 
 def history(args: argparse.Namespace, ctx) -> int:
-    from loader.sis_db import open_sis_db
+    import dataclasses
+
+    from loader.sis_db import REFUSED, open_sis_db
+    from loader.validate import without_values
 
     if args.name:
         ctx.registry.get_account(args.name)
-    loads = open_sis_db(ctx.settings.sis_db_url).loads(args.name, args.limit)
+    # Rows stored before messages were kept free of file values get '…' here too.
+    loads = [
+        dataclasses.replace(r, message=without_values(r.message)) if r.status == REFUSED else r
+        for r in open_sis_db(ctx.settings.sis_db_url).loads(args.name, args.limit)
+    ]
     if args.json:
         print_json(loads)
         return 0

@@ -9,7 +9,14 @@ Rules that matter (issue 4):
   copy any name in) gets one escaped line in the folder log and is skipped; it never stops
   the account's run and does not by itself make the run fail;
 - one run per account at a time (an fcntl lock on ``folders.lock_path``), and one account's
-  failure never stops the others.
+  failure never stops the others;
+- every line says what happened (issue 11): a file removed, replaced or changed in place while
+  it was being loaded, or one the loader may not read, is named as such, never as valid, as
+  a newer copy or as a database failure; a folder log that is not a regular file (a symbolic
+  link) stops the account's run before anything is loaded, and the operators are told;
+- ``sis_loads.message`` holds what the operators may see: values quoted from the file are
+  '…' there as in e-mail; a load forced past the row-count guard says so there and in the
+  client's LOADED line.
 
 :func:`load_file` is the "validate + load + swap" of one file with nothing else around it
 (no lock, no delete, no folder log): the benchmark and the tests call it directly.
@@ -18,6 +25,7 @@ Rules that matter (issue 4):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import os
@@ -61,6 +69,23 @@ from loader.validate import (
 
 HASH_BLOCK = 1 << 20
 
+# How the file at the load's path differs from the one the load began with.
+REMOVED = "removed"
+REPLACED = "replaced"
+CHANGED = "changed"
+_MOVED_MESSAGES = {
+    REMOVED: "not loaded: the file was removed from the folder while it was being loaded",
+    # The nightly run loads the newer copy at once; the client reads this only when that
+    # copy is replaced during its load too.
+    REPLACED: "not loaded: a newer copy of the file arrived during the load; the newest copy "
+    "stays in the folder and will be loaded at the next run",
+    CHANGED: "not loaded: the file changed while it was being loaded (it was still being "
+    "written, or written to again); it stays in the folder and will be loaded at the next "
+    "run. A file must only appear under its name once it is complete: write it under another "
+    "name and rename it when done (uploads through this service always do)",
+}
+FORCED_NOTE = "forced past the row-count guard by an operator"
+
 # progress(account, file_name, rows_so_far)
 Progress = Callable[[str, str, int], None]
 
@@ -83,6 +108,18 @@ class FileIdentity:
         return (self.device, self.inode) == (other.device, other.inode)
 
 
+def _movement(before: FileIdentity, path: Path) -> str:
+    """How ``path`` differs from the file the load began with: REMOVED, REPLACED (another
+    file under the name), CHANGED (the same file written to: its size or mtime moved), or
+    the empty string when it is the same file, untouched."""
+    now = _identity(path)
+    if now is None:
+        return REMOVED
+    if not now.same_inode(before):
+        return REPLACED
+    return CHANGED if now != before else ""
+
+
 @dataclass(frozen=True)
 class LoadResult:
     """The outcome of one file's validate + load + swap."""
@@ -98,11 +135,16 @@ class LoadResult:
     load_id: int | None = None
     internal_error: str = ""  # for operators only (structlog, e-mail), never the folder log
     identity: FileIdentity | None = None
-    replaced_during_load: bool = False
+    moved: str = ""  # REMOVED, REPLACED or CHANGED during the load
+    forced: str = ""  # the load went past the row-count guard with --force: what it said
 
     @property
     def ok(self) -> bool:
         return self.status == LOADED
+
+    @property
+    def replaced_during_load(self) -> bool:
+        return self.moved == REPLACED
 
 
 @dataclass(frozen=True)
@@ -115,6 +157,8 @@ class FileOutcome:
     rows: int = 0
     # False for a file skipped for its name alone: the client is told, but no load failed.
     fails_run: bool = True
+    load_id: int | None = None  # the sis_loads row, for a file a load was tried on
+    forced: bool = False  # loaded past the row-count guard with --force
 
 
 @dataclass
@@ -209,6 +253,35 @@ def _guard_message(rows: int, last_rows: int, share: float, last_when: datetime,
     )
 
 
+def _forced_note(rows: int, last_rows: int, share: float, last_when: datetime, zone) -> str:
+    day = last_when.astimezone(zone).date().isoformat()
+    return (
+        f"{FORCED_NOTE}: {rows:,} rows, less than {share:.0%} of the {last_rows:,} rows "
+        f"loaded on {day}"
+    )
+
+
+def _unreadable(path: Path) -> tuple[str, str]:
+    """(client words, operator words) for a file the loader may not open: its permissions."""
+    try:
+        st = os.stat(path)
+        mode, owner = f"mode {st.st_mode & 0o7777:03o}", f"owner uid {st.st_uid}"
+    except OSError:
+        mode, owner = "mode unknown", "owner unknown"
+    client = (
+        f"not loaded: the loader is not allowed to read the file (its permissions on the "
+        f"server, {mode}, do not let the service read it); nothing was changed and the file "
+        "stays; upload it again (a file uploaded through this service is always readable), "
+        "or ask the operators (they were notified) to fix its permissions; it will be loaded "
+        "at the next run"
+    )
+    operators = escape_for_operator(
+        f"the loader (uid {os.geteuid()}) may not read {path.name} ({mode}, {owner}): give "
+        "the service user read permission (chmod / chown) or have the client upload it again"
+    )
+    return client, operators
+
+
 def load_file(
     settings: Settings,
     spec: Spec,
@@ -229,29 +302,41 @@ def load_file(
     load_id = db.begin_load(spec.account, spec.file_name, table, path.name, None)
     report = ValidationReport(file_name=path.name)
     source = _ValidatedFile(path, spec, report, settings.loader.max_reported_errors)
-    replaced = False
+    moved = ""
+    forced = ""
+
+    def refusal() -> str | None:
+        """Why the file cannot be loaded as read: it moved or changed under the load, or it
+        breaks a rule (then every problem is listed); None if neither. Checked before the
+        errors, so a file still being written is never described by half of it, and the
+        errors of a re-read that found none never read as "valid"."""
+        nonlocal moved
+        moved = _movement(before, path)
+        if moved:
+            return _MOVED_MESSAGES[moved]
+        if report.ok and not source.everything_reported:
+            return None
+        first_pass_ok = report.ok
+        source.report_everything()
+        moved = _movement(before, path)
+        if not moved and report.ok and not first_pass_ok:
+            moved = CHANGED  # two reads of one file disagree: it was written to meanwhile
+        if moved:
+            return _MOVED_MESSAGES[moved]
+        return None if report.ok else f"not loaded: {report.summary()}"
 
     def before_swap(count: int) -> str:
-        nonlocal replaced
-        if not report.ok:
-            source.report_everything()
-            raise SwapAborted(f"not loaded: {report.summary()}")
-        now = FileIdentity.of(path) if path.exists() else None
-        if now is not None and now.same_inode(before) and now != before:
-            raise SwapAborted(
-                "not loaded: the file changed while it was being loaded (was it still being "
-                "written?); upload it to a temporary name and rename it when complete"
-            )
-        replaced = now is None or not now.same_inode(before)
-        if replaced:
-            # We may have read either copy: refuse this one, the caller retries the new one.
-            raise SwapAborted(
-                "not loaded: a newer copy of the file arrived during the load; it stays in the "
-                "folder and will be loaded at the next run"
-            )
+        nonlocal forced
+        refused = refusal()
+        if refused is not None:
+            raise SwapAborted(refused)
         share = settings.loader.min_row_share
-        if not force and last is not None and last.rows and count < share * last.rows:
-            raise SwapAborted(_guard_message(count, last.rows, share, last.started, settings.zone))
+        if last is not None and last.rows and count < share * last.rows:
+            if not force:
+                raise SwapAborted(
+                    _guard_message(count, last.rows, share, last.started, settings.zone)
+                )
+            forced = _forced_note(count, last.rows, share, last.started, settings.zone)
         return source.sha256()
 
     def result(status: str, count: int, message: str, internal: str = "") -> LoadResult:
@@ -267,29 +352,53 @@ def load_file(
             load_id=load_id,
             internal_error=internal,
             identity=before,
-            replaced_during_load=replaced,
+            moved=moved,
+            forced=forced if status == LOADED else "",
         )
 
+    def refused(message: str) -> LoadResult:
+        """Record a refusal (values quoted from the file stay out of sis_loads: operators
+        read it) and return it with the client's words."""
+        status = NO_FILE if moved == REMOVED else REFUSED
+        stored = without_values(message)
+        db.finish_load(load_id, status, report.rows, stored, source.sha256())
+        return result(status, report.rows, message)
+
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        message, internal = _unreadable(path)
+        db.finish_load(load_id, REFUSED, None, internal)
+        return result(REFUSED, 0, message, internal)
+    except FileNotFoundError:
+        moved = REMOVED
+        return refused(_MOVED_MESSAGES[REMOVED])
     try:
         count = db.replace_table(
             load_id, table, spec.columns, spec.key_column, source, before_swap, progress
         )
     except SwapAborted as exc:
-        db.finish_load(load_id, REFUSED, report.rows, str(exc), source.sha256())
-        return result(REFUSED, report.rows, str(exc))
+        return refused(str(exc))
     except Exception as exc:
         internal = error_text(exc)
-        if not report.ok:  # the validator's own refusal surfaced through the driver
-            source.report_everything()
-            message = f"not loaded: {report.summary()}"
-            db.finish_load(load_id, REFUSED, report.rows, message, source.sha256())
-            return result(REFUSED, report.rows, message)
+        if isinstance(exc, PermissionError) and exc.filename == str(path):
+            message, internal = _unreadable(path)
+            db.finish_load(load_id, REFUSED, report.rows, internal, source.sha256())
+            return result(REFUSED, report.rows, message, internal)
+        why = refusal()  # the validator's own refusal surfaced through the driver, or a move
+        if why is not None:
+            return refused(why)
         db.finish_load(load_id, FAILED, report.rows, internal, source.sha256())
         message = (
             "not loaded: the SIS database could not be updated (a problem on our side; the "
             "operators were notified); the file stays and will be loaded at the next run"
         )
         return result(FAILED, report.rows, message, internal)
+    if forced:
+        # The swap's transaction marks a load done with an empty message; a forced one
+        # says so in the history (a second, short transaction, after the commit).
+        db.finish_load(load_id, LOADED, count, forced, source.sha256())
     return result(LOADED, count, f"{count:,} rows imported")
 
 
@@ -356,6 +465,13 @@ def run_account(
             folder_log.trim(
                 account_folder(settings, account), settings.loader.log_retention_days, clock()
             )
+    except folder_log.UnsafeLogFile as exc:
+        # Not followed, not repaired: whoever put it there (only someone on the server can)
+        # replaces it; until then nothing loads, so no load goes unreported.
+        result.crashed = escape_for_operator(
+            f"{exc}; until then nothing is loaded for this account and its files stay"
+        )
+        report_crash(settings, account, result.crashed, clock())
     except Exception as exc:  # one account's crash never stops the others
         result.crashed = error_text(exc)
         report_crash(settings, account, result.crashed, clock())
@@ -396,14 +512,21 @@ def _run_locked(
     zone = settings.zone
     specs = specs_for(settings, account)
     files = folder.candidate_files()
+    folder_log.check_writable(folder)  # before anything is loaded that it could not report
     db = open_sis_db(settings.sis_db_url)
 
     def line(
-        status: str, file_name: str, detail: str, rows: int = 0, fails_run: bool = True
+        status: str,
+        file_name: str,
+        detail: str,
+        rows: int = 0,
+        fails_run: bool = True,
+        outcome: LoadResult | None = None,
     ) -> None:
         folder_log.append(folder, zone, status, file_name, detail)
         shown = escape_for_operator(file_name)
-        result.outcomes.append(FileOutcome(status, shown, detail, rows, fails_run))
+        load_id, forced = (outcome.load_id, bool(outcome.forced)) if outcome else (None, False)
+        result.outcomes.append(FileOutcome(status, shown, detail, rows, fails_run, load_id, forced))
 
     for path in files:
         if undecodable_or_control(path.name):
@@ -443,8 +566,16 @@ def _run_locked(
             if outcome.replaced_during_load and path.exists():
                 log.info("load_retry_newer_copy", account=account, file=path.name)
                 outcome = load_file(settings, spec, path, force=force, progress=report_rows, db=db)
+            if outcome.replaced_during_load and not path.exists():  # replaced, then removed
+                message = _MOVED_MESSAGES[REMOVED]
+                outcome = dataclasses.replace(outcome, moved=REMOVED, message=message)
         except FileNotFoundError:  # removed by the client since the folder was listed
-            line("NO FILE", spec.file_name, "no file received; the SIS data stays as it was")
+            line(
+                "NO FILE",
+                spec.file_name,
+                "the file was removed from the folder before it could be loaded; the SIS data "
+                "stays as it was",
+            )
             log.info("load_no_file", account=account, file=spec.file_name, vanished=True)
             continue
         except Exception as exc:  # e.g. the SIS database is down: the next spec still runs
@@ -465,20 +596,34 @@ def _run_locked(
             "rows": outcome.rows,
             "sha256": outcome.sha256,
             "load_id": outcome.load_id,
-            "forced": force,
+            "forced": bool(outcome.forced),
         }
         if outcome.ok:
             # The client hears first, then the file goes: if the line cannot be written (a
             # full disk) or the run dies in between, the file stays and the next run loads it
             # again and says so, rather than the night's load never reaching the log.
             detail = f"{outcome.rows:,} rows imported"
+            if outcome.forced:
+                detail += f" ({FORCED_NOTE})"
             if _identity(path) not in (outcome.identity, None):
                 detail += "; a newer copy of the file arrived meanwhile and stays for the next run"
-            line("LOADED", path.name, detail, outcome.rows)
+            line("LOADED", path.name, detail, outcome.rows, outcome=outcome)
             deleted = _delete_if_same(path, outcome.identity)
             log.info("load_done", deleted=deleted, **event)
             continue
-        line("ERROR", path.name, f"{outcome.message}; the SIS data stays as it was")
+        if outcome.moved == REMOVED:  # the client took it back: nothing failed
+            line(
+                "NO FILE",
+                spec.file_name,
+                f"{outcome.message}; nothing was changed: the SIS data stays as it was",
+                fails_run=False,
+                outcome=outcome,
+            )
+            log.info("load_file_removed", **event)
+            continue
+        line(
+            "ERROR", path.name, f"{outcome.message}; the SIS data stays as it was", outcome=outcome
+        )
         operators = without_values(outcome.message)  # the values stay in the client's log
         log.error("load_failed", message=operators, error=outcome.internal_error, **event)
         notify_failure(

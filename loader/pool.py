@@ -5,10 +5,21 @@ hidden temporary name in the same folder, fsync'ed and renamed into place, so a 
 downloads half a file. Where the IDs come from is a setting: the ``sis_pool_applicants`` table
 that ``ingestctl pool import`` fills (default), or a SQL query against any database URL
 (``pool.source = "query"``; the query may use ``:account``).
+
+What an applicant ID may be (issue 11), whatever the source: 1 to 64 ASCII letters, digits,
+``-``, ``_`` and ``.``, starting with a letter or a digit. So an ID is one token to every
+reader of the pool file: no delimiter or quote a CSV reader would split on (``A,1``,
+``"A2"``), no leading ``=``, ``+``, ``-`` or ``@`` a spreadsheet would run as a formula
+(``=cmd|x``), no space, no Unicode look-alike, never the folder log's ``-``. An import file
+breaking the rule is refused whole, with every bad line (the first 20) and the count.
+The pool file lists the IDs in the order the source gives them: a query's own ORDER BY;
+for the table, :meth:`SisDB.applicants` (bytewise order until the table keeps the import's
+order: a position column, requested from the owner of ``loader/sis_db.py``).
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -27,7 +38,13 @@ from ingest_core.structured_log import get_logger, log_limits
 from loader.notify import notify_failure
 from loader.sis_db import open_sis_db
 
-MAX_ID_LENGTH = 255
+MAX_ID_LENGTH = 64
+ID_RULE = (
+    f"1 to {MAX_ID_LENGTH} ASCII letters, digits, '-', '_' and '.', starting with a letter "
+    "or a digit"
+)
+_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_ID_LENGTH - 1}}}")
+MAX_REPORTED_LINES = 20
 
 
 @dataclass(frozen=True)
@@ -52,38 +69,71 @@ class PoolView:
     ids_in_file: int | None
 
 
-def check_uuuid(value: str, where: str) -> str:
-    """An applicant ID is one visible token (it becomes one CRLF line of the pool file)."""
+def id_problem(value: str) -> str | None:
+    """What is wrong with an applicant ID, in words; None if it follows :data:`ID_RULE`."""
+    if _ID.fullmatch(value):
+        return None
     if not value:
-        raise Refused(f"{where}: empty applicant ID")
+        return "is empty"
     if len(value) > MAX_ID_LENGTH:
-        raise Refused(f"{where}: applicant ID longer than {MAX_ID_LENGTH} characters")
-    if any(c.isspace() or not c.isprintable() for c in value):
-        raise Refused(f"{where}: applicant ID {value!r} contains a space or control character")
+        return f"has {len(value)} characters, more than {MAX_ID_LENGTH}"
+    bad = next((c for c in value if not (c.isascii() and (c.isalnum() or c in "._-"))), None)
+    if bad is not None:
+        shown = "a space" if bad == " " else repr(bad)
+        return f"contains {shown}"
+    return f"starts with {value[0]!r}"
+
+
+def check_uuuid(value: str, where: str) -> str:
+    """An applicant ID is one plain token (it becomes one CRLF line of the pool file)."""
+    problem = id_problem(value)
+    if problem is not None:
+        raise Refused(f"{where}: applicant ID {value!r} {problem}; an ID is {ID_RULE}")
     return value
 
 
 def read_id_file(path: Path) -> list[str]:
-    """IDs from an import file: one per line (LF or CRLF), blank lines skipped, no duplicates."""
+    """IDs from an import file, in the file's order: one per line (LF or CRLF), spaces around
+    an ID and blank lines ignored. Every line that breaks the rule (or repeats an ID) is
+    reported at once, the first :data:`MAX_REPORTED_LINES` of them, so one import fixes all."""
+    if path.is_dir():
+        raise Refused(f"{path}: is a folder, not a file; name the file of applicant IDs")
     if not path.is_file():
         raise NotFound(f"{path}: file not found")
     seen: dict[str, int] = {}
+    problems: list[str] = []
+    count = 0
+
+    def bad(number: int, what: str) -> None:
+        nonlocal count
+        count += 1
+        if len(problems) < MAX_REPORTED_LINES:
+            problems.append(f"line {number}: {what}")
+
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, 1):
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError:
-                raise Refused(f"{path.name} line {number}: not valid UTF-8") from None
+                bad(number, "not valid UTF-8")
+                continue
             value = line.rstrip("\r\n").strip()
             if not value:
                 continue
-            check_uuuid(value, f"{path.name} line {number}")
-            if value in seen:
-                raise Refused(
-                    f"{path.name} line {number}: applicant ID {value!r} repeats line "
-                    f"{seen[value]}; each ID must appear once"
-                )
-            seen[value] = number
+            problem = id_problem(value)
+            if problem is not None:
+                bad(number, f"applicant ID {value!r} {problem}")
+            elif value in seen:
+                bad(number, f"applicant ID {value!r} repeats line {seen[value]}")
+            else:
+                seen[value] = number
+    if count:
+        more = f"; and {count - len(problems):,} more" if count > len(problems) else ""
+        lines = "line" if count == 1 else "lines"
+        raise Refused(
+            f"{path.name}: nothing imported, {count:,} {lines} to fix (an applicant ID is "
+            f"{ID_RULE}, and each appears once): " + "; ".join(problems) + more
+        )
     return list(seen)
 
 
@@ -156,6 +206,7 @@ def publish_pool(settings: Settings, account: str, now: datetime | None = None) 
     folder = account_folder(settings, account)
     when = now or datetime.now(settings.zone)
     try:
+        folder_log.check_writable(folder)  # a pool file the log cannot report is not written
         seen: set[str] = set()
         unique = (v for v in source_ids(settings, account) if not (v in seen or seen.add(v)))
         path, count = write_pool_file(folder, unique)

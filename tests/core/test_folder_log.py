@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -138,3 +139,89 @@ def test_an_append_cut_short_by_a_full_disk_is_taken_back(
     filler.unlink()
     line = folder_log.append(folder, NY, "LOADED", "sis_hr_user_info.txt", "48,213 rows imported")
     assert folder.log_file.read_bytes() == before + line.encode()
+
+
+# -- hand edits, links and odd files (issue 11) ------------------------------------------------
+
+
+def test_lines_without_an_aware_timestamp_are_kept_and_never_compared(
+    folder: AccountFolder,
+) -> None:
+    """A naive timestamp once made every later trim raise (naive vs aware); such a line, or
+    one with no or an unreadable timestamp, is kept as written and ignored by the trim."""
+    now = datetime(2027, 6, 1, 12, tzinfo=UTC)
+    odd = [
+        "2020-01-01T03:00:00 LOADED a.txt typed by hand, no offset",
+        "2020-13-45T99:00:00-05:00 ERROR a.txt unreadable date",
+        "0001-01-01T00:00:00+14:00x note",
+        "\xff\x00 binary-ish",
+        "",
+        "just a note",
+    ]
+    folder_log.append(folder, NY, "LOADED", "a.txt", "old", when=now - timedelta(days=500))
+    with open(folder.log_file, "a", encoding="utf-8", errors="surrogateescape") as handle:
+        handle.write("\n".join(odd) + "\n")
+    assert folder_log.trim(folder, 400, now) == 1
+    assert folder_log.read_lines(folder) == odd
+    assert [folder_log.line_time(line) for line in odd] == [None] * len(odd)
+    assert folder_log.parse_line(odd[0]) == {
+        "time": "",
+        "status": "",
+        "file": "",
+        "detail": odd[0],
+    }
+
+
+def test_a_log_saved_without_a_final_line_feed_gets_one_before_the_next_event(
+    folder: AccountFolder,
+) -> None:
+    folder.log_file.write_bytes(b"note added by hand")
+    line = folder_log.append(folder, NY, "NO FILE", "a.txt", "no file received")
+    assert folder.log_file.read_bytes() == b"note added by hand\n" + line.encode()
+    assert folder_log.read_lines(folder) == ["note added by hand", line.rstrip("\n")]
+
+
+def test_a_symlinked_log_is_neither_written_nor_read_through(
+    folder: AccountFolder, tmp_path: Path
+) -> None:
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("secret\n")
+    folder.log_file.symlink_to(outside)
+    with pytest.raises(folder_log.UnsafeLogFile, match="is a symbolic link, not a regular file"):
+        folder_log.append(folder, NY, "LOADED", "a.txt", "1 rows imported")
+    with pytest.raises(folder_log.UnsafeLogFile):
+        folder_log.read_lines(folder)
+    with pytest.raises(folder_log.UnsafeLogFile):
+        folder_log.check_writable(folder)
+    with pytest.raises(OSError):  # and so, never trimmed into the client's folder either
+        folder_log.trim(folder, 400, datetime.now(UTC))
+    assert outside.read_text() == "secret\n"
+    assert folder.log_file.is_symlink()
+    dangling = tmp_path / "not-yet"
+    folder.log_file.unlink()
+    folder.log_file.symlink_to(dangling)
+    with pytest.raises(folder_log.UnsafeLogFile):
+        folder_log.append(folder, NY, "LOADED", "a.txt", "1 rows imported")
+    assert not dangling.exists()  # O_CREAT never made the link's target
+
+
+def test_a_fifo_or_folder_in_place_of_the_log_is_refused_without_blocking(
+    folder: AccountFolder,
+) -> None:
+    os.mkfifo(folder.log_file)
+    with pytest.raises(folder_log.UnsafeLogFile, match="a FIFO"):
+        folder_log.append(folder, NY, "LOADED", "a.txt", "1 rows imported")
+    with pytest.raises(folder_log.UnsafeLogFile, match="a FIFO"):
+        folder_log.read_lines(folder)
+    folder.log_file.unlink()
+    folder.log_file.mkdir()
+    with pytest.raises(folder_log.UnsafeLogFile, match="a folder"):
+        folder_log.append(folder, NY, "LOADED", "a.txt", "1 rows imported")
+
+
+def test_a_symlinked_log_lock_is_not_followed(folder: AccountFolder, tmp_path: Path) -> None:
+    target = tmp_path / "lock-target"
+    folder.log_lock.symlink_to(target)
+    with pytest.raises(OSError):
+        folder_log.append(folder, NY, "LOADED", "a.txt", "1 rows imported")
+    assert not target.exists()

@@ -41,8 +41,9 @@ def test_loader_run_force_json_and_refusals(acme, kit, ingestctl):
     assert ingestctl("loader", "run", "acme").returncode == 0
     kit.write_data(acme.data_file, 2)
     assert ingestctl("loader", "run", "acme").returncode == 1
-    no_name = ingestctl("loader", "run", "--force")
-    assert no_name.returncode == 1 and "name the account" in no_name.stderr
+    no_name = ingestctl("loader", "run", "--force")  # a usage error: exit 2, one line
+    assert no_name.returncode == 2 and "--force needs the account name" in no_name.stderr
+    assert len(no_name.stderr.splitlines()) == 1
     unknown = ingestctl("loader", "run", "nosuch")
     assert unknown.returncode == 1 and "no account named 'nosuch'" in unknown.stderr
     forced = ingestctl("loader", "run", "acme", "--force", "--json")
