@@ -33,7 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--as",
         dest="as_name",
         metavar="FILENAME",
-        help="the file name the client will upload (default: the sample's name)",
+        help="the file name the client will upload (default: the sample's name); a plain "
+        "name of printable characters, not '-', not a Windows device name (CON, NUL, COM1...), "
+        "not ending in a dot or space",
     )
     a.add_argument("--key", metavar="COLUMN", help="a column that must be present and unique")
     a.add_argument("--json", action="store_true", help="machine-readable output")

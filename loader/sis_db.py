@@ -7,9 +7,26 @@ out and joined again), and the staging table replaces the live one in the SAME t
 that marks the load done. A process killed at any moment leaves the transaction uncommitted,
 so the previous data stays.
 
-``sis_loads`` records every run. A row is committed as ``running`` before the load starts, so
-a run killed midway still leaves a trace; the next run of that spec marks it ``interrupted``.
-``sis_pool_applicants`` holds the active applicant IDs that ``ingestctl pool import`` fills.
+Two namespaces that cannot collide, whatever the account and file names:
+
+- the data tables, one per account and spec, named ``sis_<account>_<file stem>``
+  (:func:`loader.spec.table_name`: always ``sis`` then ``[a-z0-9_]``, never ``__``), sit where
+  the institution's applications read them: on PostgreSQL in the connection's default
+  schema (the first schema of its ``search_path`` other than ``sis_ingest``, normally
+  ``public``), on SQLite in the main database;
+- the service's own tables sit apart: on PostgreSQL in the schema ``sis_ingest``
+  (``sis_ingest.loads``, ``sis_ingest.pool_applicants``, ``sis_ingest.pool_imports``), on
+  SQLite under the prefix ``ingest_`` (``ingest_loads``, ...), which no data table name has.
+
+The ``loads`` table records every run. A row is committed as ``running`` before the load
+starts, so a run killed midway still leaves a trace; the next run of that spec marks it
+``interrupted``. ``pool_applicants`` holds the active applicant IDs that ``ingestctl pool
+import`` fills, ``pool_imports`` when each account's list was imported.
+
+A database made by an earlier version kept the service tables beside the data, as
+``sis_loads``, ``sis_pool_applicants`` and ``sis_pool_imports``: opening it moves them into
+their namespace, in one transaction that only one process at a time runs (see
+:meth:`SisDB._open_namespaces`).
 """
 
 from __future__ import annotations
@@ -27,6 +44,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import (
     Column,
+    Connection,
     Engine,
     Integer,
     MetaData,
@@ -37,7 +55,9 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 
@@ -50,43 +70,78 @@ NEW_KEY_INDEX_SUFFIX = "__key_new"
 MAX_TABLE_NAME = 40  # PostgreSQL cuts identifiers at 63 bytes; suffixes must still fit
 PROGRESS_EVERY = 10_000
 SQLITE_BUSY_TIMEOUT_MS = 15 * 60 * 1000
+_SQLITE_BEGIN = "sqlite_begin"  # execution option: the statement that opens a transaction
 
-metadata = MetaData()
+SERVICE_SCHEMA = "sis_ingest"  # PostgreSQL: the schema of the service's own tables
+SQLITE_SERVICE_PREFIX = "ingest_"  # SQLite: data table names all start with "sis"
+# Lock key of the namespace set-up on PostgreSQL (a space: no table name gives this key).
+_NAMESPACE_LOCK = "service tables"
 
-sis_loads = Table(
-    "sis_loads",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("account", String(32), nullable=False, index=True),
-    Column("spec_file", String(255), nullable=False),
-    Column("table_name", String(128), nullable=False),
-    Column("file_name", String(255)),
-    Column("rows", Integer),
-    Column("sha256", String(64)),
-    Column("started", UTCDateTime, nullable=False),
-    Column("finished", UTCDateTime),
-    Column("status", String(16), nullable=False),
-    Column("message", Text, nullable=False, default=""),
-)
 
-pool_applicants = Table(
-    "sis_pool_applicants",
-    metadata,
-    Column("account", String(32), primary_key=True),
-    Column("uuuid", String(255), primary_key=True),
-)
+@dataclass(frozen=True)
+class ServiceTables:
+    """The service's own tables, named for one backend."""
 
-# One row per account whose applicant list was imported (even an empty one): what tells "no
-# active applicants" (publish an empty pool file) from "never set up" (refuse to publish).
-pool_imports = Table(
-    "sis_pool_imports",
-    metadata,
-    Column("account", String(32), primary_key=True),
-    Column("imported", UTCDateTime, nullable=False),
-    Column("count", Integer, nullable=False),
-)
+    metadata: MetaData
+    loads: Table
+    pool_applicants: Table
+    pool_imports: Table
 
-# Statuses a sis_loads row can have.
+    def all(self) -> tuple[Table, ...]:
+        return (self.loads, self.pool_applicants, self.pool_imports)
+
+
+def service_tables(is_sqlite: bool) -> ServiceTables:
+    """The service tables in their own namespace: the ``sis_ingest`` schema on PostgreSQL,
+    the ``ingest_`` prefix on SQLite (which has no schemas within one database file)."""
+    metadata = MetaData(schema=None if is_sqlite else SERVICE_SCHEMA)
+    prefix = SQLITE_SERVICE_PREFIX if is_sqlite else ""
+    loads = Table(
+        f"{prefix}loads",
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("account", String(32), nullable=False, index=True),
+        Column("spec_file", String(255), nullable=False),
+        Column("table_name", String(128), nullable=False),
+        Column("file_name", String(255)),
+        Column("rows", Integer),
+        Column("sha256", String(64)),
+        Column("started", UTCDateTime, nullable=False),
+        Column("finished", UTCDateTime),
+        Column("status", String(16), nullable=False),
+        Column("message", Text, nullable=False, default=""),
+    )
+    pool_applicants = Table(
+        f"{prefix}pool_applicants",
+        metadata,
+        Column("account", String(32), primary_key=True),
+        Column("uuuid", String(255), primary_key=True),
+    )
+    # One row per account whose applicant list was imported (even an empty one): what tells
+    # "no active applicants" (publish an empty pool file) from "never set up" (refuse).
+    pool_imports = Table(
+        f"{prefix}pool_imports",
+        metadata,
+        Column("account", String(32), primary_key=True),
+        Column("imported", UTCDateTime, nullable=False),
+        Column("count", Integer, nullable=False),
+    )
+    return ServiceTables(metadata, loads, pool_applicants, pool_imports)
+
+
+SQLITE_TABLES = service_tables(is_sqlite=True)
+POSTGRES_TABLES = service_tables(is_sqlite=False)
+
+# Where versions before the namespaces kept the service tables (beside the data tables), by
+# the name of the table each one becomes.
+LEGACY_SERVICE_TABLES = {
+    "loads": "sis_loads",
+    "pool_applicants": "sis_pool_applicants",
+    "pool_imports": "sis_pool_imports",
+}
+
+
+# Statuses a loads row can have.
 RUNNING = "running"
 LOADED = "loaded"
 REFUSED = "refused"  # the file broke a rule (validation, row-count guard)
@@ -194,12 +249,161 @@ class SisDB:
 
             @event.listens_for(self.engine, "begin")
             def _begin(conn: Any) -> None:
-                conn.exec_driver_sql("BEGIN")
+                # "BEGIN IMMEDIATE" where a transaction must hold the write lock from its
+                # first statement (a deferred one that reads first cannot wait for it).
+                conn.exec_driver_sql(conn.get_execution_options().get(_SQLITE_BEGIN, "BEGIN"))
 
-        metadata.create_all(self.engine, checkfirst=True)
+        self.tables = SQLITE_TABLES if self.is_sqlite else POSTGRES_TABLES
+        # PostgreSQL: the schema data tables live in (named in every statement, so that a
+        # search_path that would now find the sis_ingest schema first never moves them).
+        self.data_schema: str | None = None
+        self._open_namespaces()
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+    # -- namespaces -------------------------------------------------------------------------
+
+    def _open_namespaces(self) -> None:
+        """Create the service tables in their namespace, moving those an earlier version made
+        beside the data tables, in one transaction that one process at a time runs (SQLite:
+        the write lock from BEGIN IMMEDIATE; PostgreSQL: an advisory lock). Idempotent: a
+        second process finds the work done."""
+        with self.engine.connect() as conn:
+            if not self.is_sqlite:
+                self.data_schema = self._postgres_data_schema(conn)
+            inspector = inspect(conn)
+            if all(inspector.has_table(t.name, schema=t.schema) for t in self.tables.all()):
+                return  # the usual open: no lock, so it never waits for a load's write lock
+        if self.is_sqlite:
+            with self.engine.connect() as conn:
+                conn.execution_options(**{_SQLITE_BEGIN: "BEGIN IMMEDIATE"})
+                with conn.begin():
+                    self._move_legacy_service_tables(conn, None)
+                    self.tables.metadata.create_all(conn, checkfirst=True)
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": advisory_key(_NAMESPACE_LOCK)}
+            )
+            self.data_schema = self._postgres_data_schema(conn)
+            exists = conn.scalar(
+                text("SELECT 1 FROM pg_namespace WHERE nspname = :schema"),
+                {"schema": SERVICE_SCHEMA},
+            )
+            if not exists:  # checked first: a role without CREATE may use a schema a DBA made
+                conn.exec_driver_sql(f"CREATE SCHEMA {quote_ident(SERVICE_SCHEMA)}")
+            self._move_legacy_service_tables(conn, self.data_schema)
+            self.tables.metadata.create_all(conn, checkfirst=True)
+
+    @staticmethod
+    def _postgres_data_schema(conn: Connection) -> str:
+        """The schema unqualified names create tables in, leaving out the service's own (a
+        role named sis_ingest has it first in its default search_path once it exists)."""
+        schema = conn.scalar(
+            text(
+                "SELECT name FROM unnest(current_schemas(false)) WITH ORDINALITY AS s(name, n) "
+                "WHERE name <> :service ORDER BY n LIMIT 1"
+            ),
+            {"service": SERVICE_SCHEMA},
+        )
+        if schema is None:
+            path = conn.scalar(text("SHOW search_path"))
+            raise IngestError(
+                f"the SIS database has no schema for the data tables: its search_path ({path}) "
+                f"names no existing schema other than {SERVICE_SCHEMA}; create one (or set "
+                "search_path to public)"
+            )
+        return str(schema)
+
+    def _move_legacy_service_tables(self, conn: Connection, schema: str | None) -> None:
+        """Move the service tables of an earlier version out of the data namespace.
+
+        A table is moved only when it still is the service's table (its columns and its
+        primary key): a client's table that replaced it (the collision these namespaces end;
+        data tables never have a primary key) is that client's data and stays where it is.
+        Indexes get the names a fresh database gives them. Import records whose applicant
+        lists did not survive are dropped, so publishing asks for a new import instead of
+        sending clients an empty pool file.
+        """
+        inspector = inspect(conn)
+        present = set(inspector.get_table_names(schema=schema))
+        moved: set[str] = set()
+        for table in self.tables.all():
+            new_name = table.name
+            legacy = LEGACY_SERVICE_TABLES[new_name.removeprefix(SQLITE_SERVICE_PREFIX)]
+            if legacy not in present or inspector.has_table(new_name, schema=table.schema):
+                continue
+            columns = {c["name"] for c in inspector.get_columns(legacy, schema=schema)}
+            key = inspector.get_pk_constraint(legacy, schema=schema)["constrained_columns"]
+            if columns != {c.name for c in table.columns} or key != [
+                c.name for c in table.primary_key.columns
+            ]:
+                continue
+            for index in inspector.get_indexes(legacy, schema=schema):
+                old_index = quote_ident(str(index["name"]))
+                conn.exec_driver_sql(
+                    f"DROP INDEX {old_index}"
+                    if self.is_sqlite
+                    else f"DROP INDEX {quote_ident(str(schema))}.{old_index}"
+                )
+            if self.is_sqlite:
+                conn.exec_driver_sql(
+                    f"ALTER TABLE {quote_ident(legacy)} RENAME TO {quote_ident(new_name)}"
+                )
+            else:
+                conn.exec_driver_sql(
+                    f"ALTER TABLE {quote_ident(str(schema))}.{quote_ident(legacy)} "
+                    f"SET SCHEMA {quote_ident(SERVICE_SCHEMA)}"
+                )
+                in_schema = f"{quote_ident(SERVICE_SCHEMA)}.{quote_ident(legacy)}"
+                conn.exec_driver_sql(f"ALTER TABLE {in_schema} RENAME TO {quote_ident(new_name)}")
+                self._rename_postgres_companions(conn, legacy, new_name)
+            for index in table.indexes:
+                index.create(conn, checkfirst=True)
+            moved.add(table.name)
+        if self.tables.pool_imports.name in moved and self.tables.pool_applicants.name not in moved:
+            conn.execute(delete(self.tables.pool_imports))
+
+    @staticmethod
+    def _rename_postgres_companions(conn: Connection, legacy: str, new_name: str) -> None:
+        """The primary key and id sequence named after the old table take the new name."""
+        schema = quote_ident(SERVICE_SCHEMA)
+        companions = conn.execute(
+            text(
+                "SELECT c.relname, c.relkind FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = :schema AND c.relkind IN ('i', 'S') "
+                "AND c.relname IN (:pkey, :sequence)"
+            ),
+            {
+                "schema": SERVICE_SCHEMA,
+                "pkey": f"{legacy}_pkey",
+                "sequence": f"{legacy}_id_seq",
+            },
+        ).all()
+        for name, kind in companions:
+            what = "SEQUENCE" if kind == "S" else "INDEX"
+            renamed = new_name + name[len(legacy) :]
+            conn.exec_driver_sql(
+                f"ALTER {what} {schema}.{quote_ident(name)} RENAME TO {quote_ident(renamed)}"
+            )
+
+    def _data_table(self, table: str) -> str:
+        """A data table's name for SQL: quoted, and on PostgreSQL with its schema."""
+        if self.data_schema is None:
+            return quote_ident(table)
+        return f"{quote_ident(self.data_schema)}.{quote_ident(table)}"
+
+    def service_table_name(self, name: str) -> str:
+        """Where a service table is, for people: ``pool_applicants`` is
+        ``sis_ingest.pool_applicants`` on PostgreSQL, ``ingest_pool_applicants`` on SQLite."""
+        table = {t.name.removeprefix(SQLITE_SERVICE_PREFIX): t for t in self.tables.all()}[name]
+        return table.fullname
+
+    def _loads_table_sql(self) -> str:
+        """The loads table's name for hand-written SQL (with its schema on PostgreSQL)."""
+        return self.engine.dialect.identifier_preparer.format_table(self.tables.loads)
 
     # -- the load ---------------------------------------------------------------------------
 
@@ -209,11 +413,11 @@ class SisDB:
         """Commit a ``running`` row (and mark older unfinished runs of this spec interrupted)."""
         with self.engine.begin() as conn:
             conn.execute(
-                update(sis_loads)
+                update(self.tables.loads)
                 .where(
-                    sis_loads.c.account == account,
-                    sis_loads.c.spec_file == spec_file,
-                    sis_loads.c.status == RUNNING,
+                    self.tables.loads.c.account == account,
+                    self.tables.loads.c.spec_file == spec_file,
+                    self.tables.loads.c.status == RUNNING,
                 )
                 .values(
                     status=INTERRUPTED,
@@ -222,7 +426,7 @@ class SisDB:
                 )
             )
             result = conn.execute(
-                insert(sis_loads).values(
+                insert(self.tables.loads).values(
                     account=account,
                     spec_file=spec_file,
                     table_name=table,
@@ -247,7 +451,9 @@ class SisDB:
         if sha256:
             values["sha256"] = sha256
         with self.engine.begin() as conn:
-            conn.execute(update(sis_loads).where(sis_loads.c.id == load_id).values(**values))
+            conn.execute(
+                update(self.tables.loads).where(self.tables.loads.c.id == load_id).values(**values)
+            )
 
     def record(
         self, account: str, spec_file: str, table: str, status: str, message: str, **extra: Any
@@ -256,7 +462,7 @@ class SisDB:
         now = utcnow()
         with self.engine.begin() as conn:
             result = conn.execute(
-                insert(sis_loads).values(
+                insert(self.tables.loads).values(
                     account=account,
                     spec_file=spec_file,
                     table_name=table,
@@ -298,8 +504,8 @@ class SisDB:
         if self.is_sqlite:  # SQLAlchemy's SQLite DateTime stores naive UTC text in this form
             finished = finished.strftime("%Y-%m-%d %H:%M:%S.%f")
         cur.execute(
-            f"UPDATE sis_loads SET status = {mark}, rows = {mark}, finished = {mark}, "
-            f"message = '', sha256 = COALESCE({mark}, sha256) WHERE id = {mark}",
+            f"UPDATE {self._loads_table_sql()} SET status = {mark}, rows = {mark}, "
+            f"finished = {mark}, message = '', sha256 = COALESCE({mark}, sha256) WHERE id = {mark}",
             (LOADED, rows, finished, sha256, load_id),
         )
 
@@ -313,7 +519,7 @@ class SisDB:
         before_swap: Callable[[int], str | None],
         progress: Callable[[int], None] | None,
     ) -> int:
-        live, staging = quote_ident(table), quote_ident(table + STAGING_SUFFIX)
+        live, staging = self._data_table(table), self._data_table(table + STAGING_SUFFIX)
         cols = ", ".join(f"{quote_ident(c)} TEXT" for c in columns)
         rows = source.rows()
         insert_sql = f"INSERT INTO {staging} VALUES ({', '.join('?' for _ in columns)})"
@@ -372,7 +578,7 @@ class SisDB:
     ) -> int:
         import psycopg
 
-        live, staging = quote_ident(table), quote_ident(table + STAGING_SUFFIX)
+        live, staging = self._data_table(table), self._data_table(table + STAGING_SUFFIX)
         col_list = ", ".join(quote_ident(c) for c in columns)
         # The key column sorts bytewise: its index builds in half the time (PostgreSQL uses
         # abbreviated keys only for the C collation) and IDs have no linguistic order anyway.
@@ -439,10 +645,10 @@ class SisDB:
             try:
                 cur.execute(f"SET LOCAL lock_timeout = '{int(self.lock_timeout_ms)}ms'")
                 cur.execute(f"DROP TABLE IF EXISTS {live}")
-                cur.execute(f"ALTER TABLE {staging} RENAME TO {live}")
+                cur.execute(f"ALTER TABLE {staging} RENAME TO {quote_ident(table)}")
                 if key_column:
                     cur.execute(
-                        f"ALTER INDEX {quote_ident(table + NEW_KEY_INDEX_SUFFIX)} "
+                        f"ALTER INDEX {self._data_table(table + NEW_KEY_INDEX_SUFFIX)} "
                         f"RENAME TO {quote_ident(table + KEY_INDEX_SUFFIX)}"
                     )
                 cur.execute("SET LOCAL lock_timeout = 0")
@@ -465,23 +671,25 @@ class SisDB:
     # -- reads ------------------------------------------------------------------------------
 
     def last_loaded(self, account: str, spec_file: str) -> LoadRecord | None:
+        loads = self.tables.loads
         with self.engine.connect() as conn:
             row = conn.execute(
-                select(sis_loads)
+                select(loads)
                 .where(
-                    sis_loads.c.account == account,
-                    sis_loads.c.spec_file == spec_file,
-                    sis_loads.c.status == LOADED,
+                    loads.c.account == account,
+                    loads.c.spec_file == spec_file,
+                    loads.c.status == LOADED,
                 )
-                .order_by(sis_loads.c.id.desc())
+                .order_by(loads.c.id.desc())
                 .limit(1)
             ).first()
         return LoadRecord(**row._mapping) if row else None
 
     def loads(self, account: str | None = None, limit: int = 100) -> list[LoadRecord]:
-        query = select(sis_loads).order_by(sis_loads.c.id.desc()).limit(limit)
+        loads = self.tables.loads
+        query = select(loads).order_by(loads.c.id.desc()).limit(limit)
         if account is not None:
-            query = query.where(sis_loads.c.account == account)
+            query = query.where(loads.c.account == account)
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
         return [LoadRecord(**r._mapping) for r in reversed(rows)]
@@ -489,56 +697,72 @@ class SisDB:
     def table_rows(self, table: str) -> list[tuple[str, ...]]:
         """Every row of a live table in load order (tests and small tables only)."""
         with self.engine.connect() as conn:
-            result = conn.exec_driver_sql(f"SELECT * FROM {quote_ident(table)}")
+            result = conn.exec_driver_sql(f"SELECT * FROM {self._data_table(table)}")
             return [tuple(r) for r in result]
+
+    def data_table_loaders(self, table: str) -> set[str] | None:
+        """The accounts whose loads filled data table ``table``; None when no such table
+        exists. An empty set: the table was made by something other than the loader (the
+        institution's own table): approval must not hand it to a client's file."""
+        loads = self.tables.loads
+        with self.engine.connect() as conn:
+            if not inspect(conn).has_table(table, schema=self.data_schema):
+                return None
+            return set(
+                conn.scalars(
+                    select(loads.c.account)
+                    .where(loads.c.table_name == table, loads.c.status == LOADED)
+                    .distinct()
+                )
+            )
 
     # -- pool applicants --------------------------------------------------------------------
 
     def replace_applicants(self, account: str, ids: Iterable[str]) -> int:
         """Replace an account's applicant IDs, and record the import, in one transaction;
         returns the count."""
+        applicants, imports = self.tables.pool_applicants, self.tables.pool_imports
         with self.engine.begin() as conn:
-            conn.execute(delete(pool_applicants).where(pool_applicants.c.account == account))
-            conn.execute(delete(pool_imports).where(pool_imports.c.account == account))
+            conn.execute(delete(applicants).where(applicants.c.account == account))
+            conn.execute(delete(imports).where(imports.c.account == account))
             batch: list[dict[str, str]] = []
             count = 0
             for uuuid in ids:
                 batch.append({"account": account, "uuuid": uuuid})
                 count += 1
                 if len(batch) >= 10_000:
-                    conn.execute(insert(pool_applicants), batch)
+                    conn.execute(insert(applicants), batch)
                     batch.clear()
             if batch:
-                conn.execute(insert(pool_applicants), batch)
-            conn.execute(
-                insert(pool_imports).values(account=account, imported=utcnow(), count=count)
-            )
+                conn.execute(insert(applicants), batch)
+            conn.execute(insert(imports).values(account=account, imported=utcnow(), count=count))
         return count
 
     def applicants_imported(self, account: str) -> datetime | None:
         """When the account's applicant list was last imported (None: never)."""
+        imports = self.tables.pool_imports
         with self.engine.connect() as conn:
-            return conn.scalar(
-                select(pool_imports.c.imported).where(pool_imports.c.account == account)
-            )
+            return conn.scalar(select(imports.c.imported).where(imports.c.account == account))
 
     def applicants(self, account: str) -> list[str]:
+        applicants = self.tables.pool_applicants
         with self.engine.connect() as conn:
             return list(
                 conn.scalars(
-                    select(pool_applicants.c.uuuid)
-                    .where(pool_applicants.c.account == account)
-                    .order_by(pool_applicants.c.uuuid)
+                    select(applicants.c.uuuid)
+                    .where(applicants.c.account == account)
+                    .order_by(applicants.c.uuuid)
                 )
             )
 
     def applicant_count(self, account: str) -> int:
+        applicants = self.tables.pool_applicants
         with self.engine.connect() as conn:
             return int(
                 conn.scalar(
                     select(func.count())
-                    .select_from(pool_applicants)
-                    .where(pool_applicants.c.account == account)
+                    .select_from(applicants)
+                    .where(applicants.c.account == account)
                 )
                 or 0
             )

@@ -14,8 +14,11 @@ mixes the two styles later. Values never contain a line break: one row is one li
 
 Header names must be SQL identifiers that need no quoting anywhere: ASCII letters, digits and
 underscores, starting with a letter or underscore, at most 63 characters (PostgreSQL's limit),
-no SQL reserved word of SQLite or PostgreSQL, no duplicates (compared case-insensitively, as
-SQL compares unquoted names).
+no SQL reserved word of SQLite or PostgreSQL, no system column name of either (PostgreSQL's
+``ctid``, ``xmin``...; SQLite's ``rowid``), no duplicates (compared case-insensitively, as SQL
+compares unquoted names). A header has at most 1,600 columns (PostgreSQL's limit; SQLite's is
+2,000). A spec approved under these rules loads on both databases, so moving the SIS
+database from SQLite to PostgreSQL never strands an approved spec.
 """
 
 from __future__ import annotations
@@ -24,18 +27,22 @@ import difflib
 import hashlib
 import json
 import re
+import sqlite3
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from ingest_core.db import Account, FileSpec, open_control_db
-from ingest_core.errors import NotFound, Refused
+from ingest_core.errors import IngestError, NotFound, Refused
 from ingest_core.file_names import client_name_refusal, escape_for_operator
 from ingest_core.folders import is_data_file_name
 from ingest_core.registry import Registry
 from ingest_core.settings import Settings
+from loader.sis_db import open_sis_db
 
 BOM = b"\xef\xbb\xbf"
 DELIMITERS = ("\t", ",", "|", ";")
@@ -43,14 +50,45 @@ DELIMITER_NAMES = {"\t": "tab", ",": "comma", "|": "pipe", ";": "semicolon"}
 TERMINATOR_NAMES = {"\r\n": "CRLF", "\n": "LF"}
 QUOTING = ("none", "all")
 MAX_HEADER_BYTES = 1 << 20
-MAX_COLUMN_NAME = 63
+MAX_COLUMN_NAME = 63  # PostgreSQL cuts longer names (NAMEDATALEN - 1 bytes; names are ASCII)
 MAX_TABLE_NAME = 40  # loader/sis_db.py adds suffixes and PostgreSQL cuts names at 63 bytes
+POSTGRES_MAX_COLUMNS = 1600  # MaxHeapAttributeNumber: CREATE TABLE refuses more
+
+
+def _sqlite_max_columns() -> int:
+    """SQLITE_MAX_COLUMN of the SQLite this Python links (2,000 unless compiled otherwise)."""
+    probe = sqlite3.connect(":memory:")
+    try:
+        return probe.getlimit(sqlite3.SQLITE_LIMIT_COLUMN)
+    finally:
+        probe.close()
+
+
+SQLITE_MAX_COLUMNS = _sqlite_max_columns()
+# Both databases' limit: a spec must load on either, whichever the settings name today.
+MAX_COLUMNS = min(POSTGRES_MAX_COLUMNS, SQLITE_MAX_COLUMNS)
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-# SQLite's keyword list (sqlite.org/lang_keywords.html), the names SQLite gives its hidden row
-# id, and PostgreSQL's reserved and "reserved (can be function or type)" key words (PostgreSQL
-# manual, appendix C). A column named after any of them would need quoting in every query.
+# System columns every table has: PostgreSQL's (manual, "System Columns"; CREATE TABLE
+# refuses a column of that name) and the names of SQLite's hidden row id (a column of that
+# name hides the row id from readers).
+SYSTEM_COLUMNS = {
+    "tableoid": "PostgreSQL",
+    "xmin": "PostgreSQL",
+    "cmin": "PostgreSQL",
+    "xmax": "PostgreSQL",
+    "cmax": "PostgreSQL",
+    "ctid": "PostgreSQL",
+    "rowid": "SQLite",
+    "oid": "SQLite",
+    "_rowid_": "SQLite",
+}
+
+# SQLite's keyword list (sqlite.org/lang_keywords.html), the system column names above, and
+# PostgreSQL's reserved and "reserved (can be function or type)" key words (PostgreSQL
+# manual, appendix C). A column named after any of them would need quoting in every query,
+# or cannot be created at all.
 SQL_RESERVED_WORDS = frozenset(
     """
     abort action add after all alter always analyze and as asc attach autoincrement before
@@ -65,13 +103,21 @@ SQL_RESERVED_WORDS = frozenset(
     right rollback row rows savepoint select set table temp temporary then ties to transaction
     trigger unbounded union unique update using vacuum values view virtual when where window
     with without
-    rowid oid _rowid_
+    rowid oid _rowid_ tableoid xmin cmin xmax cmax ctid
     analyse any array asymmetric both current_catalog current_role current_schema current_user
     fetch grant ilike lateral leading localtime localtimestamp only placing session_user some
     symmetric system_user trailing true false user variadic authorization binary collation
     concurrently freeze overlaps similar tablesample verbose
     """.split()  # noqa: SIM905 - one word list is easier to read and extend than 190 lines
 )
+
+# Names Windows reserves for devices, with any extension (Microsoft, "Naming Files, Paths,
+# and Namespaces"): a client on Windows can neither create nor send a file of that name.
+WINDOWS_DEVICE_NAMES = frozenset(
+    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
+    | {f"{port}{digit}" for port in ("COM", "LPT") for digit in "0123456789\u00b9\u00b2\u00b3"}
+)
+NO_FILE_MARKER = "-"  # the folder log's file field when an event concerns no file
 
 _DATE_STAMP = re.compile(
     r"[-_.]?(?:\d{4}[-_.]?\d{2}[-_.]?\d{2}(?:[-_T]?\d{2}[-_:]?\d{2}(?:[-_:]?\d{2})?)?|\d{8,14})"
@@ -119,35 +165,55 @@ class Spec:
 # -- header names ---------------------------------------------------------------------------
 
 
+_NAME_RULE = "accepted: A-Z, a-z, 0-9 and '_', starting with a letter or '_', no SQL reserved words"
+
+
 def header_name_problem(name: str) -> str | None:
-    """Why ``name`` cannot be a column name, or None when it can."""
+    """Why ``name`` cannot be a column name and what is accepted, or None when it can."""
     if name == "":
-        return "a column name is empty"
+        return f"a column name is empty; {_NAME_RULE}"
     if " " in name or "\t" in name:
-        return f"column name {name!r} contains a space"
+        return f"column name {name!r} contains a space; {_NAME_RULE}"
     if not _IDENTIFIER.match(name):
         if name[0].isdigit():
-            return f"column name {name!r} starts with a digit"
-        return f"column name {name!r} contains characters other than A-Z, a-z, 0-9 and '_'"
+            return f"column name {name!r} starts with a digit; {_NAME_RULE}"
+        return (
+            f"column name {name!r} contains characters other than A-Z, a-z, 0-9 and '_'; "
+            f"{_NAME_RULE}"
+        )
     if len(name) > MAX_COLUMN_NAME:
-        return f"column name {name!r} is longer than {MAX_COLUMN_NAME} characters"
+        return (
+            f"column name {name!r} is {len(name)} characters long; accepted: at most "
+            f"{MAX_COLUMN_NAME} (PostgreSQL's limit for names)"
+        )
+    system = SYSTEM_COLUMNS.get(name.lower())
+    if system is not None:
+        names = ", ".join(n for n, db in SYSTEM_COLUMNS.items() if db == system)
+        return (
+            f"column name {name!r} is a {system} system column (every table has {names}); "
+            f"accepted: any other name, such as '{name}_value'"
+        )
     if name.lower() in SQL_RESERVED_WORDS:
-        return f"column name {name!r} is an SQL reserved word"
+        return f"column name {name!r} is an SQL reserved word; {_NAME_RULE}"
     return None
 
 
 def check_header_names(columns: tuple[str, ...]) -> None:
-    """Refuse a header that would not make a clean SQL table (first problem found)."""
+    """Refuse a header that would not make a clean SQL table on SQLite and on PostgreSQL
+    (first problem found): a spec must load on either, whichever the settings name."""
     if not columns:
         raise Refused("the header row is empty")
+    if len(columns) > MAX_COLUMNS:
+        raise Refused(
+            f"the header has {len(columns):,} columns; accepted: at most {MAX_COLUMNS:,} "
+            f"(PostgreSQL's limit per table is {POSTGRES_MAX_COLUMNS:,}, SQLite's here "
+            f"{SQLITE_MAX_COLUMNS:,})"
+        )
     seen: dict[str, int] = {}
     for position, name in enumerate(columns, 1):
         problem = header_name_problem(name)
         if problem:
-            raise Refused(
-                f"header column {position}: {problem}; accepted: A-Z, a-z, 0-9 and '_', "
-                "starting with a letter or '_', no SQL reserved words"
-            )
+            raise Refused(f"header column {position}: {problem}")
         lowered = name.lower()
         if lowered in seen:
             raise Refused(
@@ -165,13 +231,35 @@ def check_file_name(name: str) -> str:
         raise Refused(f"file name {name!r} is longer than 255 bytes")
     refusal = client_name_refusal(name.encode("utf-8", "surrogateescape"))
     if refusal is not None:  # a name no client could upload would never load
-        raise Refused(f"file name {escape_for_operator(name)!r}: {refusal}")
+        raise Refused(f"file name '{escape_for_operator(name)}': {refusal}")
     if not is_data_file_name(name):
         raise Refused(
             f"file name {name!r} is reserved (hidden, partial-upload or service file names "
             "are never loaded); choose a name such as sis_hr_user_info.txt"
         )
+    if name == NO_FILE_MARKER:
+        raise Refused(
+            f"file name {name!r} is not accepted: a lone '-' stands for 'no file' in the "
+            "folder log; choose a name such as sis_hr_user_info.txt"
+        )
+    if windows_device_name(name):
+        raise Refused(
+            f"file name {name!r} is a Windows device name (CON, PRN, AUX, NUL, COM0-COM9, "
+            "LPT0-LPT9, with or without an extension): Windows cannot create such a file; "
+            "choose a name such as sis_hr_user_info.txt"
+        )
+    if name[-1] in ". ":
+        raise Refused(
+            f"file name {name!r} ends with a dot or a space, which Windows drops from names; "
+            "choose a name that ends with a letter or digit, such as sis_hr_user_info.txt"
+        )
     return name
+
+
+def windows_device_name(name: str) -> bool:
+    """True for a name Windows takes for a device (``CON``, ``nul.txt``, ``COM1 .csv``):
+    the part before the first dot, trailing spaces dropped, compared ignoring case."""
+    return name.split(".", 1)[0].rstrip(" ").upper() in WINDOWS_DEVICE_NAMES
 
 
 # -- detection ------------------------------------------------------------------------------
@@ -226,6 +314,11 @@ def detect_spec(
         terminator = "\r\n"
     elif first.endswith(b"\n"):
         terminator = "\n"
+    elif b"\r" in first:  # no LF at all, before the end or within the first MiB
+        raise Refused(
+            f"{where}: its lines end with CR only (classic Mac OS line ends); accepted: LF or "
+            "CRLF line ends"
+        )
     elif len(first) >= MAX_HEADER_BYTES:
         raise Refused(f"{where}: line 1 is longer than {MAX_HEADER_BYTES} bytes")
     else:
@@ -301,6 +394,7 @@ def approve_spec(
     """Freeze the sample's format as an approved spec of ``account`` (audited)."""
     spec = detect_spec(sample, account, as_name, key)
     table = table_name(spec)
+    _check_table_is_free(registry.settings, account, spec.file_name, table)
     with registry.change() as session:
         owner = _account_row(session, account)
         if any(s.file_name == spec.file_name for s in owner.specs):
@@ -343,6 +437,32 @@ def approve_spec(
             key_column=spec.key_column,
         )
     return stored
+
+
+def _check_table_is_free(settings: Settings, account: str, file_name: str, table: str) -> None:
+    """Refuse a spec whose table already exists in the SIS database with data that is not
+    this account's: another account's loads (a spec since removed), or a table the loader
+    never made (the institution's own). Each night's load would replace it."""
+    try:
+        loaders = open_sis_db(settings.sis_db_url).data_table_loaders(table)
+    except SQLAlchemyError as exc:
+        first_line = str(exc.orig if getattr(exc, "orig", None) else exc).splitlines()[0]
+        raise IngestError(
+            f"cannot check the SIS database for a table named {table} ({first_line}); "
+            "approval needs the SIS database"
+        ) from None
+    if loaders is None or loaders == {account}:
+        return
+    others = sorted(loaders - {account})
+    whose = (
+        f"holds data loaded for {', '.join(others)}"
+        if others
+        else "was not made by the loader (an application's own table?)"
+    )
+    raise Refused(
+        f"{file_name} would load into table {table}, which already exists in the SIS database "
+        f"and {whose}; approve it under another name (--as)"
+    )
 
 
 def specs_for(settings_or_registry: Settings | Registry, account: str) -> list[Spec]:
@@ -394,8 +514,30 @@ def _stem_and_ext(name: str) -> tuple[str, str]:
     return path.stem, path.suffix
 
 
+def _unicode_form(name: str) -> str:
+    """The Unicode normalization form ``name`` is written in, in words."""
+    if unicodedata.is_normalized("NFC", name):
+        return "NFC (composed accents)"
+    if unicodedata.is_normalized("NFD", name):
+        return "NFD (decomposed accents, as macOS may write them)"
+    return "a mix of composed and decomposed accents"
+
+
 def _name_differences(file_name: str, approved: str) -> list[str]:
-    """How ``file_name`` differs from ``approved`` when it is a near miss, else []."""
+    """How ``file_name`` differs from ``approved`` when it is a near miss, else [].
+
+    Names are compared in one Unicode form (``é`` as one character, NFC, or as ``e`` plus a
+    combining accent, NFD), and a different form is named as a difference of its own: shown
+    to a person, the two names look identical.
+    """
+    differences = []
+    if _unicode_form(file_name) != _unicode_form(approved):
+        differences.append(
+            f"its Unicode form, {_unicode_form(file_name)} instead of {_unicode_form(approved)}: "
+            "the names look the same but are different characters"
+        )
+    file_name = unicodedata.normalize("NFC", file_name)
+    approved = unicodedata.normalize("NFC", approved)
     stem, ext = _stem_and_ext(file_name)
     their_stem, their_ext = _stem_and_ext(approved)
     undated = _DATE_STAMP.sub("", stem)
@@ -405,7 +547,6 @@ def _name_differences(file_name: str, approved: str) -> list[str]:
         ext.lower() in _TEXT_EXTENSIONS and their_ext.lower() in _TEXT_EXTENSIONS
     ):
         return []
-    differences = []
     if undated != stem:
         differences.append("a date stamp")
     if ext.lower() != their_ext.lower():
@@ -436,7 +577,14 @@ def closest_spec_hint(specs: list[Spec], file_name: str) -> str:
 
 
 def table_name(spec: Spec) -> str:
-    """The SIS table for a spec: ``sis_<account>_<file stem>``, SQL-safe, stable, <= 40 chars."""
+    """The SIS table for a spec: ``sis_<account>_<file stem>``, SQL-safe, stable, <= 40 chars.
+
+    Always ``sis`` followed by ``[a-z0-9_]`` with no ``__``: so never the name of a service
+    table (their own schema on PostgreSQL, the ``ingest_`` prefix on SQLite; see
+    loader/sis_db.py) nor of a staging table or key index (``__staging``, ``__key``).
+    Two specs may still map to one name (``a-b`` + ``c.txt``, ``a`` + ``b-c.txt``):
+    :func:`approve_spec` refuses the second.
+    """
     stem = PurePath(spec.file_name).stem or spec.file_name
     raw = f"sis_{spec.account}_{stem}".lower()
     name = re.sub(r"[^a-z0-9_]+", "_", raw).strip("_")

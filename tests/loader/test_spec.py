@@ -13,7 +13,9 @@ from ingest_core.errors import NotFound, Refused
 from ingest_core.registry import Registry
 from ingest_core.settings import Settings
 from loader.spec import (
+    MAX_COLUMNS,
     SQL_RESERVED_WORDS,
+    SQLITE_MAX_COLUMNS,
     approve_spec,
     check_header_names,
     closest_spec_hint,
@@ -63,6 +65,8 @@ def test_single_column_file_defaults_to_tab(tmp_path: Path) -> None:
         (b"", "sample s.txt is empty"),
         (b"\xef\xbb\xbf", "sample s.txt is empty"),
         (b"UUUID\tName", "sample s.txt has a header but no data rows"),
+        (b"UUUID\tName\rx\ty\r", "sample s.txt: its lines end with CR only (classic Mac OS"),
+        (b"UUUID\tName\r", "sample s.txt: its lines end with CR only"),
         (b"UUUID\tName\n", "sample s.txt: the file has a header (line 1) but no data rows"),
         (b"UUUID\tFirst Name\nx\ty\n", "column name 'First Name' contains a space"),
         (b"UUUID\tName-2\nx\ty\n", "column name 'Name-2' contains characters other than A-Z"),
@@ -113,6 +117,14 @@ def test_key_column_must_be_in_the_header_and_unique_in_the_sample(tmp_path: Pat
         "fake\u2028LOADED.txt",
         "SIS_LOADER.LOG",
         "\udcff-x.txt",
+        # the folder log's "no file" marker; names Windows clients cannot create
+        "-",
+        "CON",
+        "nul.txt",
+        "LPT1.csv",
+        "com9",
+        "data.txt.",
+        "data.txt ",
     ],
 )
 def test_reserved_or_unsafe_file_names_are_refused(tmp_path: Path, name: str) -> None:
@@ -127,6 +139,23 @@ def test_reserved_words_cover_sqlite_and_postgresql() -> None:
     with pytest.raises(Refused, match="'Order' is an SQL reserved word"):
         check_header_names(("UUUID", "Order"))
     check_header_names(("UUUID", "First_Name", "_private", "Order_Date"))
+
+
+@pytest.mark.parametrize("name", ["xmin", "XMAX", "cmin", "cmax", "ctid", "tableoid"])
+def test_postgresql_system_column_names_are_refused(name: str) -> None:
+    with pytest.raises(Refused, match=f"'{name}' is a PostgreSQL system column"):
+        check_header_names(("UUUID", name))
+    assert name.lower() in SQL_RESERVED_WORDS  # generated headers avoid them too
+
+
+def test_column_count_and_name_length_fit_both_databases() -> None:
+    assert MAX_COLUMNS == 1600 and SQLITE_MAX_COLUMNS >= MAX_COLUMNS
+    check_header_names(tuple(f"c{i}" for i in range(1600)))
+    with pytest.raises(Refused, match=r"^the header has 1,601 columns; accepted: at most 1,600"):
+        check_header_names(tuple(f"c{i}" for i in range(1601)))
+    check_header_names(("a" * 63,))
+    with pytest.raises(Refused, match="is 64 characters long; accepted: at most 63"):
+        check_header_names(("a" * 64,))
 
 
 # -- registry ----------------------------------------------------------------------------
@@ -254,6 +283,26 @@ def test_closest_spec_hint(file_name: str, hint: str) -> None:
     assert closest_spec_hint(specs, file_name).startswith(hint)
 
 
+@pytest.mark.parametrize(
+    ("file_name", "hint"),
+    [
+        ("re\u0301sume\u0301.txt", "did you mean r\u00e9sum\u00e9.txt? (the name differs in its "
+         "Unicode form, NFD (decomposed accents, as macOS may write them) instead of NFC "
+         "(composed accents): the names look the same but are different characters; it must "
+         "be exactly the approved name every day)"),
+        ("Re\u0301sume\u0301.CSV", "did you mean r\u00e9sum\u00e9.txt? (the name differs in its "
+         "Unicode form, NFD (decomposed accents, as macOS may write them) instead of NFC "
+         "(composed accents): the names look the same but are different characters, its "
+         "extension, .CSV instead of .txt and upper/lower case;"),
+        ("resume.txt", "did you mean r\u00e9sum\u00e9.txt? (approved names:"),
+    ],
+)  # fmt: skip
+def test_closest_spec_hint_names_a_different_unicode_form(file_name: str, hint: str) -> None:
+    """Two names that look identical: the hint says how they differ (NFC vs NFD)."""
+    specs = [make_spec(), make_spec(file_name="r\u00e9sum\u00e9.txt")]
+    assert closest_spec_hint(specs, file_name).startswith(hint)
+
+
 def test_closest_spec_hint_without_specs() -> None:
     assert "no file format is approved" in closest_spec_hint([], "x.txt")
 
@@ -266,6 +315,21 @@ def test_table_names_are_safe_stable_and_short() -> None:
     assert len(name) <= 40 and name == table_name(long)
     assert name != table_name(make_spec(account="a" * 32, file_name="very_long_file_name_2.txt"))
     assert all(c.isalnum() or c == "_" for c in name)
+
+
+@pytest.mark.parametrize(
+    ("account", "file_name"),
+    [("pool", "applicants.txt"), ("loads", "_.txt"), ("-", "_.txt"), ("ingest", "x.txt"),
+     ("a" * 32, "__ingest__loads__" * 10 + ".txt")],
+)  # fmt: skip
+def test_table_names_stay_out_of_the_service_and_staging_names(
+    account: str, file_name: str
+) -> None:
+    """Data tables start with "sis" (service tables: SQLite "ingest_*", PostgreSQL their own
+    schema) and hold no "__" (staging tables and key indexes end in "__staging", "__key")."""
+    name = table_name(make_spec(account=account, file_name=file_name))
+    assert name.startswith("sis") and "__" not in name
+    assert re.fullmatch(r"[a-z0-9_]+", name) and len(name) <= 40
 
 
 def test_a_refused_approval_leaves_no_audit_event(settings) -> None:
