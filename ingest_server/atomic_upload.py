@@ -335,11 +335,6 @@ class Upload:
             self._sequential = False
         self.size = size
 
-    def fstat(self) -> os.stat_result:
-        self.flush()
-        self._materialize(self._covered)
-        return os.fstat(self.fd)
-
     def _materialize(self, start: int) -> None:
         """Copy the existing file's bytes from ``start`` on (not overwritten by the client)."""
         if self._base_fd < 0:

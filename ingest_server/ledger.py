@@ -57,6 +57,11 @@ class AccountLedger(Protocol):
         """Give back ``reserved`` bytes of reservation; add ``delta`` to committed usage."""
         ...
 
+    def used(self, account: str) -> int | None:
+        """The account's bytes (stored and reserved) as last known, to tell a refused client;
+        None when not known here."""
+        ...
+
 
 def account_usage(root: Path) -> int:
     """Bytes in the regular files under ``root`` (recursive), without symlinks and without
@@ -154,6 +159,10 @@ class LocalLedger:
         book = self._book(account)
         return book.committed, book.reserved
 
+    def used(self, account: str) -> int | None:
+        committed, reserved = self.usage(account)
+        return None if committed is None else committed + reserved
+
     def sessions(self, account: str) -> int:
         return self._book(account).sessions
 
@@ -245,8 +254,11 @@ class LedgerService:
             else:
                 self.held.reserved[account] += nbytes
         # If the worker is gone, release_all() gives back what it held.
+        reply: Message = {"ledger_reply": message.get("id"), "ok": ok}
+        if not ok and kind == "reserve":  # the worker tells its client how full the folder is
+            reply["used"] = self.ledger.used(account)
         with contextlib.suppress(OSError):
-            self.reply({"ledger_reply": message.get("id"), "ok": ok})
+            self.reply(reply)
 
     def _give_back(self, kind: str, account: str, nbytes: int) -> None:
         if kind == "open_session":
@@ -299,6 +311,7 @@ class RemoteLedger:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Request] = {}
         self._abandoned: dict[int, _Request] = {}
+        self._used: dict[str, int] = {}  # per account, from the listener's last refusal
         self.listener_is_gone = False
 
     async def open_session(self, account: str) -> bool:
@@ -314,6 +327,9 @@ class RemoteLedger:
         self._tell(
             {"ledger": "settle", "account": account, "reserved": int(reserved), "delta": int(delta)}
         )
+
+    def used(self, account: str) -> int | None:
+        return self._used.get(account)
 
     async def _ask(self, kind: str, account: str, nbytes: int) -> bool:
         if self.listener_is_gone:
@@ -369,6 +385,10 @@ class RemoteLedger:
         if not isinstance(number, int):
             return
         request = self._pending.pop(number, None)
+        if request is not None and isinstance(message.get("used"), int):
+            if len(self._used) > 10_000:
+                self._used.clear()
+            self._used[request.account] = message["used"]
         if request is not None:
             if not request.answer.done():
                 request.answer.set_result(ok)

@@ -82,10 +82,12 @@ class UploadLimits:
             )
 
 
-def quota_refusal(quota: int) -> LimitHit:
-    """What a client hears when its account's quota has no room for more."""
+def quota_refusal(quota: int, used: int | None, needed: int) -> LimitHit:
+    """What a client hears when its account's quota has no room for more: the quota, what the
+    folder holds and what this upload needed, so the client knows what to remove."""
+    holds = f"; it holds {used} (files stored and uploads in progress)" if used is not None else ""
     return LimitHit(
         "account_quota_bytes",
-        f"account quota exceeded: the folder may hold at most {quota} bytes "
-        "(files stored and uploads in progress)",
+        f"account quota exceeded: the folder may hold at most {quota} bytes{holds}, "
+        f"and this upload needs {needed} more: remove files or ask the operators for more",
     )

@@ -223,7 +223,7 @@ class _Listing:
                 if error is None:
                     raise
                 raise error from None
-            self._names = names[::-1]
+            self._names = self.server.with_own_uploads(self.path, names)[::-1]
         if not self._names:
             raise StopAsyncIteration
         return self._names.pop()
@@ -275,6 +275,9 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         self.is_sftp = chan.get_subsystem() == "sftp"
         self.protocol = "sftp" if self.is_sftp else "scp"
         self._uploads: set[Upload] = set()
+        # This session's uploads by final path: the session that writes a file sees it under
+        # its final name (sshfs looks it up before closing it); nobody else does.
+        self._writing: dict[Path, Upload] = {}
         self._held: dict[object, Held] = {}  # open files -> their place in the budget
         self._listings: weakref.WeakSet[_Listing] = weakref.WeakSet()
 
@@ -372,6 +375,7 @@ class AccountSFTPServer(asyncssh.SFTPServer):
             raise
         self._held[upload] = held
         self._uploads.add(upload)
+        self._writing[upload.final] = upload
         self.tracker.add(self.conn, upload)
         return upload
 
@@ -423,7 +427,7 @@ class AccountSFTPServer(asyncssh.SFTPServer):
             if await self.ledger.reserve(self.folder.name, ask):
                 upload.reserved += ask
                 return
-        self._fail(upload, quota_refusal(quota))
+        self._fail(upload, quota_refusal(quota, self.ledger.used(self.folder.name), need))
 
     def _fail(self, upload: Upload, exc: BaseException) -> typing.NoReturn:
         """Discard ``upload`` for ``exc`` and raise the error its client hears (and hears
@@ -534,10 +538,9 @@ class AccountSFTPServer(asyncssh.SFTPServer):
             raise SFTPFailure(f"server could not flush the file ({exc.strerror or exc})") from None
 
     @_sftp_request
-    async def fstat(self, file_obj: object) -> SFTPAttrs:
+    def fstat(self, file_obj: object) -> SFTPAttrs:
         if isinstance(file_obj, Upload):
-            await self._copy_base(file_obj)
-            return client_attrs(file_obj.fstat())
+            return self.writing_attrs(file_obj)
         assert isinstance(file_obj, _Download)
         return client_attrs(os.fstat(file_obj.fd))
 
@@ -564,6 +567,8 @@ class AccountSFTPServer(asyncssh.SFTPServer):
 
     def _forget(self, upload: Upload) -> None:
         self._uploads.discard(upload)
+        if self._writing.get(upload.final) is upload:
+            del self._writing[upload.final]
         self.tracker.remove(self.conn, upload)
 
     def _settle(self, upload: Upload, delta: int) -> None:
@@ -598,13 +603,30 @@ class AccountSFTPServer(asyncssh.SFTPServer):
 
     # -- names ------------------------------------------------------------------------------
 
+    def _being_written(self, local: Path) -> Upload | None:
+        """This session's own upload to ``local``, if one is in flight."""
+        if not self._writing:
+            return None
+        upload = self._writing.get(Path(os.path.realpath(local.parent)) / local.name)
+        return upload if upload is not None and not upload.done else None
+
+    def writing_attrs(self, upload: Upload) -> SFTPAttrs:
+        """An upload in flight as its own session sees it: the size written so far."""
+        attrs = client_attrs(os.fstat(upload.fd))
+        attrs.size = upload.size
+        return attrs
+
     @_sftp_request
     def lstat(self, path: bytes) -> SFTPAttrs:
-        return client_attrs(os.lstat(self._resolve(path)))
+        local = self._resolve(path)
+        upload = self._being_written(local)
+        return self.writing_attrs(upload) if upload else client_attrs(os.lstat(local))
 
     @_sftp_request
     def stat(self, path: bytes) -> SFTPAttrs:
-        return client_attrs(os.stat(self._resolve(path)))
+        local = self._resolve(path)
+        upload = self._being_written(local)
+        return self.writing_attrs(upload) if upload else client_attrs(os.stat(local))
 
     @_sftp_request
     def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
@@ -626,6 +648,23 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         listing = _Listing(self, path, self.budget.open_handle())
         self._listings.add(listing)
         return listing
+
+    def with_own_uploads(self, path: bytes, names: list[SFTPName]) -> list[SFTPName]:
+        """A listing as this session sees it: its own uploads in flight under their final
+        names, with the size written so far."""
+        if not self._writing:
+            return names
+        folder = Path(os.path.realpath(self._resolve(path)))
+        own = {
+            os.fsencode(final.name): upload
+            for final, upload in self._writing.items()
+            if final.parent == folder and not upload.done
+        }
+        if not own:
+            return names
+        listed = [n for n in names if n.filename not in own]
+        listed += [SFTPName(name, attrs=self.writing_attrs(u)) for name, u in own.items()]
+        return listed
 
     def list_folder(self, path: bytes) -> list[SFTPName]:
         """A folder's entries as the client sees them (blocking: runs in a thread): service

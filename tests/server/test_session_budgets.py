@@ -36,27 +36,44 @@ HANDLES = 64
 UNFLUSHED = 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def budgets(
-    tmp_path_factory: pytest.TempPathFactory, alpha_key: Path, beta_key: Path
-) -> Iterator[RunningServer]:
+def two_account_server(
+    workdir: Path, alpha_key: Path, beta_key: Path, server: dict, limits: dict
+) -> RunningServer:
+    """alpha on 127.0.0.1 and beta on its own address; the defender and the connection rate
+    are off (these tests connect fast and fail on purpose)."""
     running = start_server(
-        tmp_path_factory.mktemp("budgets"),
+        workdir,
         {
-            "server": {"workers": 1, "max_channels_per_connection": 3},
+            "server": server,
             "limits": {
-                "max_handles_per_session": HANDLES,
-                "max_unflushed_bytes_per_session": UNFLUSHED,
-                "max_sessions_per_account": 3,
                 "max_connections_per_address": 20,
-                "connection_rate_per_address": 0,  # these tests connect fast on purpose
+                "connection_rate_per_address": 0,
                 "free_disk_reserve_bytes": 0,
+                **limits,
             },
             "defender": {"enabled": False},
         },
     )
     add_account(running, "alpha", alpha_key)
     add_account(running, "beta", beta_key, ips=(BETA_ADDRESS,))
+    return running
+
+
+@pytest.fixture(scope="module")
+def budgets(
+    tmp_path_factory: pytest.TempPathFactory, alpha_key: Path, beta_key: Path
+) -> Iterator[RunningServer]:
+    running = two_account_server(
+        tmp_path_factory.mktemp("budgets"),
+        alpha_key,
+        beta_key,
+        server={"workers": 1, "max_channels_per_connection": 3},
+        limits={
+            "max_handles_per_session": HANDLES,
+            "max_unflushed_bytes_per_session": UNFLUSHED,
+            "max_sessions_per_account": 3,
+        },
+    )
     (running.folder("alpha") / "sis_loader.log").write_text("2026-12-01T03:00:00 NO FILE\n")
     yield running
     running.stop()
@@ -66,22 +83,13 @@ def budgets(
 def quota(
     tmp_path_factory: pytest.TempPathFactory, alpha_key: Path, beta_key: Path
 ) -> Iterator[RunningServer]:
-    running = start_server(
+    running = two_account_server(
         tmp_path_factory.mktemp("quota"),
-        {
-            "server": {"workers": 2},
-            "limits": {
-                "account_quota_bytes": 50_000_000,
-                "max_file_bytes": 20_000_000,
-                "max_connections_per_address": 20,
-                "connection_rate_per_address": 0,  # these tests connect fast on purpose
-                "free_disk_reserve_bytes": 0,
-            },
-            "defender": {"enabled": False},
-        },
+        alpha_key,
+        beta_key,
+        server={"workers": 2},
+        limits={"account_quota_bytes": 50_000_000, "max_file_bytes": 20_000_000},
     )
-    add_account(running, "alpha", alpha_key)
-    add_account(running, "beta", beta_key, ips=(BETA_ADDRESS,))
     yield running
     running.stop()
 
@@ -240,8 +248,9 @@ def test_quota_holds_for_many_uploads_in_one_session(
             try:
                 for _ in range(20_000_000 // len(block)):
                     handle.write(block)
-            except OSError as exc:
-                assert "account quota exceeded" in str(exc)
+            except OSError as exc:  # the quota, what the folder holds, what was needed
+                assert "account quota exceeded: the folder may hold at most 50000000" in str(exc)
+                assert "it holds" in str(exc) and "this upload needs" in str(exc)
                 refused += 1
             assert folder_bytes(folder) <= 50_000_000
         for handle in handles:
@@ -482,10 +491,14 @@ def test_repeated_downloads_are_logged_once_with_a_count(
 def test_an_idle_logged_in_connection_is_closed(
     tmp_path: Path, alpha_key: Path, beta_key: Path
 ) -> None:
-    running = start_server(tmp_path / "idle", {"server": {"workers": 1, "idle_timeout": 2.0}})
+    running = two_account_server(
+        tmp_path / "idle",
+        alpha_key,
+        beta_key,
+        server={"workers": 1, "idle_timeout": 2.0},
+        limits={},
+    )
     try:
-        add_account(running, "alpha", alpha_key)
-        add_account(running, "beta", beta_key, ips=(BETA_ADDRESS,))
         transport = login(running, alpha_key)  # logged in, no channel
         try:
             event = running.wait_for_event("session.idle_closed", timeout=30, account="alpha")

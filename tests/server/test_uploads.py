@@ -7,26 +7,15 @@ import os
 import subprocess
 from pathlib import Path
 
-import paramiko
 import pytest
-from server_harness import CLIENT_TIMEOUT, RunningServer, sftp_batch, temp_files, write_random
-
-
-def paramiko_sftp(server: RunningServer, key: Path, user: str) -> paramiko.SFTPClient:
-    client = paramiko.SSHClient()
-    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
-    client.connect(
-        server.host,
-        server.port,
-        username=user,
-        key_filename=str(key),
-        look_for_keys=False,
-        allow_agent=False,
-        timeout=20,
-    )
-    sftp = client.open_sftp()
-    sftp._owner_client = client  # keep the transport alive with the SFTP client
-    return sftp
+from server_harness import (
+    CLIENT_TIMEOUT,
+    RunningServer,
+    paramiko_sftp,
+    sftp_batch,
+    temp_files,
+    write_random,
+)
 
 
 @pytest.mark.parametrize("tool", ["sftp", "scp", "scp-O", "paramiko"])
@@ -240,3 +229,32 @@ def test_first_start_makes_host_keys_and_logs_fingerprints(tmp_path: Path) -> No
         assert all(k["fingerprint"] in stderr for k in shown)
     finally:
         assert running.stop() == 0
+
+
+def test_the_writing_session_sees_its_file_and_nobody_else_does(
+    server: RunningServer, alpha_key: Path
+) -> None:
+    """sshfs opens a new file, then looks up its final name before closing it: the session
+    that writes sees the file (stat, lstat, fstat, its own listing) with the size written so
+    far; another session and the loader see nothing until the close."""
+    writer = paramiko_sftp(server, alpha_key, "alpha")
+    other = paramiko_sftp(server, alpha_key, "alpha")
+    try:
+        handle = writer.open("in-progress.txt", "wb")
+        handle.write(b"x" * 1000)
+        handle.flush()
+        assert writer.stat("in-progress.txt").st_size == 1000
+        assert writer.lstat("in-progress.txt").st_size == 1000
+        assert handle.stat().st_size == 1000
+        assert "in-progress.txt" in writer.listdir(".")
+        with pytest.raises(FileNotFoundError):
+            other.stat("in-progress.txt")
+        assert "in-progress.txt" not in other.listdir(".")
+        assert not (server.folder("alpha") / "in-progress.txt").exists()
+        handle.write(b"y" * 24)
+        handle.close()
+        assert other.stat("in-progress.txt").st_size == 1024
+    finally:
+        writer.close()
+        other.close()
+    assert (server.folder("alpha") / "in-progress.txt").read_bytes() == b"x" * 1000 + b"y" * 24
