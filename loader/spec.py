@@ -296,7 +296,7 @@ def detect_spec(
 ) -> Spec:
     """Read an approved sample and return its frozen format (refuses a sample that is not
     self-consistent, with the reason)."""
-    from loader.validate import validate_file  # validate imports this module
+    from loader.validate import utf16_problem, validate_file  # validate imports this module
 
     sample = Path(sample)
     file_name = check_file_name(as_name if as_name is not None else sample.name)
@@ -305,6 +305,9 @@ def detect_spec(
     with sample.open("rb") as stream:
         first = stream.readline(MAX_HEADER_BYTES)
     where = f"sample {sample.name}"
+    utf16 = utf16_problem(first)
+    if utf16:
+        raise Refused(f"{where}: {utf16}")
     bom = first.startswith(BOM)
     if bom:
         first = first[len(BOM) :]

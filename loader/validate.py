@@ -28,7 +28,21 @@ Policies (Terra Dotta's guidance for SIS feeds):
 - the key column must be non-empty and unique: a 64-bit hash per row is kept during the pass;
   only when hashes repeat is the file read a second time to confirm the duplicates by value
   and name both lines. The nightly load skips the hashes (``unique_by_database``): its
-  UNIQUE index refuses a duplicate, and only then is the file validated again in full.
+  UNIQUE index refuses a duplicate, and only then is the file validated again in full;
+- a key must look like no other key: in Unicode NFC form, with no space other than the ASCII
+  space and no invisible character (``_ODD_KEY_CHARACTERS``). Otherwise two keys that look
+  the same on screen would load as two people. Only non-ASCII blocks pay for the check
+  (``str.isascii`` is O(1)); a bad key is hashed in its normalised form, so a clash with a
+  good key is reported with both lines;
+- no blank line (empty, or spaces only), in any spec: it would load as an empty row. A final
+  line end at the end of the file is not a blank line;
+- no line equal to the header after line 1 (exports concatenated into one file); found with
+  one substring search per block;
+- a line is at most 16 MiB (``MAX_LINE_BYTES``), its line end included;
+- UTF-16 (with or without its byte order mark) is named as such, not as "bad UTF-8";
+- only a complete file is read: a file whose size or modification time changes while it is
+  read, or that ends in the middle of a line that is wrong (cut short), is refused in words
+  that say it looks half-written (``CHANGED_WHILE_READ``, ``ENDS_MID_LINE``).
 
 Rows are tuples of str, yielded only while the file is clean so far (a block holding an
 error yields nothing): once an error is found the rest is still checked (to count and report
@@ -40,7 +54,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
+import unicodedata
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +76,38 @@ KEY_BUCKETS = 64
 MAX_SHOWN_VALUE = 60
 
 Fail = Callable[[int | None, str], None]
+
+BLANK_LINE = "the line is blank; remove it (a data file may hold no blank lines)"
+REPEATED_HEADER = (
+    "this line repeats the header (line 1): the file looks like several exports joined "
+    "together; send one header only, on line 1"
+)
+_COMPLETE_FILES_ONLY = (
+    "upload it under a temporary name and rename it to {name} once it is complete (only "
+    "complete files, renamed into place, are read; uploads to this server do that by "
+    "themselves)"
+)
+CHANGED_PREFIX = "the file changed while it was being read"
+CHANGED_WHILE_READ = (
+    CHANGED_PREFIX
+    + " ({change}): it looks like it was still being written; "
+    + _COMPLETE_FILES_ONLY
+)
+ENDS_MID_LINE = (
+    "the file ends in the middle of this line (no line end after it, and the line is cut "
+    "short), so it looks incomplete (was it still being written?): " + _COMPLETE_FILES_ONLY
+)
+ENDS_WITHOUT_LINE_END = (
+    "the file ends without a line end after this line, but files of this format end with "
+    "one, so it looks incomplete (was it still being written?): " + _COMPLETE_FILES_ONLY
+)
+
+# Spaces other than the ASCII space, and invisible characters (zero-width, bidi controls,
+# soft hyphen, BOM): a key holding one looks like a key without it, but is another key.
+_ODD_KEY_CHARACTERS = re.compile(
+    "[\u0085\u00a0\u00ad\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064"
+    "\u2066-\u2069\u3000\ufeff]"
+)
 
 
 @dataclass
@@ -97,6 +145,12 @@ def _shown(value: str) -> str:
     return repr(value)
 
 
+def _code_points(value: str) -> str:
+    """A value with every non-ASCII character escaped, to show two that look the same."""
+    shown = ascii(value[:MAX_SHOWN_VALUE])
+    return shown + "..." if len(value) > MAX_SHOWN_VALUE else shown
+
+
 _QUOTED = re.compile(r"'(?:[^'\\\n]|\\.)*'" + r'|"(?:[^"\\\n]|\\.)*"')  # Python reprs
 
 
@@ -105,6 +159,61 @@ def without_values(message: str) -> str:
     file (by :func:`_shown`) becomes '…'. The values themselves (a duplicated ID, say) stay
     in the client's own folder log, where they help; file contents go to no other log."""
     return _QUOTED.sub("'…'", message)
+
+
+def key_problem(key: str, column: str) -> str:
+    """Why ``key`` cannot be a key although it is not empty ("" if it can): it is not in
+    Unicode NFC form, or holds a space other than the ASCII space or an invisible character.
+    Such a key looks exactly like another key on screen but would load as another person."""
+    if key.isascii():
+        return ""
+    odd = _ODD_KEY_CHARACTERS.search(key)
+    if odd is not None:
+        char = odd.group()
+        name = unicodedata.name(char, "").lower() or "a control character"
+        return (
+            f"the key {column} {_shown(key)} holds a {name} (U+{ord(char):04X}); a key may "
+            "hold no space other than the ordinary space and no invisible character"
+        )
+    if not unicodedata.is_normalized("NFC", key):
+        return (
+            f"the key {column} {_shown(key)} (code points {_code_points(key)}) is not in "
+            "Unicode NFC form (a letter and its accent are stored as separate characters: it "
+            "looks the same as the composed form but is another key); export keys in NFC form"
+        )
+    return ""
+
+
+def normal_key(key: str, trim: str = " \t") -> str:
+    """The key a reader sees: NFC, other spaces made ASCII spaces, invisible characters
+    dropped, trimmed. Two keys with the same normal form are the same key."""
+    if key.isascii():
+        return key
+    plain = _ODD_KEY_CHARACTERS.sub(lambda m: " " if m.group().isspace() else "", key)
+    return unicodedata.normalize("NFC", plain).strip(trim)
+
+
+def utf16_problem(head: bytes) -> str:
+    """Words for a file that is UTF-16 (with its byte order mark, or without one: NUL bytes in
+    every other position of ASCII text), from the bytes of its first line; "" if it is not."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        order = "little-endian" if head[0] == 0xFF else "big-endian"
+        how = f"{order}, with a byte order mark"
+    else:
+        sample = head[:4096]
+        if len(sample) < 4 or b"\x00" not in sample:
+            return ""
+        even, odd = sample[0::2], sample[1::2]
+        if odd.count(0) * 2 > len(odd) and even.count(0) * 4 < len(even):
+            how = "little-endian, without a byte order mark"
+        elif even.count(0) * 2 > len(even) and odd.count(0) * 4 < len(odd):
+            how = "big-endian, without a byte order mark"
+        else:
+            return ""
+    return (
+        f"the file is UTF-16 ({how}), not UTF-8; the approved encoding is UTF-8: export or "
+        "save the file as UTF-8"
+    )
 
 
 class _Format:
@@ -121,6 +230,10 @@ class _Format:
         self.d_name = DELIMITER_NAMES[self.d]
         self.t_name = TERMINATOR_NAMES[self.t]
         self.quoted_sep = f'"{self.d}"'
+        # Files of this spec end with a line end (the sample did), so one without it was cut
+        # short. Set when the spec records it; older specs do not (then only a last line that
+        # is wrong as well shows a cut).
+        self.final_line_end = bool(getattr(spec, "final_line_end", False))
         self.two_n = 2 * self.n
         # Substrings that show a value with a space (or tab) at its start or end. For a block
         # of unquoted lines, line ends are first turned into delimiters so they show too.
@@ -214,13 +327,17 @@ class _Format:
                         "(mixed quoting)"
                     )
                 return None, (
-                    f"field {number} opens a quote that is never closed (and the approved "
-                    "format quotes no field)"
+                    f"field {number} {_shown(value)} starts with a quote mark: the "
+                    "approved format quotes no field, so a value may not begin with a quote "
+                    "(a quote inside or at the end of a value is plain data); remove the "
+                    "quote or move it"
                 )
         return fields, ""
 
     def fields_or_problem(self, line: str) -> tuple[list[str] | None, str]:
         """Exact parse of one line with the reason it is wrong, if it is."""
+        if not line.strip(self.trim):
+            return None, BLANK_LINE
         other = self.other_delimiter(line)
         if other is not None:
             return None, (
@@ -233,8 +350,6 @@ class _Format:
         if fields is None:
             return None, problem
         if len(fields) != self.n:
-            if line == "":
-                return None, f"the line is empty (expected {self.n} fields)"
             return None, f"{len(fields)} fields, expected {self.n}"
         return fields, ""
 
@@ -307,7 +422,7 @@ def _bare_rows(
     text: str, lines: list[str], fmt: _Format, last: bool, add_hashes: Callable[..., None]
 ) -> Iterator[tuple[str, ...]] | None:
     """Rows of a clean, quote-free block with no Python code per row, or None when any line
-    needs a closer look (a wrong field count, an empty key).
+    needs a closer look (a wrong field count, a blank line, an empty or odd key).
 
     Every line must hold exactly n-1 delimiters (one C-level count per line); then the line
     ends become delimiters, one split makes every field of the block, and ``zip`` cuts them
@@ -327,12 +442,22 @@ def _bare_rows(
         fields, trim = lines, fmt.needs_trim(text)
     if trim:
         fields = list(map(str.strip, fields, repeat(fmt.trim)))
+    if n == 1 and not all(fields):
+        return None  # a blank line
     if fmt.key is not None:
         keys = fields[fmt.key :: n]
-        if not all(keys):
+        if not all(keys) or (not text.isascii() and _any_odd_key(keys)):
             return None
         add_hashes(map(hash, keys))
     return zip(*[iter(fields)] * n, strict=False)
+
+
+def _any_odd_key(keys: list[str]) -> bool:
+    """Does any key of a block that holds non-ASCII text break the key rule? (one C-level
+    join when the keys themselves are ASCII)."""
+    if "".join(keys).isascii():
+        return False
+    return any(not key.isascii() and key_problem(key, "") for key in keys)
 
 
 def _lines(block: bytes, fmt: _Format, first: int, last: bool, fail: Fail) -> list[str]:
@@ -382,16 +507,21 @@ def header_difference(got: tuple[str, ...], approved: tuple[str, ...]) -> str:
     return "the header differs from the approved one: " + "; ".join(parts)
 
 
-def _check_header(stream: BinaryIO, fmt: _Format, fail: Fail) -> bool:
-    """Check line 1; False when the file cannot be checked further (nothing to load)."""
+def _check_header(stream: BinaryIO, fmt: _Format, fail: Fail) -> str | None:
+    """Check line 1; its text (no BOM, no line end), or None when the file cannot be checked
+    further (nothing to load)."""
     spec = fmt.spec
     first = stream.readline(MAX_LINE_BYTES)
+    utf16 = utf16_problem(first)
+    if utf16:
+        fail(None, utf16)
+        return None
     has_bom = first.startswith(BOM)
     if has_bom:
         first = first[len(BOM) :]
     if not first:
         fail(None, "the file is empty")
-        return False
+        return None
     if has_bom and not spec.bom:
         fail(1, "the file starts with a UTF-8 byte order mark (BOM); the approved format has none")
     elif spec.bom and not has_bom:
@@ -401,40 +531,82 @@ def _check_header(stream: BinaryIO, fmt: _Format, fail: Fail) -> bool:
     elif first.endswith(b"\n"):
         text, terminator = first[:-1], "\n"
     elif len(first) >= MAX_LINE_BYTES:
-        fail(1, f"no line end in the first {MAX_LINE_BYTES >> 20} MiB (is this a text file?)")
-        return False
+        fail(1, _too_long(stream, first, -1))
+        return None
     else:
         text, terminator = first, None
     try:
         header = text.decode("utf-8")
     except UnicodeDecodeError as exc:
         fail(1, _bad_byte(text, exc))
-        return False
+        return None
     if terminator is not None and terminator != fmt.t:
         fail(
             1,
             f"lines end with {TERMINATOR_NAMES[terminator]}; the approved format ends every "
             f"line with {fmt.t_name}",
         )
-        return False
+        return None
     if "\r" in header:
         fail(1, "contains a carriage return (CR) inside the row (mixed line ends?)")
-        return False
+        return None
+    if "\x00" in header:
+        fail(1, "contains a NUL byte (is this a text file?); the approved encoding is UTF-8")
+        return None
     fields, problem = fmt.fields_or_problem(header)
     if fields is None and (fmt.other_delimiter(header) or "fields, expected" not in problem):
         fail(1, f"header: {problem}")
-        return False
+        return None
     if fields is None:  # a wrong column count: say which columns differ
         fields, _ = fmt.split_quoted(header) if fmt.quoted else (header.split(fmt.d), "")
         fields = fields or [header]
     difference = header_difference(tuple(fields), spec.columns)
     if difference:
         fail(1, difference)
-        return False
+        if terminator is None and _approved_header(fmt).startswith(header):
+            fail(1, ENDS_MID_LINE.format(name=spec.file_name))  # a header cut short
+        return None
     if terminator is None:
         fail(None, "the file has a header (line 1) but no data rows")
-        return False
-    return True
+        return None
+    return header
+
+
+def _approved_header(fmt: _Format) -> str:
+    """Line 1 as the approved format writes it."""
+    if fmt.quoted:
+        return fmt.d.join(f'"{name}"' for name in fmt.spec.columns)
+    return fmt.d.join(fmt.spec.columns)
+
+
+def _too_long(stream: BinaryIO, start: bytes, end: int) -> str:
+    """The words for a line over ``MAX_LINE_BYTES``: ``start`` is the line so far (``end``, its
+    LF's offset in it, or -1). Reads on to the line's end, keeping nothing, to say how long
+    the line is, or that it never ends."""
+    limit = f"longer than the {MAX_LINE_BYTES >> 20} MiB limit for one line"
+
+    def size(count: int) -> str:
+        return f"{count:,} bytes ({count / (1 << 20):.1f} MiB)"
+
+    length = end
+    if end < 0:
+        length = len(start)
+        while chunk := stream.read(1 << 20):
+            cut = chunk.find(b"\n")
+            if cut >= 0:
+                length += cut
+                break
+            length += len(chunk)
+        else:
+            return (
+                f"{limit}, and it never ends: from its start to the end of the file "
+                f"({size(length)}) there is no line end (is this a text file in the approved "
+                "format?)"
+            )
+    return (
+        f"{limit}: it is {size(length)} long, up to its line end; no row of a data file "
+        "can be that long: check the export"
+    )
 
 
 class _KeyIndex:
@@ -475,25 +647,38 @@ def _report_duplicates(stream: BinaryIO, fmt: _Format, shared: set[int], fail: F
     """Second look, only when hashes repeat: report each duplicate value with both lines."""
     stream.seek(0)
     stream.readline()
-    first_line: dict[str, int] = {}
+    first_line: dict[str, tuple[int, str]] = {}
     key = fmt.key
     assert key is not None
+    column = fmt.spec.key_column
     for number, raw in enumerate(stream, 2):
         text = raw.decode("utf-8", "replace").rstrip("\r\n")
         fields, _ = fmt.fields_or_problem(text)
         if fields is None:
             continue
-        value = fields[key].strip(fmt.trim)
+        written = fields[key].strip(fmt.trim)
+        value = normal_key(written, fmt.trim)
         if not value or hash(value) not in shared:
             continue
-        if value in first_line:
+        if value not in first_line:
+            first_line[value] = number, written
+            continue
+        line, first_written = first_line[value]
+        if written == first_written:
             fail(
                 number,
-                f"duplicate key {fmt.spec.key_column} {_shown(value)} "
-                f"(also on line {first_line[value]}; each row needs its own)",
+                f"duplicate key {column} {_shown(value)} "
+                f"(also on line {line}; each row needs its own)",
             )
         else:
-            first_line[value] = number
+            fail(
+                number,
+                f"duplicate key {column}: {_shown(written)} is the same key as "
+                f"{_shown(first_written)} on line {line} (code points "
+                f"{_code_points(written)} and {_code_points(first_written)}: they differ only "
+                "in Unicode form or in invisible or non-ASCII space characters; each row needs "
+                "its own key)",
+            )
 
 
 def _block_rows(
@@ -502,14 +687,18 @@ def _block_rows(
     fmt: _Format,
     stripping: bool,
     checks_quotes: bool,
+    checks_keys: bool,
     add_hash: Callable[[int], None],
     fail: Fail,
 ) -> list[list[str]]:
-    """Check one block's lines (the hot loop) and return their rows; errors go to ``fail``."""
+    """Check one block's lines (the hot loop) and return their rows; errors go to ``fail``.
+
+    ``checks_keys``: the block holds non-ASCII text, so a key may break the key rule."""
     rows: list[list[str]] = []
     add = rows.append
     k, n, d, trim, sep, two_n = fmt.key, fmt.n, fmt.d, fmt.trim, fmt.quoted_sep, fmt.two_n
     quoted = fmt.quoted
+    one_bare = n == 1 and not quoted  # a blank line would pass as one empty field
     edges, (p0, p1, p2, p3) = fmt.edges, fmt.pads
     for number, line in enumerate(lines, first):
         if quoted:
@@ -521,7 +710,11 @@ def _block_rows(
                 good = False
         else:
             fields = line.split(d)
-            good = len(fields) == n and not (checks_quotes and '"' in line)
+            good = (
+                len(fields) == n
+                and not (checks_quotes and '"' in line)
+                and not (one_bare and not line.strip(trim))
+            )
         if not good:
             parsed, problem = fmt.fields_or_problem(line)
             if parsed is None:
@@ -542,6 +735,12 @@ def _block_rows(
             if not key:
                 fail(number, f"the key column {fmt.spec.key_column} is empty")
                 continue
+            if checks_keys and not key.isascii():
+                problem = key_problem(key, fmt.spec.key_column or "")
+                if problem:
+                    fail(number, problem)
+                    add_hash(hash(normal_key(key, trim)))  # a clash is named with both lines
+                    continue
             add_hash(hash(key))
         add(fields)
     return rows
@@ -592,35 +791,52 @@ def _blocks(
     also make ``report.sha256``.
     """
 
+    last_failed = 0  # the line of the latest error
+
     def fail(line: int | None, message: str) -> None:
+        nonlocal last_failed
+        last_failed = line or 0
         report.error_count += 1
         if len(report.errors) < max_errors:
             report.errors.append(f"line {line}: {message}" if line else message)
 
+    def first_fail(line: int | None, message: str) -> None:
+        """An error that explains the others (the file was cut or changed): listed first."""
+        report.error_count += 1
+        report.errors.insert(0, f"line {line}: {message}" if line else message)
+        del report.errors[max_errors:]
+
     fmt = _Format(spec)
     with _HashingFile(path) if hash_file else open(path, "rb") as stream:
-        if not _check_header(stream, fmt, fail):
+        at_start = os.fstat(stream.fileno())
+        header = _check_header(stream, fmt, fail)
+        if header is None:
             return
+        headers = (header, "\ufeff" + header)  # repeated, perhaps with its BOM
         keys = _KeyIndex()
         add_hash, add_hashes = keys.hashes.append, keys.hashes.extend
         if unique_by_database:
             add_hash = add_hashes = _ignore
         line_no = 1  # lines consumed so far (the header)
         pending = b""
+        ends_open = b""  # the file's last line, when it has no line end
         while True:
             chunk = stream.read(BLOCK_BYTES)
             if chunk:
                 buf = pending + chunk if pending else chunk
+                if len(buf) >= MAX_LINE_BYTES:  # only a line near the limit makes such a block
+                    end = buf.find(b"\n")
+                    if end < 0 or end >= MAX_LINE_BYTES:
+                        fail(line_no + 1, _too_long(stream, buf, end))
+                        return
                 cut = buf.rfind(b"\n") + 1
                 if cut == 0:
                     pending = buf
-                    if len(pending) > MAX_LINE_BYTES:
-                        fail(line_no + 1, f"longer than {MAX_LINE_BYTES >> 20} MiB (no line end)")
-                        return
                     continue
                 block, pending, last = buf[:cut], buf[cut:], False
             elif pending:
                 block, pending, last = pending, b"", True
+                ends_open = block  # the rest after the last line end
             else:
                 break
             first = line_no + 1
@@ -630,8 +846,13 @@ def _blocks(
             if text is None:
                 lines = _lines_slowly(block, fmt, first, last, fail)
                 stripping = True
+                if header in lines or headers[1] in lines:
+                    _report_headers(lines, headers, first, fail)
             else:
                 lines = _split_lines(text, fmt, last)
+                # C-level searches; the lines are looked at one by one only when one repeats it.
+                if header in text and (header in lines or headers[1] in lines):
+                    _report_headers(lines, headers, first, fail)
                 if not fmt.quoted and '"' not in text:
                     if copy:
                         copy_text = _bare_copy_text(text, lines, fmt, last, add_hashes)
@@ -640,7 +861,8 @@ def _blocks(
                 stripping = rows is None and copy_text is None and fmt.needs_trim(text)
             if rows is None and copy_text is None:
                 quotes = not fmt.quoted and (text is None or '"' in text)
-                rows = _block_rows(lines, first, fmt, stripping, quotes, add_hash, fail)
+                odd_keys = fmt.key is not None and (text is None or not text.isascii())
+                rows = _block_rows(lines, first, fmt, stripping, quotes, odd_keys, add_hash, fail)
             line_no += len(lines)
             report.rows += len(lines)
             if report.error_count == 0:
@@ -653,12 +875,59 @@ def _blocks(
                     yield len(built), _copy_text(built)
         if report.rows == 0:
             fail(None, "the file has a header (line 1) but no data rows")
+        if ends_open and last_failed == line_no and _looks_cut(ends_open, fmt):
+            first_fail(line_no, ENDS_MID_LINE.format(name=spec.file_name))
+        elif ends_open and fmt.final_line_end:
+            first_fail(line_no, ENDS_WITHOUT_LINE_END.format(name=spec.file_name))
+        change = _change(at_start, os.fstat(stream.fileno()), stream.tell())
+        if change:
+            first_fail(None, CHANGED_WHILE_READ.format(change=change, name=spec.file_name))
         if fmt.key is not None and not unique_by_database:
             shared = keys.duplicate_hashes()
             if shared:
                 _report_duplicates(stream, fmt, shared, fail)
         if isinstance(stream, _HashingFile) and stream.whole:
             report.sha256 = stream.digest.hexdigest()
+
+
+def _report_headers(lines: list[str], headers: tuple[str, str], first: int, fail: Fail) -> None:
+    """Name each line of a block that repeats the header (the block's text contains it)."""
+    for offset, line in enumerate(lines):
+        if line in headers:
+            fail(first + offset, REPEATED_HEADER)
+
+
+def _looks_cut(line: bytes, fmt: _Format) -> bool:
+    """Could this last line, with no line end, be the start of a longer line? (the file was
+    read while it was being written): it ends with a CR, inside a UTF-8 character or a quoted
+    value, or holds fewer fields than the format has."""
+    if line.endswith(b"\r"):
+        return True
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.reason == "unexpected end of data":
+            return True
+        text = line.decode("utf-8", "replace")
+    if not text.strip(fmt.trim):
+        return False  # a blank line: wrong, but not the start of a row
+    if not fmt.quoted:
+        return text.count(fmt.d) < fmt.n - 1 and fmt.other_delimiter(text) is None
+    if text.count('"') % 2:
+        return True
+    fields, _ = fmt.split_quoted(text)
+    return text.endswith(fmt.d) if fields is None else len(fields) < fmt.n
+
+
+def _change(before: os.stat_result, after: os.stat_result, read: int) -> str:
+    """How the open file changed while it was read, in words ("" if it did not)."""
+    if after.st_size != before.st_size:
+        return f"its size went from {before.st_size:,} to {after.st_size:,} bytes"
+    if read != before.st_size:
+        return f"{read:,} bytes were read from a file of {before.st_size:,} bytes"
+    if after.st_mtime_ns != before.st_mtime_ns:
+        return "it was written to while it was read"
+    return ""
 
 
 def _ignore(_hashes: object) -> None:
@@ -705,17 +974,20 @@ def _bare_copy_text(
     text: str, lines: list[str], fmt: _Format, last: bool, add_hashes: Callable[..., None]
 ) -> str | None:
     """A clean, quote-free block as COPY text without splitting values, or None when any
-    line needs a closer look (field count, empty key, spaces to trim, characters to escape)."""
+    line needs a closer look (field count, blank line, empty or odd key, spaces to trim,
+    characters to escape)."""
     n, d = fmt.n, fmt.d
     if n > 1:
         counts = list(map(str.count, lines, repeat(d)))
         if counts.count(n - 1) != len(counts):
             return None
+    elif not all(lines):
+        return None  # a blank line
     if "\\" in text or (d != "\t" and "\t" in text) or fmt.needs_trim(text):
         return None
     if fmt.key is not None:
         k, t = fmt.key, fmt.t
-        if add_hashes is _ignore and n > 1 and k in (0, n - 1):
+        if add_hashes is _ignore and n > 1 and k in (0, n - 1) and text.isascii():
             # Only emptiness to check, and the key is at a line's edge: C-level searches.
             if k == 0:
                 empty = text.startswith(d) or t + d in text
@@ -728,7 +1000,7 @@ def _bare_copy_text(
                 keys = lines
             else:
                 keys = list(map(itemgetter(k), map(str.split, lines, repeat(d), repeat(k + 1))))
-            if not all(keys):
+            if not all(keys) or (not text.isascii() and _any_odd_key(keys)):
                 return None
             add_hashes(map(hash, keys))
     if fmt.t != "\n":

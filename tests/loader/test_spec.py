@@ -348,3 +348,11 @@ def test_a_refused_approval_leaves_no_audit_event(settings) -> None:
     assert registry.audit_trail("uni") == before
     assert [e.action for e in before] == ["account.create", "spec.approve"]
     assert len(specs_for(registry, "uni")) == 1
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xff\xfe"])
+def test_a_utf16_sample_is_refused_as_utf16(tmp_path: Path, bom: bytes) -> None:
+    sample = tmp_path / "s.txt"
+    sample.write_bytes(bom + "person_id\tname\nA1\tAda\n".encode("utf-16-le"))
+    with pytest.raises(Refused, match="the file is UTF-16 .*not UTF-8"):
+        detect_spec(sample, "acme", None, None)

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytest
 
+from loader.spec import Spec
 from loader.validate import (
+    BLANK_LINE,
     BLOCK_BYTES,
+    CHANGED_WHILE_READ,
+    ENDS_MID_LINE,
+    ENDS_WITHOUT_LINE_END,
+    REPEATED_HEADER,
     ValidationReport,
     header_difference,
     iter_copy_blocks,
     iter_row_blocks,
     iter_rows,
+    key_problem,
     validate_file,
 )
 
@@ -134,9 +143,20 @@ def test_bad_byte_far_into_the_file_is_on_its_exact_line(tmp_path: Path) -> None
     assert only_error(report).startswith("line 4323: not valid UTF-8 (byte 0xE9 at column 13)")
 
 
-def test_utf16_file_is_refused_as_not_utf8(tmp_path: Path) -> None:
-    path = write(tmp_path / "f.txt", f"{HEADER}\n{ROW2}\n".encode("utf-16"))
-    assert "line 1: not valid UTF-8 (byte 0xFF" in validate_file(path, make_spec()).summary()
+@pytest.mark.parametrize(
+    ("codec", "how"),
+    [
+        ("utf-16", "little-endian, with a byte order mark"),
+        ("utf-16-le", "little-endian, without a byte order mark"),
+        ("utf-16-be", "big-endian, without a byte order mark"),
+    ],
+)
+def test_utf16_file_is_named_utf16(tmp_path: Path, codec: str, how: str) -> None:
+    path = write(tmp_path / "f.txt", f"{HEADER}\n{ROW2}\n".encode(codec))
+    assert only_error(validate_file(path, make_spec())) == (
+        f"the file is UTF-16 ({how}), not UTF-8; the approved encoding is UTF-8: export or "
+        "save the file as UTF-8"
+    )
 
 
 def test_nul_byte_is_refused_with_its_line(tmp_path: Path) -> None:
@@ -224,15 +244,19 @@ def test_wrong_field_counts_name_every_line(tmp_path: Path) -> None:
     assert report.errors == [
         "line 2: 6 fields, expected 5",
         "line 4: 3 fields, expected 5",
-        "line 5: the line is empty (expected 5 fields)",
+        f"line 5: {BLANK_LINE}",
     ]
 
 
-def test_unterminated_quote_in_an_unquoted_file(tmp_path: Path) -> None:
-    path = write(tmp_path / "f.txt", f'{HEADER}\n{ROW2}\nU2\t"First2\tLast\tp@x\tMain\n{ROW4}\n')
+@pytest.mark.parametrize("value", ['"First2', '"Doc" Smith', '"'])
+def test_a_value_starting_with_a_quote_in_an_unquoted_file(tmp_path: Path, value: str) -> None:
+    """The rule is that a value may not begin with a quote (elsewhere a quote is plain data),
+    and the message says so, rather than "a quote that is never closed"."""
+    path = write(tmp_path / "f.txt", f"{HEADER}\n{ROW2}\nU2\t{value}\tLast\tp@x\tMain\n{ROW4}\n")
     assert only_error(validate_file(path, make_spec())) == (
-        "line 3: field 2 opens a quote that is never closed (and the approved format quotes "
-        "no field)"
+        f"line 3: field 2 {value!r} starts with a quote mark: the approved format quotes no "
+        "field, so a value may not begin with a quote (a quote inside or at the end of a value "
+        "is plain data); remove the quote or move it"
     )
 
 
@@ -363,7 +387,11 @@ def test_copy_blocks_load_into_postgresql_exactly_as_the_rows_read(
 def test_a_line_without_end_is_cut_off_at_16_mib(tmp_path: Path) -> None:
     path = write(tmp_path / "f.txt", f"{HEADER}\n{ROW2}\n".encode() + b"x" * (17 << 20))
     report = validate_file(path, make_spec())
-    assert only_error(report) == "line 3: longer than 16 MiB (no line end)"
+    assert only_error(report) == (
+        "line 3: longer than the 16 MiB limit for one line, and it never ends: from its start "
+        "to the end of the file (17,825,792 bytes (17.0 MiB)) there is no line end (is this a "
+        "text file in the approved format?)"
+    )
 
 
 @pytest.mark.parametrize("key", ["UUUID", "Last_Name", "Campus"], ids=["first", "middle", "last"])
@@ -419,3 +447,299 @@ def test_the_loader_pass_hashes_the_file_it_reads(tmp_path: Path) -> None:
         for _ in iter_row_blocks(path, spec, report, 20, False, True):
             pass
         assert not report.ok and report.sha256 == ""
+
+
+# -- issue 11: rules every file follows, and messages that say what happened ----------------
+
+
+def all_passes(path: Path, spec: Spec) -> list[ValidationReport]:
+    """The pre-check's pass and the loader's two passes (rows for SQLite, COPY text for
+    PostgreSQL; uniqueness left to the database), each read to the end."""
+    reports = [validate_file(path, spec)]
+    for blocks in (iter_row_blocks, iter_copy_blocks):
+        report = ValidationReport(path.name)
+        for _ in blocks(path, spec, report, 20, True, True):
+            pass
+        reports.append(report)
+    return reports
+
+
+def errors_of_every_pass(path: Path, spec: Spec) -> list[str]:
+    """The errors, the same on every pass (the key's duplicates aside: the database finds them
+    on the loader's passes)."""
+    first, *others = all_passes(path, spec)
+    for other in others:
+        assert other.errors == [e for e in first.errors if "duplicate key" not in e]
+    return first.errors
+
+
+@pytest.mark.parametrize("quoting", ["none", "all"])
+@pytest.mark.parametrize("bom", [False, True])
+def test_a_header_repeated_mid_file_is_refused_with_its_line(
+    tmp_path: Path, quoting: str, bom: bool
+) -> None:
+    """Two exports joined: the second header (with its BOM, if the export writes one) is on
+    line 5002, far past the first block."""
+    first = render(COLUMNS, people(5000), quoting=quoting, bom=bom)
+    second = render(COLUMNS, people(10, start=6000), quoting=quoting, bom=bom)
+    path = write(tmp_path / "f.txt", first + second)
+    spec = make_spec(quoting=quoting, bom=bom)
+    errors = errors_of_every_pass(path, spec)
+    assert errors[0] == f"line 5002: {REPEATED_HEADER}"
+    assert "several exports joined together; send one header only" in REPEATED_HEADER
+    assert len([e for e in errors if "repeats the header" in e]) == 1
+
+
+def test_a_repeated_header_as_the_last_line_without_line_end(tmp_path: Path) -> None:
+    path = write(tmp_path / "f.txt", f"{HEADER}\n{ROW2}\n{HEADER}")
+    assert errors_of_every_pass(path, make_spec()) == [f"line 3: {REPEATED_HEADER}"]
+
+
+def test_a_value_that_only_contains_the_header_text_is_data(tmp_path: Path) -> None:
+    """Only a whole line equal to the header is refused (a one-column file shows it best)."""
+    spec = make_spec(columns=("person_id",), key=None)
+    path = write(tmp_path / "f.txt", "person_id\nperson_id_2\nxperson_id\nperson_id \n")
+    reports = all_passes(path, spec)
+    assert all(r.ok and r.rows == 3 for r in reports), [r.errors for r in reports]
+    repeated = write(tmp_path / "g.txt", "person_id\nA1\nperson_id\nA2\n")
+    assert errors_of_every_pass(repeated, spec) == [f"line 3: {REPEATED_HEADER}"]
+
+
+@pytest.mark.parametrize("key", [None, "person_id"])
+@pytest.mark.parametrize("quoting", ["none", "all"])
+@pytest.mark.parametrize("terminator", ["\n", "\r\n"])
+def test_blank_lines_are_refused_in_a_one_column_spec(
+    tmp_path: Path, key: str | None, quoting: str, terminator: str
+) -> None:
+    """A one-column file: a blank line would pass the field count as one empty field. The
+    final line end is not a blank line; an extra one at the end is."""
+    spec = make_spec(columns=("person_id",), key=key, quoting=quoting, terminator=terminator)
+    ids = [[f"A{i}"] for i in range(3000)]
+    good = render(("person_id",), ids, terminator=terminator, quoting=quoting)
+    assert all(r.ok and r.rows == 3000 for r in all_passes(write(tmp_path / "g", good), spec))
+    t = terminator.encode()
+    lines = good.split(t)
+    lines.insert(1501, b"")  # line 1502, in a later block
+    lines.insert(2001, b"   ")  # line 2002: spaces only
+    data = t.join(lines) + t  # and an extra line end at the end: line 3003 is blank
+    assert errors_of_every_pass(write(tmp_path / "f", data), spec) == [
+        f"line 1502: {BLANK_LINE}",
+        f"line 2002: {BLANK_LINE}",
+        f"line 3004: {BLANK_LINE}",
+    ]
+
+
+def test_blank_lines_are_refused_in_a_multi_column_spec(tmp_path: Path) -> None:
+    path = write(tmp_path / "f.txt", f"{HEADER}\n{ROW2}\n\n{ROW3}\n  \n{ROW4}\n")
+    assert errors_of_every_pass(path, make_spec(key=None)) == [
+        f"line 3: {BLANK_LINE}",
+        f"line 5: {BLANK_LINE}",
+    ]
+
+
+def test_a_line_over_16_mib_that_ends_says_how_long_it_is(tmp_path: Path) -> None:
+    """A 50 MB value on a line that does end: the line is over the limit (it has an end)."""
+    data = (
+        f"{HEADER}\n{ROW2}\nU2\t".encode() + b"x" * (50 << 20) + f"\tL\tp@x\tM\n{ROW4}\n".encode()
+    )
+    path = write(tmp_path / "f.txt", data)
+    length = len(data.split(b"\n")[2])  # up to, not including, the line end
+    assert only_error(validate_file(path, make_spec())) == (
+        f"line 3: longer than the 16 MiB limit for one line: it is {length:,} bytes "
+        f"({length / (1 << 20):.1f} MiB) long, up to its line end; no row of a data file can "
+        "be that long: check the export"
+    )
+
+
+def test_a_line_just_under_16_mib_passes_and_one_just_over_is_refused(tmp_path: Path) -> None:
+    """The limit is exact (a line and its line end, at most 16 MiB), not block-rounded."""
+    spec = make_spec(columns=("v",), key=None)
+    head = b"v\n" + b"a\n" * 1000
+    fits = write(tmp_path / "fits.txt", head + b"x" * ((16 << 20) - 1) + b"\nb\n")
+    assert validate_file(fits, spec).ok
+    over = write(tmp_path / "over.txt", head + b"x" * (16 << 20) + b"\nb\n")
+    assert only_error(validate_file(over, spec)).startswith(
+        "line 1002: longer than the 16 MiB limit for one line: it is 16,777,216 bytes"
+    )
+
+
+def test_a_header_over_16_mib_is_refused_in_the_same_words(tmp_path: Path) -> None:
+    path = write(tmp_path / "f.txt", b"x" * (17 << 20) + b"\n" + ROW2.encode() + b"\n")
+    assert only_error(validate_file(path, make_spec())).startswith(
+        "line 1: longer than the 16 MiB limit for one line: it is 17,825,792 bytes (17.0 MiB)"
+    )
+
+
+def test_a_file_that_grows_while_it_is_read_is_refused_as_changed(tmp_path: Path) -> None:
+    """Written in place while the loader reads it: rows are appended between two blocks."""
+    rows = people(6000)
+    path = write(tmp_path / "f.txt", render(COLUMNS, rows[:3000]))
+    for blocks in (iter_row_blocks, iter_copy_blocks):
+        path.write_bytes(render(COLUMNS, rows[:3000]))
+        report = ValidationReport(path.name)
+        for number, _ in enumerate(blocks(path, make_spec(), report, 20, True, True)):
+            if number == 1:
+                with path.open("ab") as out:
+                    out.write(render(COLUMNS, rows[3000:]).split(b"\n", 1)[1])
+        size = len(render(COLUMNS, rows[:3000]))
+        assert report.errors == [
+            CHANGED_WHILE_READ.format(
+                change=f"its size went from {size:,} to {path.stat().st_size:,} bytes",
+                name="sis_hr_user_info.txt",
+            )
+        ]
+        assert (
+            "upload it under a temporary name and rename it to sis_hr_user_info.txt"
+            in (report.errors[0])
+        )
+        assert "only complete files, renamed into place, are read" in report.errors[0]
+
+
+def test_a_file_rewritten_in_place_with_the_same_size_is_refused_as_changed(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path / "f.txt", render(COLUMNS, people(3000)))
+    report = ValidationReport(path.name)
+    for number, _ in enumerate(iter_row_blocks(path, make_spec(), report)):
+        if number == 1:
+            with path.open("r+b") as out:
+                out.seek(len(HEADER) + 1)
+                out.write(b"V")  # same size, new mtime
+            stat = path.stat()
+            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert report.errors[0].startswith(
+        "the file changed while it was being read (it was written to while it was read): "
+        "it looks like it was still being written"
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec_kw", "cut_line"),
+    [
+        ({}, "U0000003\tFirst3\tLa"),  # fewer fields
+        ({"terminator": "\r\n"}, f"{ROW4}\r"),  # cut between CR and LF
+        ({"quoting": "all"}, '"U0000003"\t"First3"\t"Last 3"\t"p3@exa'),  # inside a value
+        ({"quoting": "all"}, '"U0000003"\t"First3"\t'),  # right after a delimiter
+    ],
+)
+def test_a_file_cut_in_the_middle_of_its_last_line_looks_incomplete(
+    tmp_path: Path, spec_kw: dict[str, str], cut_line: str
+) -> None:
+    """A file read while it is being written ends inside a line: the message says the file
+    looks incomplete (first), not only that the line is wrong."""
+    spec = make_spec(**spec_kw)
+    head = render(COLUMNS, people(2), **spec_kw)  # type: ignore[arg-type]
+    path = write(tmp_path / "sis_hr_user_info.txt", head + cut_line.encode())
+    for report in all_passes(path, spec):
+        assert report.errors[0] == f"line 4: {ENDS_MID_LINE.format(name=spec.file_name)}"
+        assert len(report.errors) == 2 and report.errors[1].startswith("line 4: ")
+
+
+def test_a_cut_inside_a_utf8_character_looks_incomplete(tmp_path: Path) -> None:
+    data = f"{HEADER}\n{ROW2}\nU2\tZo".encode() + "ë".encode()[:1]
+    errors = errors_of_every_pass(write(tmp_path / "f.txt", data), make_spec())
+    assert errors[0].startswith("line 3: the file ends in the middle of this line")
+
+
+def test_a_header_cut_short_looks_incomplete(tmp_path: Path) -> None:
+    path = write(tmp_path / "f.txt", HEADER[:12])
+    errors = validate_file(path, make_spec()).errors
+    assert errors[0].startswith("line 1: the header differs from the approved one")
+    assert errors[1].startswith("line 1: the file ends in the middle of this line")
+
+
+def test_a_complete_last_line_with_an_error_is_not_called_incomplete(tmp_path: Path) -> None:
+    """Only a line cut short (too few fields, open quote, cut character) says "incomplete"."""
+    for last in ("\tFirst3\tLast 3\tp3@x\tMain", f"{ROW4}\textra", ROW4.replace("\t", ",")):
+        path = write(tmp_path / "f.txt", f"{HEADER}\n{ROW2}\n{ROW3}\n{last}")
+        errors = errors_of_every_pass(path, make_spec())
+        assert len(errors) == 1 and "looks incomplete" not in errors[0]
+
+
+def test_a_spec_whose_files_end_with_a_line_end_refuses_one_without(tmp_path: Path) -> None:
+    """When the spec records that its files end with a line end (``final_line_end``), a file
+    without one is incomplete even if its last line parses (cut inside the last value)."""
+
+    @dataclass(frozen=True)
+    class EndingSpec(Spec):
+        final_line_end: bool = True
+
+    spec = EndingSpec(**{f.name: getattr(make_spec(), f.name) for f in fields(Spec)})
+    cut = write(tmp_path / "f.txt", f"{HEADER}\n{ROW2}\n{ROW3[:-2]}")
+    assert errors_of_every_pass(cut, spec) == [
+        f"line 3: {ENDS_WITHOUT_LINE_END.format(name=spec.file_name)}"
+    ]
+    assert errors_of_every_pass(cut, make_spec()) == []  # older specs: the last line may end
+    ends = write(tmp_path / "g.txt", f"{HEADER}\n{ROW2}\n{ROW3}\n")
+    assert errors_of_every_pass(ends, spec) == []
+
+
+def _keyed(tmp_path: Path, keys: list[str], name: str = "f.txt") -> Path:
+    rows = people(3000)  # several blocks, with non-ASCII text in every one
+    for i, row in enumerate(rows):
+        row[2] = f"Zoë {i}"
+    for i, key in enumerate(keys):
+        rows[700 * i + 10][0] = key  # lines 12, 712, 1412, 2112
+    return write(tmp_path / name, render(COLUMNS, rows))
+
+
+def test_keys_that_look_the_same_are_refused_with_both_lines(tmp_path: Path) -> None:
+    """NFD 'José' and NFC 'José' (and a key with a no-break space) are one key to a reader:
+    the bad key is refused on its line, and the clash is named with both lines."""
+    nfc, nfd = "Jos\u00e9", "Jose\u0301"
+    path = _keyed(tmp_path, [nfc, nfd, "U0000100\u00a0"])
+    report = validate_file(path, make_spec())
+    assert report.errors == [
+        f"line 712: {key_problem(nfd, 'UUUID')}",
+        f"line 1412: {key_problem('U0000100' + chr(0xA0), 'UUUID')}",
+        f"line 712: duplicate key UUUID: {nfd!r} is the same key as {nfc!r} on line 12 (code "
+        "points 'Jose\\u0301' and 'Jos\\xe9': they differ only in Unicode form or in invisible "
+        "or non-ASCII space characters; each row needs its own key)",
+        "line 1412: duplicate key UUUID: 'U0000100\\xa0' is the same key as 'U0000100' on line "
+        "101 (code points 'U0000100\\xa0' and 'U0000100': they differ only in Unicode form or "
+        "in invisible or non-ASCII space characters; each row needs its own key)",
+    ]
+    assert "is not in Unicode NFC form" in report.errors[0]
+    assert (
+        "holds a no-break space (U+00A0); a key may hold no space other than the ordinary "
+        in (report.errors[1])
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "named"),
+    [
+        ("A\u00a01", "no-break space (U+00A0)"),
+        ("A\u20071", "figure space (U+2007)"),
+        ("A\u202f1", "narrow no-break space (U+202F)"),
+        ("A1\u200b", "zero width space (U+200B)"),
+        ("\ufeffA1", "zero width no-break space (U+FEFF)"),
+    ],
+)
+def test_a_key_with_a_non_ascii_space_or_invisible_character_is_refused(
+    tmp_path: Path, key: str, named: str
+) -> None:
+    path = _keyed(tmp_path, ["A0", key])
+    errors = errors_of_every_pass(path, make_spec())
+    assert errors == [f"line 712: {key_problem(key, 'UUUID')}"]
+    assert f"holds a {named}" in errors[0]
+
+
+def test_non_ascii_keys_in_nfc_pass_on_every_path(tmp_path: Path) -> None:
+    path = _keyed(tmp_path, ["Jos\u00e9", "Zoë", "東京", "Ana María"])
+    reports = all_passes(path, make_spec())
+    assert all(r.ok and r.rows == 3000 for r in reports), [r.errors for r in reports]
+    quoted = people(3)
+    quoted[0][0] = "Jose\u0301"
+    bad = write(tmp_path / "q.csv", render(COLUMNS, quoted, delimiter=",", quoting="all"))
+    spec = make_spec(delimiter=",", quoting="all")
+    assert errors_of_every_pass(bad, spec) == [
+        f"line 2: {key_problem('Jose' + chr(0x301), 'UUUID')}"
+    ]
+
+
+def test_non_ascii_values_outside_the_key_are_free(tmp_path: Path) -> None:
+    rows = people(3)
+    rows[0][1] = "Jose\u0301\u00a0"  # NFD and a no-break space: fine in a name
+    path = write(tmp_path / "f.txt", render(COLUMNS, rows))
+    assert all(r.ok for r in all_passes(path, make_spec()))

@@ -3,6 +3,8 @@
 Files are drawn in every approved format (4 delimiters, CRLF/LF, quoting none/all, BOM or
 not, with or without a key column, with or without a final line end) with awkward values:
 any Unicode, spaces to trim, and, for quoted files, quotes, delimiters and tabs inside values.
+A valid file holds no blank line and no second header (issue 11): a one-column file's values
+are never blank, and no row repeats the header line.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given
+from hypothesis import HealthCheck, assume, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
@@ -78,11 +80,12 @@ def data_files(draw: st.DrawFn, min_columns: int = 1, min_rows: int = 1) -> Data
     if quoting == "all":
         values = st.text(st.characters(exclude_characters="\r\n\x00", codec="utf-8"), max_size=8)
     else:
+        trim = " " if delimiter == "\t" else " \t"
         values = st.text(
             st.characters(exclude_characters=f"\r\n\x00{delimiter}", codec="utf-8"),
             min_size=1 if n == 1 else 0,
             max_size=8,
-        ).filter(lambda v: not v.startswith('"'))
+        ).filter(lambda v: not v.startswith('"') and (n > 1 or v.strip(trim) != ""))
     keys = draw(st.lists(KEYS, min_size=count, max_size=count, unique=True))
     rows = []
     for i in range(count):
@@ -101,7 +104,10 @@ def data_files(draw: st.DrawFn, min_columns: int = 1, min_rows: int = 1) -> Data
         columns=columns,
         key_column=None if key_index is None else columns[key_index],
     )
-    return DataFile(spec, tuple(rows), final_terminator=draw(st.booleans()))
+    data = DataFile(spec, tuple(rows), final_terminator=draw(st.booleans()))
+    header = data.line(columns)
+    assume(all(data.line(row) != header for row in rows))  # that is a repeated header
+    return data
 
 
 @pytest.fixture(scope="module")
@@ -157,13 +163,17 @@ CORRUPTIONS = (
     "change a header name",
     "flip a line terminator",
     "add an unterminated quote",
+    "repeat the header",
+    "insert a blank line",
 )
+# Corruptions that any spec, one column included, must catch.
+ANY_SPEC = ("repeat the header", "insert a blank line")
 
 
 @st.composite
 def corrupted_files(draw: st.DrawFn, kind: str) -> tuple[DataFile, bytes, int]:
     """A valid file, the corruption applied: the corrupted bytes and the line to be named."""
-    data = draw(data_files(min_columns=2, min_rows=2))
+    data = draw(data_files(min_columns=1 if kind in ANY_SPEC else 2, min_rows=2))
     if kind == "duplicate a key" and data.spec.key_column is None:
         key_column = data.spec.columns[draw(st.integers(0, len(data.spec.columns) - 1))]
         key = data.spec.columns.index(key_column)
@@ -213,6 +223,23 @@ def corrupted_files(draw: st.DrawFn, kind: str) -> tuple[DataFile, bytes, int]:
             ends[-1] = b""
         body = b"".join(text + end for text, end in zip(raw, ends, strict=True))
         return data, (BOM if spec.bom else b"") + body, number
+    if kind in ANY_SPEC:
+        # Before a data row, or after the last one (then with its own line end, so the file
+        # does not merely gain a final line end, which is not a blank line).
+        at = draw(st.integers(1, len(lines)))
+        if kind == "repeat the header":
+            inserted = ("\ufeff" if spec.bom and draw(st.booleans()) else "") + lines[0]
+        else:
+            inserted = draw(st.sampled_from(["", " ", "  "]))
+        lines.insert(at, inserted)
+        number = at + 1
+        terminators = [spec.terminator] * len(lines)
+        if not data.final_terminator and at < len(lines) - 1:
+            terminators[-1] = ""
+        return data, data.encode(lines, terminators), number
+    # An empty last line with no line end is no line at all (a row of one empty value that lost
+    # it): nothing is left to catch.
+    assume(lines[-1] != "" or data.final_terminator)
     terminators = [spec.terminator] * len(lines)
     if not data.final_terminator:
         terminators[-1] = ""
