@@ -1,8 +1,8 @@
 """Key and address policy: what an account may register, checked the same way everywhere.
 
-The seed asks for a 4096-bit key per folder and at most four single static public IPs (no
-ranges). The server re-checks keys at login with :func:`key_refusal` so a key that got into
-the registry some other way is still refused.
+The integration requires a 4096-bit key per folder and at most four single static public
+addresses (no ranges). The server re-checks keys at login with :func:`key_refusal` so a key
+that got into the registry some other way is still refused.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from ingest_core.settings import KeyPolicySettings
 ACCOUNT_NAME = re.compile(r"^[a-z0-9_-]{1,32}$")
 
 _PRIVATE_MARKERS = ("PRIVATE KEY", "PuTTY-User-Key-File", "BEGIN OPENSSH PRIVATE")
-_KNOWN_OPTION_START = re.compile(r"^[a-z-]+(=|,|\s)", re.IGNORECASE)
+# A key line with authorized_keys options before it: "from=..., no-pty ssh-rsa AAAA...".
+_KEY_AFTER_OPTIONS = re.compile(r"[\s,](ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+) AAAA")
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def parse_public_key(text: str, policy: KeyPolicySettings) -> ParsedKey:
         if len(lines) > 1:
             raise Refused(f"{len(lines)} keys given: add one public key at a time")
         has_options = lines and not lines[0].startswith(("ssh-", "ecdsa-", "sk-"))
-        if has_options and _KNOWN_OPTION_START.match(lines[0]):
+        if has_options and _KEY_AFTER_OPTIONS.search(lines[0]):
             raise Refused(
                 "authorized_keys options are not accepted: give the bare key line "
                 "starting with ssh-rsa"
@@ -150,16 +151,36 @@ def parse_address(text: str) -> ParsedAddress:
             ) from None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         ip = ip.ipv4_mapped
-    warning = None
     if ip.is_unspecified or ip.is_multicast:
         raise Refused(f"{raw!r} is not a single host address; {accepted}")
+    return ParsedAddress(address=str(ip), warning=address_warning(ip))
+
+
+_RANGES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("a documentation address (a range for examples, which no real client has)",
+     ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")),
+    ("a private address (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16 or IPv6 fc00::/7)",
+     ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")),
+    ("a carrier-grade NAT address (100.64.0.0/10), shared by many customers",
+     ("100.64.0.0/10",)),
+    ("a benchmarking address (198.18.0.0/15)", ("198.18.0.0/15",)),
+)  # fmt: skip
+_NETWORKS = [(what, [ipaddress.ip_network(n) for n in nets]) for what, nets in _RANGES]
+PUBLIC_RULE = "the integration requires each client's static public addresses"
+
+
+def address_warning(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why an address is not a static public one (by the range it is in), or None."""
     if ip.is_loopback:
-        warning = f"{ip} is a loopback address: fine for a local trial, not for a client"
-    elif ip.is_link_local:
-        warning = f"{ip} is a link-local address: clients should use a static public address"
-    elif ip.is_private:
-        warning = f"{ip} is a private address: the seed asks for static public addresses"
-    return ParsedAddress(address=str(ip), warning=warning)
+        return f"{ip} is a loopback address: fine for a local trial; {PUBLIC_RULE}"
+    if ip.is_link_local:
+        return f"{ip} is a link-local address; {PUBLIC_RULE}"
+    for what, networks in _NETWORKS:
+        if any(ip.version == net.version and ip in net for net in networks):
+            return f"{ip} is {what}; {PUBLIC_RULE}"
+    if not ip.is_global:
+        return f"{ip} is a reserved address, not a public one; {PUBLIC_RULE}"
+    return None
 
 
 def _is_hyphen_range(raw: str) -> bool:

@@ -258,10 +258,14 @@ class Registry:
                     .join(AccountKey)
                     .where(AccountKey.fingerprint == parsed.fingerprint)
                 )
-                if owner is not None:
-                    where = "this account" if owner == name else "another account"
+                if owner == name:
                     raise Refused(
-                        f"key {parsed.fingerprint} is already registered to {where}; "
+                        f"key {parsed.fingerprint} is already registered to this account: "
+                        "nothing to add ('ingestctl key list' shows it)"
+                    )
+                if owner is not None:
+                    raise Refused(
+                        f"key {parsed.fingerprint} is already registered to another account; "
                         "each account needs its own key pair"
                     )
                 key = AccountKey(

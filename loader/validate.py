@@ -565,7 +565,11 @@ def _check_header(stream: BinaryIO, fmt: _Format, fail: Fail) -> str | None:
         fail(1, difference)
         if terminator is None and _approved_header(fmt).startswith(header):
             fail(1, ENDS_MID_LINE.format(name=spec.file_name))  # a header cut short
-        return None
+            return None
+        if terminator is None or len(fields) != len(spec.columns):
+            return None
+        # Only names differ (renamed or reordered): the rows still have the approved number of
+        # fields, so they are checked too and the client hears of every problem at once.
     if terminator is None:
         fail(None, "the file has a header (line 1) but no data rows")
         return None

@@ -73,20 +73,24 @@ def test_duplicates_are_refused_in_any_spelling(ingestctl: Run, account: str) ->
 @pytest.mark.parametrize(
     ("address", "warning"),
     [
-        ("127.0.0.1", "loopback"),
-        ("10.1.2.3", "private"),
-        ("169.254.1.1", "link-local"),
-        ("203.0.113.9", "private"),  # documentation ranges count as private
+        ("127.0.0.1", "a loopback address: fine for a local trial"),
+        ("10.1.2.3", "a private address (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16"),
+        ("169.254.1.1", "a link-local address"),
+        ("203.0.113.9", "a documentation address (a range for examples"),
+        ("2001:db8::9", "a documentation address"),
+        ("100.64.1.1", "a carrier-grade NAT address"),
         ("9.9.9.9", None),  # stored only: no test sends traffic beyond loopback
     ],
 )
-def test_private_loopback_link_local_are_accepted_with_a_warning(
+def test_addresses_that_are_not_public_are_accepted_with_a_warning_naming_their_range(
     ingestctl: Run, account: str, address: str, warning: str | None
 ) -> None:
     result = ingestctl("ip", "add", account, address)
     assert result.returncode == 0
     if warning:
-        assert f"warning: {address} is a {warning}" in result.stderr
+        assert f"warning: {address} is {warning}" in result.stderr
+        assert "the integration requires each client's static public addresses" in result.stderr
+        assert "seed" not in result.stderr
     else:
         assert "warning" not in result.stderr
 

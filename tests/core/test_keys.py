@@ -109,6 +109,7 @@ def test_malformed_keys_are_refused(ingestctl: Run, account: str) -> None:
         assert result.returncode == 1, text
         assert "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+        assert "options" not in result.stderr, text  # plain text is not a key with options
     missing = ingestctl("key", "add", account, "/nonexistent/key.pub")
     assert missing.returncode == 1 and "no such file" in missing.stderr
 
@@ -151,6 +152,7 @@ def test_a_key_belongs_to_one_account(
     assert other.returncode == 1 and "already registered to another account" in other.stderr
     same = ingestctl("key", "add", account, pub)
     assert same.returncode == 1 and "already registered to this account" in same.stderr
+    assert "nothing to add" in same.stderr and "its own key pair" not in same.stderr
     assert snapshot(ingestctl) == before
 
 

@@ -193,6 +193,15 @@ def test_header_differences_say_which_columns(tmp_path: Path, header: str, expec
     assert only_error(validate_file(path, make_spec(key=None))) == expected
 
 
+def test_a_renamed_column_does_not_hide_the_rows_problems(tmp_path: Path) -> None:
+    """Both problems at once: the client fixes the file in one go, not in two nights."""
+    text = "UUUID\tFirstName\tLast_Name\tEmail\tCampus\nA1\tAda\tL\ta@x\tMain\nA2\tBo\n"
+    report = validate_file(write(tmp_path / "f.txt", text), make_spec(key=None))
+    assert len(report.errors) == 2, report.errors
+    assert report.errors[0].startswith("line 1: the header differs from the approved one: renamed")
+    assert report.errors[1].startswith("line 3: 2 fields, expected 5")
+
+
 def test_header_difference_mixes_missing_extra_and_order() -> None:
     text = header_difference(("B", "A", "X"), ("A", "B", "C"))
     assert "renamed: column 3 C is now 'X'" in text

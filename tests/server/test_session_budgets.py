@@ -308,7 +308,7 @@ def test_copy_data_counts_against_the_quota(
 ) -> None:
     """The copy-data extension writes without the client sending the bytes."""
     folder = quota.folder("alpha")
-    source = tmp_path / "seed.bin"
+    source = tmp_path / "source.bin"
     write_random(source, 2_600_000)
 
     async def copy_until_refused() -> str:
@@ -319,10 +319,10 @@ def test_copy_data_counts_against_the_quota(
             ) as conn,
             conn.start_sftp_client() as sftp,
         ):  # fmt: skip
-            await sftp.put(str(source), "seed.bin")
+            await sftp.put(str(source), "source.bin")
             for i in range(80):
                 try:
-                    await sftp.copy("seed.bin", f"copy-{i}.bin", remote_only=True)
+                    await sftp.copy("source.bin", f"copy-{i}.bin", remote_only=True)
                 except asyncssh.SFTPError as exc:
                     return exc.reason
         return "never refused"
@@ -330,7 +330,7 @@ def test_copy_data_counts_against_the_quota(
     reason = asyncio.run(asyncio.wait_for(copy_until_refused(), 120))
     assert "account quota exceeded" in reason
     assert folder_bytes(folder) <= 50_000_000
-    for path in [*folder.glob("copy-*.bin"), folder / "seed.bin"]:
+    for path in [*folder.glob("copy-*.bin"), folder / "source.bin"]:
         path.unlink(missing_ok=True)
 
 
