@@ -1,4 +1,5 @@
-"""The IP gate (the per-account address allowlist, as a firewall would apply it): decide about a TCP connection before any SSH byte.
+"""The IP gate (the per-account address allowlist, applied as a firewall would): decide about a
+TCP connection before any SSH byte.
 
 A connection is dropped unseen (no banner, no key exchange) when its address is banned by
 the defender, is on no active account's allowlist, or already has too many connections, or

@@ -1,7 +1,7 @@
 """``ingest-push``: the sending side's command line (thin: each command calls one function).
 
 Errors a person can act on are one line on stderr and exit 1 (configuration errors 2);
-a failed test or run prints the seed's message and the cause and exits 1.
+a failed test or run prints one of the five failure messages and the cause and exits 1.
 """
 
 from __future__ import annotations
@@ -171,10 +171,11 @@ def cmd_show(args: argparse.Namespace, agent: Agent) -> int:
     return 0
 
 
-def _confirm(fingerprint: str) -> bool:
+def _confirm(host_key: str) -> bool:
+    """``host_key`` is the type beside the fingerprint: "ssh-ed25519 SHA256:..."."""
     if not sys.stdin.isatty():
         return False
-    answer = input(f"The server's host key fingerprint is {fingerprint}. Confirm it? [y/N] ")
+    answer = input(f"The server's host key is {host_key}. Confirm it? [y/N] ")
     return answer.strip().lower() in ("y", "yes")
 
 
@@ -189,7 +190,8 @@ def _report(outcome: runs.Outcome, args: argparse.Namespace, what: str) -> int:
         return 1
     print(f"{what} of {outcome.connection} passed")
     for key in ("fingerprint", "since", "remote_file", "bytes", "pool_file", "attempts"):
-        value = getattr(outcome, key)
+        # The host key's type beside its fingerprint: "ssh-ed25519 SHA256:...".
+        value = outcome.host_key if key == "fingerprint" else getattr(outcome, key)
         if value:
             print(f"  {key}: {value}")
     return 0
@@ -201,11 +203,14 @@ def cmd_test(args: argparse.Namespace, agent: Agent) -> int:
     code = _report(outcome, args, "test")
     if not args.json and outcome.ok:
         if outcome.pinned:
-            print(f"  fingerprint confirmed: {outcome.fingerprint}; transfers may start")
+            print(f"  fingerprint confirmed: {outcome.host_key}; transfers may start")
+            if outcome.note:
+                print(f"  note: {outcome.note}")
         elif outcome.needs_confirmation:
             print(
-                f"  fingerprint NOT confirmed: after checking it, run 'ingest-push connection test "
-                f"{args.name} --accept {outcome.fingerprint}'; transfers wait until then"
+                f"  fingerprint NOT confirmed ({outcome.host_key}): after checking it, run "
+                f"'ingest-push connection test {args.name} --accept {outcome.fingerprint}'; "
+                "transfers wait until then"
             )
     return code
 

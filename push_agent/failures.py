@@ -1,6 +1,7 @@
-"""The five classified failures of the seed, each with its wording and the concrete cause.
+"""The five classified failures (the wording hosted push services use), each with the concrete
+cause.
 
-Every way a test or a transfer can fail ends as exactly one :class:`Failure`: the seed's
+Every way a test or a transfer can fail ends as exactly one :class:`Failure`: the
 message (so an operator sees the sentence they were trained on) plus one line of cause naming
 the host, path or error that actually happened. Only "Intersect" is replaced by this agent.
 """
@@ -47,7 +48,7 @@ STAGE_SFTP = "sftp"  # logged in
 
 @dataclass(frozen=True)
 class Failure:
-    """One classified failure: the seed's message and what actually went wrong."""
+    """One classified failure: its message and what actually went wrong."""
 
     category: Category
     cause: str
@@ -65,11 +66,15 @@ class Failure:
 class PushFailure(Exception):
     """Raised with a classified failure; ``str()`` is the message and the cause."""
 
-    def __init__(self, failure: Failure, fingerprint: str | None = None):
+    def __init__(
+        self, failure: Failure, fingerprint: str | None = None, key_type: str | None = None
+    ):
         super().__init__(str(failure))
         self.failure = failure
-        # The host key fingerprint the server presented, when the session got that far.
+        # The host key the server presented (fingerprint and type, e.g. ssh-ed25519), when
+        # the session got that far.
         self.fingerprint = fingerprint
+        self.key_type = key_type
 
 
 def fail(category: Category, cause: str, transient: bool = False) -> PushFailure:
@@ -132,7 +137,7 @@ def classify(
     if isinstance(exc, dropped):
         if stage in (STAGE_CONNECT, STAGE_GREETING):
             # The peer closed before any SSH byte: an address allow-list or firewall that drops
-            # this agent's IP looks exactly like this, and the seed files that under this message.
+            # this agent's IP looks exactly like this; hosted services file it under this message.
             return Failure(
                 Category.UNREACHABLE,
                 f"{where} closed the connection before the SSH greeting ({_reason(exc)}); "

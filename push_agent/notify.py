@@ -1,7 +1,7 @@
 """E-mails to a connection's addresses (and the configured administrators).
 
 Sent when a connection is created, edited or deleted (who, when, what changed) and when a
-scheduled run fails (when, the seed's message, the cause). Bodies never hold a password, a key
+scheduled run fails (when, the failure message, the cause). Bodies never hold a password, a key
 or file contents. A mail that cannot be sent is logged, never fatal.
 """
 

@@ -1,6 +1,6 @@
 """Test and Save, transfers, the manual export and the status view.
 
-Rules from the seed: no transfer before a passing test and (when verification is on) a
+Rules: no transfer before a passing test and (when verification is on) a
 confirmed server fingerprint; a fingerprint that changes later blocks transfers until an
 operator confirms it; a failed run never moves the "since" date; the manual export touches no
 state at all. One run of a connection at a time, across processes (an fcntl lock).
@@ -15,7 +15,7 @@ import posixpath
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,8 @@ class Outcome:
     ok: bool
     failure: Failure | None = None
     fingerprint: str | None = None
+    # The type of that host key (ssh-ed25519, ssh-rsa, ...).
+    key_type: str | None = None
     # Test only: the fingerprint is pinned now / still waits for an operator's confirmation.
     pinned: bool = False
     needs_confirmation: bool = False
@@ -49,9 +51,21 @@ class Outcome:
     pool_file: str | None = None
     attempts: int = 0
     blocked: str | None = None
+    # The server's other host keys it offered before the confirmed one ("ssh-ed25519 SHA256:..."),
+    # and the plain-words note a test prints about them.
+    other_host_keys: list[str] = field(default_factory=list)
+    note: str | None = None
+
+    @property
+    def host_key(self) -> str | None:
+        """ "ssh-ed25519 SHA256:...": the type beside the fingerprint."""
+        if not self.fingerprint:
+            return None
+        return f"{self.key_type} {self.fingerprint}" if self.key_type else self.fingerprint
 
     def as_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k != "failure"}
+        out["host_key"] = self.host_key
         out["message"] = self.failure.message if self.failure else None
         out["cause"] = self.failure.cause if self.failure else None
         out["category"] = str(self.failure.category) if self.failure else None
@@ -81,7 +95,7 @@ def connection_lock(agent: Agent, name: str) -> Iterator[None]:
 
 
 def since_for(agent: Agent, conn: Connection) -> Since:
-    """The last successful transfer's start, else the initial date (the seed's two dates)."""
+    """The last successful transfer's start, else the connection's initial date."""
     last = agent.state.last_success(conn.name)
     zone = agent.settings.zone
     if last is not None:
@@ -130,13 +144,16 @@ async def test_connection(
     with connection_lock(agent, name):
         run_id = agent.state.start_run(name, "test", None, agent.now())
         outcome = Outcome(name, ok=False, attempts=1)
+        note: str | None = None
         try:
             async with open_session(endpoint) as session:
+                _record_host_key(outcome, session)
+                note = same_server_note(session)
                 await session.probe_writable(conn.remote_dir)
-                outcome.fingerprint = session.fingerprint
         except PushFailure as exc:
             outcome.failure = exc.failure
             outcome.fingerprint = exc.fingerprint
+            outcome.key_type = exc.key_type
         updates: dict[str, Any] = {}
         if outcome.fingerprint:
             updates["seen_fingerprint"] = outcome.fingerprint
@@ -145,9 +162,11 @@ async def test_connection(
             updates["test_passed_at"] = agent.now()
             if conn.verify_fingerprint:
                 seen = outcome.fingerprint
-                confirmed = seen == expected or bool(confirm and seen and confirm(seen))
+                shown = outcome.host_key
+                confirmed = seen == expected or bool(confirm and shown and confirm(shown))
                 if confirmed:
                     updates["pinned_fingerprint"] = seen
+                    outcome.note = note
                 outcome.pinned = confirmed
                 outcome.needs_confirmation = not confirmed
         if updates:
@@ -160,9 +179,32 @@ async def test_connection(
         category=str(outcome.failure.category) if outcome.failure else None,
         cause=outcome.failure.cause if outcome.failure else None,
         fingerprint=outcome.fingerprint,
+        key_type=outcome.key_type,
+        other_host_keys=outcome.other_host_keys,
         pinned=outcome.pinned,
     )
     return outcome
+
+
+def _record_host_key(outcome: Outcome, session: Session) -> None:
+    outcome.fingerprint = session.fingerprint
+    outcome.key_type = session.host_key.key_type
+    outcome.other_host_keys = [str(k) for k in session.offered_first]
+
+
+def same_server_note(session: Session) -> str | None:
+    """Plain words for a server that offered another of its host keys before the confirmed
+    one: not a changed key (the confirmed key signed this connection's key exchange)."""
+    if not session.offered_first:
+        return None
+    confirmed, others = session.host_key, session.offered_first
+    offered = " and ".join(f"its {k.name} key {k.fingerprint}" for k in others)
+    return (
+        f"the server has more than one host key: you confirmed its {confirmed.name} key "
+        f"{confirmed.fingerprint}, this connection was first offered {offered}. That is not a "
+        f"changed key: asked for its {confirmed.name} key, the same server proved it holds the "
+        f"key you confirmed, so {confirmed.fingerprint} is pinned and every transfer checks it."
+    )
 
 
 def _finish(agent: Agent, run_id: int, outcome: Outcome) -> None:
@@ -242,7 +284,8 @@ async def run_locked(agent: Agent, name: str, trigger: str) -> Outcome:
         outcome.ok = True
     except PushFailure as exc:
         outcome.failure = exc.failure
-        outcome.fingerprint = exc.fingerprint or outcome.fingerprint
+        if exc.fingerprint:
+            outcome.fingerprint, outcome.key_type = exc.fingerprint, exc.key_type
         if exc.fingerprint and exc.failure.category is Category.NEW_FINGERPRINT:
             agent.state.update(name, seen_fingerprint=exc.fingerprint)
     except Exception as exc:  # a run must always end recorded and classified
@@ -261,6 +304,8 @@ async def run_locked(agent: Agent, name: str, trigger: str) -> Outcome:
         bytes=outcome.bytes,
         pool_file=outcome.pool_file,
         attempts=outcome.attempts,
+        host_key=outcome.host_key,
+        other_host_keys=outcome.other_host_keys,
         category=str(failure.category) if failure else None,
         message=failure.message if failure else None,
         cause=failure.cause if failure else None,
@@ -279,7 +324,7 @@ async def _transfer_with_retries(
         outcome.attempts = attempt + 1
         try:
             async with open_session(endpoint_for(agent, conn, expected)) as session:
-                outcome.fingerprint = session.fingerprint
+                _record_host_key(outcome, session)
                 await _transfer(conn, session, sending, outcome)
             return
         except PushFailure as exc:

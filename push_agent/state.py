@@ -2,7 +2,7 @@
 
 Its own tables, created with ``metadata.create_all``: the agent never shares a database with
 the server. Runs are history and outlive a deleted connection on purpose: a connection made
-again under the same name resumes from its last successful transfer (the seed's rule).
+again under the same name resumes from its last successful transfer (nothing is resent).
 """
 
 from __future__ import annotations

@@ -5,6 +5,12 @@ a peer that drops the TCP connection before its greeting is an allow-list or fir
 that drops it after login is an interrupted transfer. Uploads go to a hidden temporary name,
 are renamed into place (posix-rename when the server offers it) and their size is verified;
 downloads go the same way in the other direction.
+
+Host keys: the agent asks for them in OpenSSH's order (Ed25519 first, RSA last), so it meets
+the key ``ingestctl hostkey show`` lists first. A server may hold one host key per type; when
+the key it offers is not the confirmed one, the agent asks the same server for its other key
+types, one new connection each, before it calls the key changed. The session only goes on
+over a connection whose key exchange the server signed with the confirmed key.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import posixpath
 import re
 import secrets
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +42,70 @@ from push_agent.failures import (
 )
 
 PROBE_BYTES = b"ingest-push write probe\n"
+
+# OpenSSH's default HostKeyAlgorithms order (ssh_config(5)), plain keys only: a host
+# certificate would be checked against a CA, and a pin is the fingerprint of a plain key (a
+# server with a certificate holds the plain key as well). ssh-rsa (SHA-1 signatures), gone
+# from OpenSSH's default list since 8.8, stays last so old servers keep working.
+HOST_KEY_ALGORITHMS = (
+    "ssh-ed25519",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+    "rsa-sha2-512",
+    "rsa-sha2-256",
+    "ssh-rsa",
+)
+# Signature algorithms that all use one RSA key (key type ssh-rsa).
+RSA_SIGNATURES = frozenset({"rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"})
+KEY_TYPE_NAMES = {
+    "ssh-ed25519": "Ed25519",
+    "ssh-rsa": "RSA",
+    "ecdsa-sha2-nistp256": "ECDSA P-256",
+    "ecdsa-sha2-nistp384": "ECDSA P-384",
+    "ecdsa-sha2-nistp521": "ECDSA P-521",
+    "sk-ssh-ed25519@openssh.com": "Ed25519-SK",
+    "sk-ecdsa-sha2-nistp256@openssh.com": "ECDSA-SK",
+}
+
+
+@dataclass(frozen=True)
+class HostKey:
+    """A host key a server presented: its type (``ssh-ed25519``, ``ssh-rsa``...) and its
+    SHA256 fingerprint; ``str()`` is both, as ``ssh-keygen -l`` and known_hosts put them."""
+
+    key_type: str
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        """The type in words: Ed25519, RSA, ECDSA P-256..."""
+        return KEY_TYPE_NAMES.get(self.key_type, self.key_type)
+
+    def __str__(self) -> str:
+        return f"{self.key_type} {self.fingerprint}"
+
+
+def key_type_of(algorithm: str) -> str:
+    """The key type a host key algorithm uses (the three RSA signatures share one key)."""
+    return "ssh-rsa" if algorithm in RSA_SIGNATURES else algorithm
+
+
+def host_key_algorithms(skip_types: Collection[str] = ()) -> list[str]:
+    """The algorithms to offer, in preference order, without keys of ``skip_types``."""
+    try:
+        from asyncssh.public_key import get_public_key_algs
+
+        supported = {alg.decode("ascii") for alg in get_public_key_algs()}
+    except ImportError:  # pragma: no cover - older asyncssh: trust the list
+        supported = set(HOST_KEY_ALGORITHMS)
+    return [
+        alg
+        for alg in HOST_KEY_ALGORITHMS
+        if alg in supported and key_type_of(alg) not in skip_types
+    ]
 
 
 @dataclass(frozen=True)
@@ -66,7 +136,7 @@ class _SessionWatcher(asyncssh.SSHClient):
 
     def __init__(self, expected: str | None):
         self.expected = expected
-        self.presented: str | None = None
+        self.presented: HostKey | None = None
         self.stage = STAGE_RESOLVE
 
     def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
@@ -75,9 +145,13 @@ class _SessionWatcher(asyncssh.SSHClient):
     def validate_host_public_key(
         self, host: str, addr: str, port: int, key: asyncssh.SSHKey
     ) -> bool:
-        self.presented = key.get_fingerprint("sha256")
+        self.presented = HostKey(key.get_algorithm(), key.get_fingerprint("sha256"))
         self.stage = STAGE_AUTH
-        return self.expected is None or self.presented == self.expected
+        return self.expected is None or self.presented.fingerprint == self.expected
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.presented.fingerprint if self.presented else None
 
     def auth_completed(self) -> None:
         self.stage = STAGE_SFTP
@@ -85,11 +159,19 @@ class _SessionWatcher(asyncssh.SSHClient):
 
 @dataclass
 class Session:
-    """A logged-in SFTP session and the fingerprint of the server it reached."""
+    """A logged-in SFTP session and the host key of the server it reached.
+
+    ``offered_first`` are the server's other host keys it offered before the confirmed one
+    (empty when the first key it offered was the confirmed one, or nothing is confirmed)."""
 
     endpoint: Endpoint
     sftp: asyncssh.SFTPClient
-    fingerprint: str
+    host_key: HostKey
+    offered_first: tuple[HostKey, ...] = ()
+
+    @property
+    def fingerprint(self) -> str:
+        return self.host_key.fingerprint
 
     async def check_directory(self, remote_dir: str) -> None:
         try:
@@ -251,46 +333,99 @@ def _sftp_failure(exc: asyncssh.SFTPError, doing: str) -> PushFailure:
     return fail(Category.TRANSFER, f"{doing}: {reason}")
 
 
+def _new_fingerprint(endpoint: Endpoint, offered: list[HostKey]) -> PushFailure:
+    """The confirmed fingerprint is none of the host keys the server offered."""
+    first = offered[0]
+    cause = (
+        f"{endpoint.where} presented the host key {first}, but the confirmed fingerprint is "
+        f"{endpoint.expected_fingerprint}, which is none of the server's host keys"
+    )
+    if len(offered) > 1:
+        cause += f" (it also offered {', '.join(str(k) for k in offered[1:])})"
+    failure = Failure(Category.NEW_FINGERPRINT, cause)
+    return PushFailure(failure, first.fingerprint, first.key_type)
+
+
+async def _connect(
+    endpoint: Endpoint,
+) -> tuple[asyncssh.SSHClientConnection, _SessionWatcher, list[HostKey]]:
+    """Connect and log in over a key exchange signed with the confirmed host key.
+
+    When the server offers another key, ask it again for the key types it has not offered
+    yet (OpenSSH order), until it offers the confirmed key or has no other type left: only
+    then is the fingerprint new. Returns the connection, its watcher and the keys the server
+    offered before the confirmed one."""
+    offered: list[HostKey] = []
+    while True:
+        watcher = _SessionWatcher(endpoint.expected_fingerprint)
+        algorithms = host_key_algorithms({k.key_type for k in offered})
+        if not algorithms:
+            raise _new_fingerprint(endpoint, offered)
+        try:
+            if is_invalid_name(endpoint.host):
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            watcher.stage = STAGE_CONNECT
+            options: dict[str, object] = {
+                "username": endpoint.username,
+                "known_hosts": ([], [], []),  # no file: every key goes to the watcher
+                "server_host_key_algs": algorithms,
+                "config": None,
+                "agent_path": None,
+                "gss_host": None,
+                "connect_timeout": endpoint.timeout,
+                "login_timeout": endpoint.timeout,
+                "client_keys": [str(endpoint.key_path)] if endpoint.key_path else None,
+                "password": endpoint.password,
+                "preferred_auth": "publickey"
+                if endpoint.key_path
+                else "password,keyboard-interactive",
+            }
+            if endpoint.bind_address:
+                options["local_addr"] = (endpoint.bind_address, 0)
+            conn = await asyncssh.connect(
+                endpoint.host, endpoint.port, client_factory=lambda w=watcher: w, **options
+            )
+            return conn, watcher, offered
+        except asyncssh.HostKeyNotVerifiable:
+            key = watcher.presented
+            if key is None or key in offered:  # not a key this agent can compare: stop here
+                if not offered:
+                    failure = classify(
+                        asyncssh.HostKeyNotVerifiable("no host key to compare"),
+                        watcher.stage,
+                        endpoint.host,
+                        endpoint.port,
+                    )
+                    raise PushFailure(failure) from None
+                raise _new_fingerprint(endpoint, offered) from None
+            offered.append(key)
+        except (OSError, asyncssh.Error, TimeoutError, EOFError) as exc:
+            if offered and watcher.presented is None:
+                # Asked for another key type, the server had none (or went away): the
+                # confirmed fingerprint is none of the keys it has offered.
+                raise _new_fingerprint(endpoint, offered) from None
+            failure = classify(exc, watcher.stage, endpoint.host, endpoint.port, endpoint.timeout)
+            raise PushFailure(failure, watcher.fingerprint, _key_type(watcher)) from exc
+
+
+def _key_type(watcher: _SessionWatcher) -> str | None:
+    return watcher.presented.key_type if watcher.presented else None
+
+
 @asynccontextmanager
 async def open_session(endpoint: Endpoint) -> AsyncIterator[Session]:
     """Connect, check the host key, log in and start SFTP; every failure is classified."""
-    watcher = _SessionWatcher(endpoint.expected_fingerprint)
+    conn, watcher, offered = await _connect(endpoint)
     try:
-        if is_invalid_name(endpoint.host):
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        watcher.stage = STAGE_CONNECT
-        password = endpoint.password
-        options: dict[str, object] = {
-            "username": endpoint.username,
-            "known_hosts": ([], [], []),  # no file: every key goes to validate_host_public_key
-            "config": None,
-            "agent_path": None,
-            "gss_host": None,
-            "connect_timeout": endpoint.timeout,
-            "login_timeout": endpoint.timeout,
-            "client_keys": [str(endpoint.key_path)] if endpoint.key_path else None,
-            "password": password,
-            "preferred_auth": "publickey" if endpoint.key_path else "password,keyboard-interactive",
-        }
-        if endpoint.bind_address:
-            options["local_addr"] = (endpoint.bind_address, 0)
-        conn = await asyncssh.connect(
-            endpoint.host, endpoint.port, client_factory=lambda: watcher, **options
-        )
         async with conn:
             sftp = await asyncio.wait_for(conn.start_sftp_client(), endpoint.timeout)
             async with sftp:
-                yield Session(endpoint, sftp, watcher.presented or "")
-    except asyncssh.HostKeyNotVerifiable:
-        failure = Failure(
-            Category.NEW_FINGERPRINT,
-            f"{endpoint.where} presented the host key {watcher.presented}, "
-            f"but the confirmed fingerprint is {endpoint.expected_fingerprint}",
-        )
-        raise PushFailure(failure, watcher.presented) from None
+                assert watcher.presented is not None  # the key exchange is done
+                yield Session(endpoint, sftp, watcher.presented, tuple(offered))
     except PushFailure as exc:
-        exc.fingerprint = exc.fingerprint or watcher.presented
+        exc.fingerprint = exc.fingerprint or watcher.fingerprint
+        exc.key_type = exc.key_type or _key_type(watcher)
         raise
     except (OSError, asyncssh.Error, TimeoutError, EOFError) as exc:
         failure = classify(exc, watcher.stage, endpoint.host, endpoint.port, endpoint.timeout)
-        raise PushFailure(failure, watcher.presented) from exc
+        raise PushFailure(failure, watcher.fingerprint, _key_type(watcher)) from exc

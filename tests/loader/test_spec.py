@@ -354,5 +354,5 @@ def test_a_refused_approval_leaves_no_audit_event(settings) -> None:
 def test_a_utf16_sample_is_refused_as_utf16(tmp_path: Path, bom: bytes) -> None:
     sample = tmp_path / "s.txt"
     sample.write_bytes(bom + "person_id\tname\nA1\tAda\n".encode("utf-16-le"))
-    with pytest.raises(Refused, match="the file is UTF-16 .*not UTF-8"):
+    with pytest.raises(Refused, match=r"the file is UTF-16 .*not UTF-8"):
         detect_spec(sample, "acme", None, None)

@@ -25,9 +25,13 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import server_harness
 from aiosmtpd.controller import Controller
+from server_harness import RunningServer
 
+from ingest_core.client_keys import generate_client_keypair
 from ingest_core.settings import SmtpSettings
+from push_agent import connections
 from push_agent.agent import Agent, open_agent
 from push_agent.connections import Connection
 from push_agent.settings import AgentSettings, resolve_agent_settings
@@ -364,6 +368,58 @@ def push_cli(
         )
 
     return run
+
+
+# -- our own ingest server (ed25519 and RSA host keys) ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ingest_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    running = server_harness.start_server(tmp_path_factory.mktemp("ingest-server"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def alpha_key(ingest_server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One agent-style key (RSA 4096, made by the agent's generator) registered as 'alpha'."""
+    path = tmp_path_factory.mktemp("alpha-key") / "alpha"
+    generate_client_keypair(path, comment="ingest-push:alpha")
+    server_harness.add_account(ingest_server, "alpha", path)
+    return path
+
+
+@pytest.fixture
+def alpha(
+    agent: Agent, ingest_server: RunningServer, alpha_key: Path, tmp_path: Path
+) -> Callable[..., Connection]:
+    """Connection 'alpha' using the registered key; call it with changes to edit."""
+    source = tmp_path / "sis_hr_user_info.txt"
+    source.write_bytes(b"uuuid\tfirst_name\r\nU1\tAda\r\n")
+    base = Connection(
+        name="alpha",
+        host="127.0.0.1",
+        port=ingest_server.port,
+        remote_dir="/",
+        username="alpha",
+        auth="key",
+        frequency="daily 02:00",
+        source_kind="file",
+        source_path=str(source),
+        since_initial="2026-01-01",
+    )
+    connections.add(agent, base)
+    target = connections.key_path(agent, "alpha")
+    shutil.copyfile(alpha_key, target)
+    target.chmod(0o600)
+    shutil.copyfile(f"{alpha_key}.pub", f"{target}.pub")
+
+    def edit(**changes: object) -> Connection:
+        if changes:
+            connections.edit(agent, "alpha", changes)
+        return connections.get(agent, "alpha")
+
+    return edit
 
 
 def smtp_settings(port: int) -> SmtpSettings:

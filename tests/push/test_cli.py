@@ -206,6 +206,7 @@ def test_prompts_on_a_terminal_password_and_fingerprint_confirmation(
         [*base, "connection", "test", "tty"], {"Confirm it? [y/N]": "y"}, tmp_path
     )
     assert code == 0, out
-    assert f"fingerprint confirmed: {sshd.fingerprint()}" in out
+    assert f"The server's host key is ssh-ed25519 {sshd.fingerprint()}. Confirm it?" in out
+    assert f"fingerprint confirmed: ssh-ed25519 {sshd.fingerprint()}; transfers may start" in out
     assert push_cli("run", "tty").returncode == 0
     assert (upload_dir / "hi.txt").read_text() == "hi\n"

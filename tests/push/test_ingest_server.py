@@ -1,18 +1,16 @@
 """The push agent against our own ingest server: key auth with the agent's generated key, the
-IP gate, the read-only result log, and a real upload landing in the account folder."""
+IP gate, the read-only result log, and a real upload landing in the account folder (the
+server and the 'alpha' connection are fixtures of conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import server_harness
 from server_harness import RunningServer
 
-from ingest_core.client_keys import generate_client_keypair
 from push_agent import connections, runs
 from push_agent.agent import Agent
 from push_agent.connections import Connection
@@ -21,55 +19,6 @@ from push_agent.failures import Category
 from .test_failures_sshd import assert_failure, test_connection
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ingest_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    running = server_harness.start_server(tmp_path_factory.mktemp("ingest-server"))
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def alpha_key(ingest_server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One agent-style key (RSA 4096, made by the agent's generator) registered as 'alpha'."""
-    path = tmp_path_factory.mktemp("alpha-key") / "alpha"
-    generate_client_keypair(path, comment="ingest-push:alpha")
-    server_harness.add_account(ingest_server, "alpha", path)
-    return path
-
-
-@pytest.fixture
-def alpha(
-    agent: Agent, ingest_server: RunningServer, alpha_key: Path, tmp_path: Path
-) -> Callable[..., Connection]:
-    """Connection 'alpha' using the registered key; call it with changes to edit."""
-    source = tmp_path / "sis_hr_user_info.txt"
-    source.write_bytes(b"uuuid\tfirst_name\r\nU1\tAda\r\n")
-    base = Connection(
-        name="alpha",
-        host="127.0.0.1",
-        port=ingest_server.port,
-        remote_dir="/",
-        username="alpha",
-        auth="key",
-        frequency="daily 02:00",
-        source_kind="file",
-        source_path=str(source),
-        since_initial="2026-01-01",
-    )
-    connections.add(agent, base)
-    target = connections.key_path(agent, "alpha")
-    shutil.copyfile(alpha_key, target)
-    target.chmod(0o600)
-    shutil.copyfile(f"{alpha_key}.pub", f"{target}.pub")
-
-    def edit(**changes: object) -> Connection:
-        if changes:
-            connections.edit(agent, "alpha", changes)
-        return connections.get(agent, "alpha")
-
-    return edit
 
 
 def test_key_auth_test_and_upload_into_the_account_folder(
@@ -93,7 +42,7 @@ def test_disallowed_address_is_host_unreachable(
     agent: Agent, alpha: Callable[..., Connection]
 ) -> None:
     # The server drops a client from an address not on the account's list before its SSH
-    # greeting: from the sender's side that is a firewall, which the seed files under
+    # greeting: from the sender's side that is a firewall, which hosted services file under
     # "host can't be reached ... add the IPs to your IP Whitelist".
     alpha(bind_address="127.0.0.2")
     outcome = test_connection(agent, "alpha")

@@ -73,7 +73,7 @@ def test_since_date_survives_a_failure_and_moves_on_the_next_success(
     entry = runs.status(agent)[0]
     assert entry["last_success"] == clock()
     assert entry["last_failure_message"].startswith("Port was refused.")
-    # Deleted and created again (seed): the first transfer follows the last successful date.
+    # Deleted and created again: the first transfer follows the last successful date.
     connections.delete(agent, "sis")
     again = sshd_connection(port=server.port, since_initial="2025-01-01")
     connections.add(agent, again, sshd_lab.password)
