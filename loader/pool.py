@@ -2,8 +2,10 @@
 
 Format (Terra Dotta's): one column, no header, CRLF line ends. The file is written under a
 hidden temporary name in the same folder, fsync'ed and renamed into place, so a client never
-downloads half a file. Where the IDs come from is a setting: the ``sis_pool_applicants`` table
-that ``ingestctl pool import`` fills (default), or a SQL query against any database URL
+downloads half a file. Where the IDs come from is a setting: the service table that
+``ingestctl pool import`` fills (default), named by
+``db.service_table_name('pool_applicants')`` (``sis_ingest.pool_applicants`` on PostgreSQL,
+``ingest_pool_applicants`` on SQLite), or a SQL query against any database URL
 (``pool.source = "query"``; the query may use ``:account``).
 
 What an applicant ID may be (issue 11), whatever the source: 1 to 64 ASCII letters, digits,
@@ -13,8 +15,8 @@ reader of the pool file: no delimiter or quote a CSV reader would split on (``A,
 (``=cmd|x``), no space, no Unicode look-alike, never the folder log's ``-``. An import file
 breaking the rule is refused whole, with every bad line (the first 20) and the count.
 The pool file lists the IDs in the order the source gives them: a query's own ORDER BY;
-for the table, :meth:`SisDB.applicants` (bytewise order until the table keeps the import's
-order: a position column, requested from the owner of ``loader/sis_db.py``).
+for the table, the order of the imported file (:meth:`SisDB.applicants`; a list imported
+before the table kept that order comes in the order of its IDs until imported again).
 """
 
 from __future__ import annotations
@@ -252,8 +254,10 @@ def show_pool(settings: Settings, account: str) -> PoolView:
     folder = account_folder(settings, account)
     in_source: int | None = None
     imported_at: str | None = None
+    source = f"query on {_safe_url(settings.pool.query_url)}"
     if settings.pool.source == "table":
         db = open_sis_db(settings.sis_db_url)
+        source = f"table {db.service_table_name('pool_applicants')}"
         imported = db.applicants_imported(account)
         if imported is not None:
             in_source = db.applicant_count(account)
@@ -270,11 +274,7 @@ def show_pool(settings: Settings, account: str) -> PoolView:
     return PoolView(
         account=account,
         deferred_fetch=deferred_fetch,
-        source=(
-            "table sis_pool_applicants"
-            if settings.pool.source == "table"
-            else f"query on {_safe_url(settings.pool.query_url)}"
-        ),
+        source=source,
         ids_in_source=in_source,
         imported_at=imported_at,
         pool_file=str(folder.pool_file),

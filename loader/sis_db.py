@@ -21,12 +21,14 @@ Two namespaces that cannot collide, whatever the account and file names:
 The ``loads`` table records every run. A row is committed as ``running`` before the load
 starts, so a run killed midway still leaves a trace; the next run of that spec marks it
 ``interrupted``. ``pool_applicants`` holds the active applicant IDs that ``ingestctl pool
-import`` fills, ``pool_imports`` when each account's list was imported.
+import`` fills, each with its ``position`` in the imported file (the pool file keeps that
+order), ``pool_imports`` when each account's list was imported.
 
 A database made by an earlier version kept the service tables beside the data, as
 ``sis_loads``, ``sis_pool_applicants`` and ``sis_pool_imports``: opening it moves them into
 their namespace, in one transaction that only one process at a time runs (see
-:meth:`SisDB._open_namespaces`).
+:meth:`SisDB._open_namespaces`). The same transaction adds the columns a later version gave
+a service table (:data:`ADDED_COLUMNS`) to a table made before them, moved or not.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.schema import CreateColumn
 
 from ingest_core.db import UTCDateTime, make_engine, utcnow
 from ingest_core.errors import IngestError
@@ -116,6 +119,8 @@ def service_tables(is_sqlite: bool) -> ServiceTables:
         metadata,
         Column("account", String(32), primary_key=True),
         Column("uuuid", String(255), primary_key=True),
+        # 0-based place in the imported list: the pool file keeps the import's order.
+        Column("position", Integer, nullable=False, server_default="0"),
     )
     # One row per account whose applicant list was imported (even an empty one): what tells
     # "no active applicants" (publish an empty pool file) from "never set up" (refuse).
@@ -139,6 +144,12 @@ LEGACY_SERVICE_TABLES = {
     "pool_applicants": "sis_pool_applicants",
     "pool_imports": "sis_pool_imports",
 }
+
+# Columns added to a service table after its first version, by the table's short name: a
+# table without them is still the service's table, and gets them when the database is
+# opened. Each has a server default, so the rows already there take it (``position`` 0: an
+# older list keeps the order of its IDs, the tie-break of :meth:`SisDB.applicants`).
+ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"pool_applicants": ("position",)}
 
 
 # Statuses a loads row can have.
@@ -273,7 +284,9 @@ class SisDB:
             if not self.is_sqlite:
                 self.data_schema = self._postgres_data_schema(conn)
             inspector = inspect(conn)
-            if all(inspector.has_table(t.name, schema=t.schema) for t in self.tables.all()):
+            if all(
+                inspector.has_table(t.name, schema=t.schema) for t in self.tables.all()
+            ) and not self._missing_columns(conn):
                 return  # the usual open: no lock, so it never waits for a load's write lock
         if self.is_sqlite:
             with self.engine.connect() as conn:
@@ -281,6 +294,7 @@ class SisDB:
                 with conn.begin():
                     self._move_legacy_service_tables(conn, None)
                     self.tables.metadata.create_all(conn, checkfirst=True)
+                    self._add_missing_columns(conn)
             return
         with self.engine.begin() as conn:
             conn.execute(
@@ -295,6 +309,31 @@ class SisDB:
                 conn.exec_driver_sql(f"CREATE SCHEMA {quote_ident(SERVICE_SCHEMA)}")
             self._move_legacy_service_tables(conn, self.data_schema)
             self.tables.metadata.create_all(conn, checkfirst=True)
+            self._add_missing_columns(conn)
+
+    def _missing_columns(self, conn: Connection) -> list[Column[Any]]:
+        """The :data:`ADDED_COLUMNS` that the existing service tables lack (a table made by a
+        version before them)."""
+        inspector = inspect(conn)
+        missing: list[Column[Any]] = []
+        for table in self.tables.all():
+            if not inspector.has_table(table.name, schema=table.schema):
+                continue
+            added = ADDED_COLUMNS.get(table.name.removeprefix(SQLITE_SERVICE_PREFIX), ())
+            if not added:
+                continue
+            present = {c["name"] for c in inspector.get_columns(table.name, schema=table.schema)}
+            missing.extend(table.c[name] for name in added if name not in present)
+        return missing
+
+    def _add_missing_columns(self, conn: Connection) -> None:
+        """Add the :data:`ADDED_COLUMNS` a service table lacks, declared exactly as a fresh
+        database declares them (each has a server default, which the existing rows take).
+        Runs under the set-up's lock, after a re-check, so a second process adds nothing."""
+        for column in self._missing_columns(conn):
+            table = self.engine.dialect.identifier_preparer.format_table(column.table)
+            spec = CreateColumn(column).compile(dialect=conn.dialect)
+            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {spec}")
 
     @staticmethod
     def _postgres_data_schema(conn: Connection) -> str:
@@ -319,12 +358,14 @@ class SisDB:
     def _move_legacy_service_tables(self, conn: Connection, schema: str | None) -> None:
         """Move the service tables of an earlier version out of the data namespace.
 
-        A table is moved only when it still is the service's table (its columns and its
-        primary key): a client's table that replaced it (the collision these namespaces end;
-        data tables never have a primary key) is that client's data and stays where it is.
-        Indexes get the names a fresh database gives them. Import records whose applicant
-        lists did not survive are dropped, so publishing asks for a new import instead of
-        sending clients an empty pool file.
+        A table is moved only when it still is the service's table (its columns, but for
+        any that :data:`ADDED_COLUMNS` gave it later, and its primary key): a client's table
+        that replaced it (the collision these namespaces end; data tables never have a
+        primary key) is that client's data and stays where it is. Indexes get the names a
+        fresh database gives them; the added columns come after the move
+        (:meth:`_add_missing_columns`). Import records whose applicant lists did not survive
+        are dropped, so publishing asks for a new import instead of sending clients an empty
+        pool file.
         """
         inspector = inspect(conn)
         present = set(inspector.get_table_names(schema=schema))
@@ -336,7 +377,9 @@ class SisDB:
                 continue
             columns = {c["name"] for c in inspector.get_columns(legacy, schema=schema)}
             key = inspector.get_pk_constraint(legacy, schema=schema)["constrained_columns"]
-            if columns != {c.name for c in table.columns} or key != [
+            expected = {c.name for c in table.columns}
+            added = set(ADDED_COLUMNS.get(new_name.removeprefix(SQLITE_SERVICE_PREFIX), ()))
+            if not (expected - added <= columns <= expected) or key != [
                 c.name for c in table.primary_key.columns
             ]:
                 continue
@@ -720,15 +763,16 @@ class SisDB:
 
     def replace_applicants(self, account: str, ids: Iterable[str]) -> int:
         """Replace an account's applicant IDs, and record the import, in one transaction;
-        returns the count."""
+        returns the count. Each ID keeps its place in ``ids`` (``position``, from 0), the
+        order :meth:`applicants` returns them in."""
         applicants, imports = self.tables.pool_applicants, self.tables.pool_imports
         with self.engine.begin() as conn:
             conn.execute(delete(applicants).where(applicants.c.account == account))
             conn.execute(delete(imports).where(imports.c.account == account))
-            batch: list[dict[str, str]] = []
+            batch: list[dict[str, Any]] = []
             count = 0
             for uuuid in ids:
-                batch.append({"account": account, "uuuid": uuuid})
+                batch.append({"account": account, "uuuid": uuuid, "position": count})
                 count += 1
                 if len(batch) >= 10_000:
                     conn.execute(insert(applicants), batch)
@@ -745,13 +789,16 @@ class SisDB:
             return conn.scalar(select(imports.c.imported).where(imports.c.account == account))
 
     def applicants(self, account: str) -> list[str]:
+        """The account's applicant IDs in the order they were imported. Rows imported before
+        the ``position`` column all have position 0 and come in the order of the ID (the order
+        the pool file had then)."""
         applicants = self.tables.pool_applicants
         with self.engine.connect() as conn:
             return list(
                 conn.scalars(
                     select(applicants.c.uuuid)
                     .where(applicants.c.account == account)
-                    .order_by(applicants.c.uuuid)
+                    .order_by(applicants.c.position, applicants.c.uuuid)
                 )
             )
 

@@ -90,14 +90,14 @@ def test_progress_bar_on_a_terminal(acme, kit, config_file, workdir):
 
 def test_pool_import_publish_show(settings, onboard, ingestctl, workdir):
     on = onboard(settings, "defer", deferred_fetch=True)
-    (workdir / "ids.txt").write_text("B\nA\n", encoding="utf-8")
+    (workdir / "ids.txt").write_text("B\nA\n", encoding="utf-8")  # published in this order
     imported = ingestctl("pool", "import", "defer", "ids.txt")
     assert imported.returncode == 0, imported.stderr
     assert "imported 2 applicant IDs for defer" in imported.stdout
     published = ingestctl("pool", "publish")
     assert published.returncode == 0
     assert "defer: published: 2 active applicant IDs" in published.stdout
-    assert on.folder.pool_file.read_bytes() == b"A\r\nB\r\n"
+    assert on.folder.pool_file.read_bytes() == b"B\r\nA\r\n"
     view = json.loads(ingestctl("pool", "show", "defer", "--json").stdout)
     assert view["ids_in_source"] == 2 and view["ids_in_file"] == 2
     assert "POOL applicant_pool.txt 2 active applicant IDs" in ingestctl("log", "defer").stdout

@@ -34,7 +34,7 @@ from ingest_core import folder_log
 from ingest_core.db import UTCDateTime, make_engine, utcnow
 from ingest_core.folders import account_folder
 from ingest_core.settings import Settings
-from loader.sis_db import SERVICE_SCHEMA, SisDB, open_sis_db
+from loader.sis_db import SERVICE_SCHEMA, SisDB, open_sis_db, service_tables
 
 if str(Path(__file__).parent) not in sys.path:  # sites.py sits beside this file
     sys.path.append(str(Path(__file__).parent))
@@ -97,7 +97,7 @@ def test_client_tables_named_like_service_tables_leave_the_service_tables_alone(
     assert db.table_rows("sis_pool_imports") == [("uni", "never", "9")]
     assert db.table_rows("sis_loads") == [("1", "loaded"), ("2", "running")]
     # ...and the service's own tables, in their namespace, are untouched.
-    assert _service_rows(site, "pool_applicants") == [("uni", "A1"), ("uni", "A2")]
+    assert sorted(_service_rows(site, "pool_applicants")) == [("uni", "A1", 0), ("uni", "A2", 1)]
     assert [r[0] for r in _service_rows(site, "pool_imports")] == ["uni"]
     assert [(r.status, r.rows) for r in db.loads("loads")] == [("loaded", 2)]
     assert [(r.status, r.rows) for r in db.loads("pool")] == [("loaded", 1), ("loaded", 1)]
@@ -247,6 +247,66 @@ def _schema_objects(url: str) -> set[tuple[str, str]]:
         engine.dispose()
 
 
+def _pool_columns(url: str) -> list[dict[str, object]]:
+    """The pool applicants table's columns as the database reports them (type, NULL, default)
+    and its primary key, in their order."""
+    table = service_tables(url.startswith("sqlite")).pool_applicants
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            inspector = inspect(conn)
+            columns = inspector.get_columns(table.name, schema=table.schema)
+            key = inspector.get_pk_constraint(table.name, schema=table.schema)
+    finally:
+        engine.dispose()
+    described = [
+        {"name": c["name"], "type": str(c["type"]), "nullable": c["nullable"]}
+        | {"default": c["default"]}
+        for c in columns
+    ]
+    return [*described, {"primary key": key["constrained_columns"]}]
+
+
+def _make_database_without_position(url: str) -> None:
+    """A SIS database as the version just before ``position`` left it: the service tables
+    already in their namespace, ``pool_applicants`` with only ``account`` and ``uuuid``, and
+    a list imported for ``uni`` (in the file's order B2, A1, C3; that version kept no order)."""
+    is_sqlite = url.startswith("sqlite")
+    tables = service_tables(is_sqlite)
+    metadata = tables.metadata
+    metadata.remove(tables.pool_applicants)
+    applicants = Table(
+        tables.pool_applicants.name,
+        metadata,
+        Column("account", String(32), primary_key=True),
+        Column("uuuid", String(255), primary_key=True),
+    )
+    engine = make_engine(url)
+    now = utcnow()
+    with engine.begin() as conn:
+        if not is_sqlite:
+            conn.exec_driver_sql(f"CREATE SCHEMA {SERVICE_SCHEMA}")
+        metadata.create_all(conn)
+        conn.execute(
+            insert(applicants),
+            [{"account": "uni", "uuuid": v} for v in ("B2", "A1", "C3")]
+            + [{"account": "other", "uuuid": "Q1"}],
+        )
+        conn.execute(
+            insert(tables.pool_imports),
+            [{"account": a, "imported": now, "count": n} for a, n in (("uni", 3), ("other", 1))],
+        )
+        conn.execute(
+            insert(tables.loads),
+            [
+                {"account": "acme", "spec_file": "sis_hr_user_info.txt", "rows": 3}
+                | {"table_name": DATA_TABLE, "file_name": "sis_hr_user_info.txt"}
+                | {"started": now, "finished": now, "status": "loaded", "message": ""}
+            ],
+        )
+    engine.dispose()
+
+
 @pytest.fixture
 def fresh_url(site: Site, tmp_path: Path) -> Iterator[str]:
     """Another empty SIS database on the site's backend (to compare an upgrade with)."""
@@ -284,9 +344,16 @@ def test_a_database_of_the_previous_version_is_upgraded_when_opened(
         (table, where + DATA_TABLE),
         (index, where + DATA_TABLE + "__key"),
     }
+    # The moved pool table got the import order's column, declared as a fresh one declares it.
+    assert _pool_columns(url) == _pool_columns(fresh_url)
+    assert [c.get("name") for c in _pool_columns(url)][:3] == ["account", "uuuid", "position"]
     # Opening it again (another process, a restart) changes nothing.
     SisDB(url).dispose()
     assert _schema_objects(url) == upgraded
+    assert _pool_columns(url) == _pool_columns(fresh_url)
+    # A new import keeps its order.
+    db.replace_applicants("uni", ["A2", "A1", "A3"])
+    assert db.applicants("uni") == ["A2", "A1", "A3"]
     # The loader goes on where it was: the same account re-approves, loads, and the history
     # continues after the old rows.
     acme = onboard(site.settings)
@@ -304,9 +371,17 @@ def test_a_database_of_the_previous_version_is_upgraded_when_opened(
     ]
 
 
-def test_two_processes_opening_an_old_database_at_once_both_succeed(site: Site) -> None:
+@pytest.mark.parametrize("made_by", ["before the namespaces", "before position"])
+def test_two_processes_opening_an_old_database_at_once_both_succeed(
+    site: Site, made_by: str
+) -> None:
     url = site.settings.sis_db_url
-    _make_legacy_database(url)
+    if made_by == "before the namespaces":
+        _make_legacy_database(url)
+        expected = ["A1", "A2"]
+    else:
+        _make_database_without_position(url)
+        expected = ["A1", "B2", "C3"]
     start = threading.Barrier(3)
     opened: list[SisDB] = []
     failed: list[BaseException] = []
@@ -326,9 +401,58 @@ def test_two_processes_opening_an_old_database_at_once_both_succeed(site: Site) 
     assert not failed, failed
     assert len(opened) == 3
     for db in opened:
-        assert db.applicants("uni") == ["A1", "A2"]
+        assert db.applicants("uni") == expected
         assert [r.rows for r in db.loads("acme")] == [3]
         db.dispose()
+    assert [c.get("name") for c in _pool_columns(url)] == [
+        "account",
+        "uuuid",
+        "position",
+        None,  # the primary key
+    ]
+
+
+def test_a_database_of_the_version_before_position_is_upgraded_when_opened(
+    site: Site, fresh_url: str, tmp_path: Path
+) -> None:
+    """The service tables already in their namespace, the pool table without ``position``:
+    the first process to open it (here ``ingestctl``) adds the column; the lists imported
+    before keep the order they were published in (position 0 for all, then the ID); the
+    next import is published in its own order."""
+    url = site.settings.sis_db_url
+    _make_database_without_position(url)
+    site.ctl("account", "create", "uni", "--deferred-fetch", check=True)
+
+    published = site.ctl("pool", "publish", "uni")
+
+    assert published.returncode == 0, published.stdout + published.stderr
+    pool_file = account_folder(site.settings, "uni").pool_file
+    assert pool_file.read_bytes() == b"A1\r\nB2\r\nC3\r\n"
+    fresh = SisDB(fresh_url)
+    fresh.dispose()
+    assert _pool_columns(url) == _pool_columns(fresh_url)
+    assert _schema_objects(url) == _schema_objects(fresh_url)
+    assert sorted(_service_rows(site, "pool_applicants")) == [
+        ("other", "Q1", 0),
+        ("uni", "A1", 0),
+        ("uni", "B2", 0),
+        ("uni", "C3", 0),
+    ]
+    # Opening it again changes nothing; the history and the other list are all there.
+    db = SisDB(url)
+    assert _pool_columns(url) == _pool_columns(fresh_url)
+    assert db.applicants("other") == ["Q1"] and [r.rows for r in db.loads("acme")] == [3]
+    db.dispose()
+    ids = tmp_path / "ids.txt"
+    ids.write_bytes(b"Z9\r\nA1\r\nM5\r\n")
+    site.ctl("pool", "import", "uni", str(ids), check=True)
+    site.ctl("pool", "publish", "uni", check=True)
+    assert pool_file.read_bytes() == b"Z9\r\nA1\r\nM5\r\n"
+    assert sorted(_service_rows(site, "pool_applicants", "WHERE account = 'uni'")) == [
+        ("uni", "A1", 1),
+        ("uni", "M5", 2),
+        ("uni", "Z9", 0),
+    ]
 
 
 def test_a_client_table_that_had_replaced_a_service_table_stays_client_data(

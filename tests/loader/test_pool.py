@@ -25,7 +25,7 @@ def test_pool_file_exact_bytes_and_pool_line(deferred, tmp_path):
     assert import_ids(deferred.settings, deferred.name, ids) == 3
     result = publish_pool(deferred.settings, deferred.name)
     assert result.ok and result.count == 3
-    assert deferred.folder.pool_file.read_bytes() == b"U0001\r\nU0002\r\nU0003\r\n"
+    assert deferred.folder.pool_file.read_bytes() == b"U0002\r\nU0001\r\nU0003\r\n"
     line = folder_log.read_lines(deferred.folder)[-1]
     assert line.split(" ", 1)[1] == "POOL applicant_pool.txt 3 active applicant IDs"
     leftovers = [p.name for p in deferred.folder.root.iterdir() if p.name.startswith(".ingest-p")]
@@ -33,6 +33,7 @@ def test_pool_file_exact_bytes_and_pool_line(deferred, tmp_path):
     view = show_pool(deferred.settings, deferred.name)
     assert view.ids_in_source == 3 and view.ids_in_file == 3 and view.published
     assert view.imported_at is not None
+    assert view.source == "table ingest_pool_applicants"
 
 
 def test_show_tells_a_list_never_imported_from_an_empty_one(deferred, tmp_path):
@@ -111,7 +112,8 @@ def test_pool_table_in_postgres(settings, pg_url, onboard, tmp_path):
     ids.write_text("P2\nP1\n")
     assert import_ids(on.settings, on.name, ids) == 2
     assert publish_pool(on.settings, on.name).ok
-    assert on.folder.pool_file.read_bytes() == b"P1\r\nP2\r\n"
+    assert on.folder.pool_file.read_bytes() == b"P2\r\nP1\r\n"
+    assert show_pool(on.settings, on.name).source == "table sis_ingest.pool_applicants"
 
 
 def test_temporary_pool_files_of_a_killed_publish_are_removed(deferred, tmp_path):
@@ -204,16 +206,17 @@ def test_a_folder_is_not_an_id_file(pool_on, ingestctl, workdir):
     _unchanged(pool_on)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="import order needs a position column in the pool applicants table "
-    "(loader/sis_db.py, requested); until then the table source publishes in bytewise order",
-)
 def test_the_pool_file_keeps_the_import_order(pool_on, ingestctl, workdir):
     (workdir / "ids.txt").write_text("Z9\nA1\nM5\n")
     assert ingestctl("pool", "import", pool_on.name, "ids.txt").returncode == 0
     assert ingestctl("pool", "publish", pool_on.name).returncode == 0
     assert pool_on.folder.pool_file.read_bytes() == b"Z9\r\nA1\r\nM5\r\n"
+    # A new import replaces the order with its own, past the size of one insert batch.
+    ids = [f"N{i:05d}" for i in range(12_000)][::-1]
+    (workdir / "ids.txt").write_text("".join(f"{v}\n" for v in ids))
+    assert ingestctl("pool", "import", pool_on.name, "ids.txt").returncode == 0
+    assert ingestctl("pool", "publish", pool_on.name).returncode == 0
+    assert pool_on.folder.pool_file.read_bytes() == "".join(f"{v}\r\n" for v in ids).encode()
 
 
 def test_no_pool_file_is_published_that_a_symlinked_log_cannot_report(pool_on, tmp_path):
