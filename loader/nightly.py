@@ -14,7 +14,7 @@ Rules that matter (issue 4):
   it was being loaded, or one the loader may not read, is named as such, never as valid, as
   a newer copy or as a database failure; a folder log that is not a regular file (a symbolic
   link) stops the account's run before anything is loaded, and the operators are told;
-- ``sis_loads.message`` holds what the operators may see: values quoted from the file are
+- the load history's ``message`` holds what the operators may see: values quoted from the file are
   '…' there as in e-mail; a load forced past the row-count guard says so there and in the
   client's LOADED line.
 
@@ -157,7 +157,7 @@ class FileOutcome:
     rows: int = 0
     # False for a file skipped for its name alone: the client is told, but no load failed.
     fails_run: bool = True
-    load_id: int | None = None  # the sis_loads row, for a file a load was tried on
+    load_id: int | None = None  # the load history row, for a file a load was tried on
     forced: bool = False  # loaded past the row-count guard with --force
 
 
@@ -357,7 +357,7 @@ def load_file(
         )
 
     def refused(message: str) -> LoadResult:
-        """Record a refusal (values quoted from the file stay out of sis_loads: operators
+        """Record a refusal (values quoted from the file stay out of the load history: operators
         read it) and return it with the client's words."""
         status = NO_FILE if moved == REMOVED else REFUSED
         stored = without_values(message)
