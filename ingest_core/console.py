@@ -13,7 +13,8 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, tzinfo
 from typing import Any, TextIO
 
 from ingest_core.file_names import escape_for_operator, escape_surrogates
@@ -28,6 +29,61 @@ def to_jsonable(value: Any) -> Any:
         return [to_jsonable(v) for v in value]
     if isinstance(value, str):
         return escape_surrogates(value)
+    return value
+
+
+def local_time(value: datetime | str | None, zone: tzinfo) -> str:
+    """One instant as every command shows it: ISO 8601 to the second in ``zone`` (the
+    configured ``[schedule] timezone``), with its offset, e.g. ``2026-11-23T03:00:04-05:00``.
+
+    Takes an aware datetime (a naive one is UTC, as the databases store it) or an ISO 8601
+    string as logged (``...Z``, ``+00:00`` or another offset). ``None`` and an empty string
+    give ""; a string that is not such a timestamp (a hand-edited log line) comes back as it is.
+    """
+    if value is None or value == "":
+        return ""
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return value
+        if parsed.utcoffset() is None:
+            return value
+        value = parsed
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(zone).isoformat(timespec="seconds")
+
+
+def with_local_times(value: Any, zone: tzinfo, keys: Iterable[str]) -> Any:
+    """``value`` made JSON-ready (a dataclass, a dict or a list of them), with the fields
+    named by ``keys`` shown by :func:`local_time`, at any depth: what every ``--json`` output
+    passes its records through, so its times read like the tables'."""
+    names = frozenset(keys)
+
+    def convert(item: Any) -> Any:
+        if isinstance(item, dict):
+            return {
+                k: local_time(v, zone)
+                if k in names and isinstance(v, datetime | str)
+                else convert(v)
+                for k, v in item.items()
+            }
+        if isinstance(item, list):
+            return [convert(v) for v in item]
+        return item
+
+    return convert(_plain(value))
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses as dicts (datetimes kept as they are, for :func:`local_time`)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
     return value
 
 

@@ -1,9 +1,11 @@
 """One settings object for every part of sis-ingest, read once from TOML.
 
 Where the file comes from: ``--config PATH``, else ``$INGEST_CONFIG``, else ``./ingest.toml``
-if it exists, else built-in defaults that work in a checkout. Relative paths in a config file
-are resolved against the file's folder (against the working directory for the defaults), so a
-service started from anywhere finds the same folders.
+if it exists, else ``/etc/sis-ingest/ingest.toml`` (the systemd unit's file; :data:`SYSTEM_CONFIG`,
+``$INGEST_SYSTEM_CONFIG`` names another for tests) if it exists, else built-in defaults that
+work in a checkout. Relative paths in a config file are resolved against the file's folder
+(against the working directory for the defaults), so a service started from anywhere finds the
+same folders.
 
 Every section is a frozen dataclass; a new setting is one annotated field with a default.
 Unknown keys and wrong types are refused with a :class:`ConfigError` naming the file, the key
@@ -29,6 +31,11 @@ from ingest_core.lifecycle import EVENT_LOOPS
 
 CONFIG_ENV = "INGEST_CONFIG"
 DEFAULT_CONFIG_NAME = "ingest.toml"
+# Where the systemd unit keeps the settings: found after ./ingest.toml, so `ingestctl` run from
+# any folder of the server operates the running service's registry. $INGEST_SYSTEM_CONFIG names
+# another path in its place (tests; never the real /etc).
+SYSTEM_CONFIG = Path("/etc/sis-ingest/ingest.toml")
+SYSTEM_CONFIG_ENV = "INGEST_SYSTEM_CONFIG"
 
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
 
@@ -137,7 +144,7 @@ class LimitSettings:
     max_handles_per_session: int = 0
     # Upload bytes one connection may hold in memory before they are written, across all
     # its open files: memory per session stays bounded whatever the client does.
-    max_unflushed_bytes_per_session: int = 4 * 1024**2
+    max_unflushed_bytes_per_session: int = 1024**2
     # Logged-in connections one account may have at once (across all workers).
     max_sessions_per_account: int = 10
     # New connections per second from one address (with a burst of connection_burst), refused
@@ -176,7 +183,7 @@ class LogSettings:
 
 @dataclass(frozen=True)
 class KeyPolicySettings:
-    """Which client public keys an account may register (the seed asks for RSA 4096)."""
+    """Which client public keys an account may register (the integration asks for RSA 4096)."""
 
     min_rsa_bits: int = 4096
     accept_ed25519: bool = False
@@ -184,7 +191,7 @@ class KeyPolicySettings:
 
 @dataclass(frozen=True)
 class IpPolicySettings:
-    """The seed's firewall rule: at most four single static addresses per account."""
+    """The allowlist rule: at most four single static addresses per account."""
 
     max_per_account: int = 4
 
@@ -263,10 +270,19 @@ class Settings:
 _TOP_KEYS = {"data_root", "log_dir", "control_db_url", "sis_db_url"}
 
 
+def system_config_path() -> Path:
+    """The system-wide settings file looked for after ``./ingest.toml``."""
+    return Path(os.environ.get(SYSTEM_CONFIG_ENV) or SYSTEM_CONFIG)
+
+
 def find_config_file(
-    path: str | os.PathLike[str] | None, env_var: str, default_name: str
+    path: str | os.PathLike[str] | None,
+    env_var: str,
+    default_name: str,
+    system_path: Path | None = None,
 ) -> Path | None:
-    """``path``, else the file named by ``$env_var``, else ``./default_name`` if present."""
+    """``path``, else the file named by ``$env_var``, else ``./default_name`` if present, else
+    ``system_path`` if given and present."""
     if path is not None:
         chosen = Path(path)
         if not chosen.is_file():
@@ -277,7 +293,11 @@ def find_config_file(
         if not chosen.is_file():
             raise ConfigError(f"{chosen}: config file named by ${env_var} not found")
         return chosen
-    return Path(default_name) if Path(default_name).is_file() else None
+    if Path(default_name).is_file():
+        return Path(default_name)
+    if system_path is not None and system_path.is_file():
+        return system_path
+    return None
 
 
 def read_config_file(path: Path) -> dict[str, typing.Any]:
@@ -292,7 +312,7 @@ def read_config_file(path: Path) -> dict[str, typing.Any]:
 
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     """Find and read the config file (or take the defaults) and resolve every path."""
-    chosen = find_config_file(path, CONFIG_ENV, DEFAULT_CONFIG_NAME)
+    chosen = find_config_file(path, CONFIG_ENV, DEFAULT_CONFIG_NAME, system_config_path())
     if chosen is None:
         return _resolve(Settings(), Path.cwd(), "built-in defaults")
     settings = build_table(Settings, read_config_file(chosen), str(chosen), "")

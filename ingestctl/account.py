@@ -5,9 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ingest_core.console import print_escaped, print_fields, print_json, print_table
+from ingest_core.console import (
+    local_time,
+    print_escaped,
+    print_fields,
+    print_json,
+    print_table,
+    with_local_times,
+)
 from ingest_core.errors import Refused
 from ingest_core.registry import AccountView
+from ingestctl.serve import ingestctl_command
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,7 +62,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=delete)
 
 
-def _show(view: AccountView) -> None:
+# Every time an account's JSON carries, shown in the configured zone.
+ACCOUNT_TIMES = ("created_at", "updated_at", "added_at")
+
+
+def _show(view: AccountView, zone) -> None:
     print_fields(
         [
             ("name", view.name),
@@ -63,14 +75,17 @@ def _show(view: AccountView) -> None:
             ("status", view.status),
             ("deferred fetch", "yes" if view.deferred_fetch else "no"),
             ("folder", view.folder),
-            ("created", view.created_at),
-            ("updated", view.updated_at),
+            ("created", local_time(view.created_at, zone)),
+            ("updated", local_time(view.updated_at, zone)),
             ("allowed IPs", ", ".join(view.ips) or "(none: no client can connect yet)"),
         ]
     )
     print_escaped()
     print_table(
-        [(k.key_type, k.bits, k.fingerprint, k.comment, k.added_at) for k in view.keys],
+        [
+            (k.key_type, k.bits, k.fingerprint, k.comment, local_time(k.added_at, zone))
+            for k in view.keys
+        ],
         ["type", "bits", "fingerprint", "comment", "added"],
         empty="keys: (none: no client can log in yet)",
     )
@@ -81,15 +96,14 @@ def create(args: argparse.Namespace, ctx) -> int:
         args.name, args.institution, args.description, args.deferred_fetch
     )
     if args.json:
-        print_json(view)
+        print_json(with_local_times(view, ctx.settings.zone, ACCOUNT_TIMES))
     else:
+        me = ingestctl_command(ctx.config)  # as the operator runs it: works when pasted
         print_escaped(f"created account {view.name}; folder {view.folder}")
-        print_escaped(
-            f"next: ingestctl key add {view.name} FILE.pub; ingestctl ip add {view.name} ADDRESS"
-        )
+        print_escaped(f"next: {me} key add {view.name} FILE.pub; {me} ip add {view.name} ADDRESS")
         if view.deferred_fetch:
             print_escaped(
-                f"and: ingestctl pool import {view.name} FILE (the applicant list; no pool "
+                f"and: {me} pool import {view.name} FILE (the applicant list; no pool "
                 "file is published until it is imported)"
             )
     return 0
@@ -98,7 +112,7 @@ def create(args: argparse.Namespace, ctx) -> int:
 def list_(args: argparse.Namespace, ctx) -> int:
     views = ctx.registry.list_accounts()
     if args.json:
-        print_json(views)
+        print_json(with_local_times(views, ctx.settings.zone, ACCOUNT_TIMES))
         return 0
     print_table(
         [
@@ -121,9 +135,9 @@ def list_(args: argparse.Namespace, ctx) -> int:
 def show(args: argparse.Namespace, ctx) -> int:
     view = ctx.registry.get_account(args.name)
     if args.json:
-        print_json(view)
+        print_json(with_local_times(view, ctx.settings.zone, ACCOUNT_TIMES))
     else:
-        _show(view)
+        _show(view, ctx.settings.zone)
     return 0
 
 

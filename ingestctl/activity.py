@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ingest_core.console import print_json, print_table
+from ingest_core.console import local_time, print_json, print_table, with_local_times
 from ingest_server.activity import ACTIVITY_COLUMNS, account_activity, activity_row
 
 
@@ -24,11 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, ctx) -> int:
     events = account_activity(ctx.settings.log_dir, args.name, args.limit)
+    zone = ctx.settings.zone
     if args.json:
-        print_json(events)
+        print_json(with_local_times(events, zone, ["timestamp"]))
         return 0
+    rows = [activity_row(e) for e in events]
     print_table(
-        [activity_row(e) for e in events],
+        [(local_time(when, zone), *rest) for when, *rest in rows],
         ACTIVITY_COLUMNS,
         empty=f"no server activity logged for {args.name!r}",
     )

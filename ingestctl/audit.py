@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ingest_core.console import print_json, print_table
+from ingest_core.console import local_time, print_json, print_table, with_local_times
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,12 +22,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, ctx) -> int:
     events = ctx.registry.audit_trail(args.name, args.limit)
+    zone = ctx.settings.zone
     if args.json:
-        print_json(events)
+        print_json(with_local_times(events, zone, ["at"]))
         return 0
     print_table(
         [
-            (e.at, e.actor, e.account or "-", e.action, json.dumps(e.detail, sort_keys=True))
+            (
+                local_time(e.at, zone),
+                e.actor,
+                e.account or "-",
+                e.action,
+                json.dumps(e.detail, sort_keys=True),
+            )
             for e in events
         ],
         ["when", "who", "account", "action", "detail"],

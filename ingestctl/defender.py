@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from ingest_core.console import print_escaped, print_json, print_table
+from ingest_core.console import (
+    local_time,
+    print_escaped,
+    print_json,
+    print_table,
+    with_local_times,
+)
 from ingest_server.defender import list_bans, unban
 
 
@@ -26,11 +32,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def list_(args: argparse.Namespace, ctx) -> int:
     bans = list_bans(ctx.settings)
+    zone = ctx.settings.zone
     if args.json:
-        print_json(bans)
+        print_json(with_local_times(bans, zone, ["banned_at", "banned_until"]))
         return 0
     print_table(
-        [(b.address, b.banned_at, b.banned_until, b.score, b.reason) for b in bans],
+        [
+            (
+                b.address,
+                local_time(b.banned_at, zone),
+                local_time(b.banned_until, zone),
+                b.score,
+                b.reason,
+            )
+            for b in bans
+        ],
         ["address", "banned at", "until", "score", "reason"],
         empty="no address is banned",
     )

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ingest_core.console import print_escaped, print_json, print_table
+from ingest_core.console import local_time, print_escaped, print_json, print_table, with_local_times
 from ingest_core.errors import Refused
 
 MAX_KEY_FILE_BYTES = 64 * 1024
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def add(args: argparse.Namespace, ctx) -> int:
     key = ctx.registry.add_key(args.name, read_key_text(args.file))
     if args.json:
-        print_json(key)
+        print_json(with_local_times(key, ctx.settings.zone, ["added_at"]))
     else:
         print_escaped(f"added {key.key_type} {key.bits}-bit key {key.fingerprint} to {args.name}")
     return 0
@@ -60,11 +60,15 @@ def add(args: argparse.Namespace, ctx) -> int:
 
 def list_(args: argparse.Namespace, ctx) -> int:
     keys = ctx.registry.list_keys(args.name)
+    zone = ctx.settings.zone
     if args.json:
-        print_json(keys)
+        print_json(with_local_times(keys, zone, ["added_at"]))
         return 0
     print_table(
-        [(k.key_type, k.bits, k.fingerprint, k.comment, k.added_at) for k in keys],
+        [
+            (k.key_type, k.bits, k.fingerprint, k.comment, local_time(k.added_at, zone))
+            for k in keys
+        ],
         ["type", "bits", "fingerprint", "comment", "added"],
         empty=f"{args.name} has no keys (ingestctl key add {args.name} FILE.pub)",
     )

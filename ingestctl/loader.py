@@ -6,7 +6,13 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from ingest_core.console import print_escaped, print_json, print_table
+from ingest_core.console import (
+    local_time,
+    print_escaped,
+    print_json,
+    print_table,
+    with_local_times,
+)
 from ingest_core.file_names import escape_for_operator
 
 if TYPE_CHECKING:
@@ -38,7 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     d.set_defaults(func=daemon)
 
-    h = nouns.add_parser("history", help="list recorded loads (sis_loads), oldest first")
+    h = nouns.add_parser(
+        "history", help="list recorded loads (the service's load history table), oldest first"
+    )
     h.add_argument("name", nargs="?", help="only this account")
     h.add_argument("--limit", type=int, default=50, help="newest N loads (default 50)")
     h.add_argument("--json", action="store_true", help="machine-readable output")
@@ -74,7 +82,8 @@ class _ProgressBar:
 
 def _audit_forced(ctx, result: AccountResult) -> None:
     """Audit each load --force let past the row-count guard, after the fact: the account,
-    the file and the load (sis_loads id), never a run that forced nothing."""
+    the file and the load (its id in the service's load history table), never a run that
+    forced nothing."""
     for outcome in result.outcomes:
         if outcome.forced:
             ctx.registry.record(
@@ -161,13 +170,14 @@ def history(args: argparse.Namespace, ctx) -> int:
         dataclasses.replace(r, message=without_values(r.message)) if r.status == REFUSED else r
         for r in open_sis_db(ctx.settings.sis_db_url).loads(args.name, args.limit)
     ]
+    zone = ctx.settings.zone
     if args.json:
-        print_json(loads)
+        print_json(with_local_times(loads, zone, ["started", "finished"]))
         return 0
     print_table(
         [
             (
-                r.started.astimezone(ctx.settings.zone).isoformat(timespec="seconds"),
+                local_time(r.started, zone),
                 r.account,
                 r.file_name or r.spec_file,
                 r.status,

@@ -6,7 +6,13 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ingest_core.console import print_escaped, print_fields, print_json
+from ingest_core.console import (
+    local_time,
+    print_escaped,
+    print_fields,
+    print_json,
+    with_local_times,
+)
 
 if TYPE_CHECKING:
     from loader.pool import PoolView
@@ -65,8 +71,9 @@ def show(args: argparse.Namespace, ctx) -> int:
     from loader.pool import show_pool
 
     view = show_pool(ctx.settings, args.name)
+    zone = ctx.settings.zone
     if args.json:
-        print_json(view)
+        print_json(with_local_times(view, zone, ["imported_at", "published_at"]))
         return 0
     print_fields(
         [
@@ -74,16 +81,19 @@ def show(args: argparse.Namespace, ctx) -> int:
             ("deferred fetch", "yes" if view.deferred_fetch else "no (no pool file is published)"),
             ("source", view.source),
             ("IDs in source", "-" if view.ids_in_source is None else f"{view.ids_in_source:,}"),
-            ("IDs imported", _imported(view, ctx.settings.pool.source == "table")),
+            ("IDs imported", _imported(view, ctx.settings.pool.source == "table", zone)),
             ("pool file", view.pool_file),
-            ("published", view.published_at or "never"),
+            ("published", local_time(view.published_at, zone) or "never"),
             ("IDs in file", "-" if view.ids_in_file is None else f"{view.ids_in_file:,}"),
         ]
     )
     return 0
 
 
-def _imported(view: PoolView, from_table: bool) -> str:
+def _imported(view: PoolView, from_table: bool, zone) -> str:
     if not from_table:
         return "- (the query is read at each publish)"
-    return view.imported_at or "never (publishing is refused until `ingestctl pool import`)"
+    return (
+        local_time(view.imported_at, zone)
+        or "never (publishing is refused until `ingestctl pool import`)"
+    )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 
-from ingest_server.server import run_server
+from ingest_core.lifecycle import raise_open_file_limit, run_until_signalled
+from ingestctl.serve import bind_refusal, is_bind_error
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,4 +23,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, ctx) -> int:
-    return run_server(ctx.settings)
+    from ingest_server.server import Server
+
+    settings = ctx.settings
+    raise_open_file_limit()  # every socket and open file is a descriptor
+    server = Server(settings)
+
+    async def serve(stop: asyncio.Event) -> None:
+        try:
+            await server.serve(stop)
+        except OSError as exc:
+            if is_bind_error(exc, server.listening.is_set()):
+                raise bind_refusal(exc, settings) from None
+            raise
+
+    run_until_signalled(serve, event_loop=settings.server.event_loop)
+    return 0

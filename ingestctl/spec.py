@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ingest_core.console import print_escaped, print_fields, print_json
+from ingest_core.console import (
+    local_time,
+    print_escaped,
+    print_fields,
+    print_json,
+    with_local_times,
+)
 from loader.spec import (
     DELIMITER_NAMES,
     TERMINATOR_NAMES,
@@ -50,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=remove)
 
 
-def _show(spec: Spec) -> None:
+def _show(spec: Spec, zone) -> None:
     print_fields(
         [
             ("file", spec.file_name),
@@ -61,7 +67,7 @@ def _show(spec: Spec) -> None:
             ("quoting", "every field" if spec.quoting == "all" else "none"),
             ("key column", spec.key_column or "(none)"),
             ("columns", ", ".join(spec.columns)),
-            ("approved", f"{spec.approved_at} by {spec.approved_by}"),
+            ("approved", f"{local_time(spec.approved_at, zone)} by {spec.approved_by}"),
         ]
     )
 
@@ -69,7 +75,7 @@ def _show(spec: Spec) -> None:
 def approve(args: argparse.Namespace, ctx) -> int:
     spec = approve_spec(ctx.registry, args.name, Path(args.sample), args.as_name, args.key)
     if args.json:
-        print_json(spec.as_dict())
+        print_json(with_local_times(spec.as_dict(), ctx.settings.zone, ["approved_at"]))
     else:
         print_escaped(f"approved {spec.file_name} for {args.name}: {spec.describe()}")
         print_escaped(f"loads into table {table_name(spec)}")
@@ -79,7 +85,9 @@ def approve(args: argparse.Namespace, ctx) -> int:
 def show(args: argparse.Namespace, ctx) -> int:
     specs = specs_for(ctx.registry, args.name)
     if args.json:
-        print_json([s.as_dict() for s in specs])
+        print_json(
+            with_local_times([s.as_dict() for s in specs], ctx.settings.zone, ["approved_at"])
+        )
         return 0
     if not specs:
         print_escaped(
@@ -88,7 +96,7 @@ def show(args: argparse.Namespace, ctx) -> int:
     for number, spec in enumerate(specs):
         if number:
             print_escaped()
-        _show(spec)
+        _show(spec, ctx.settings.zone)
     return 0
 
 

@@ -9,12 +9,17 @@ before it was installed.
 The same event loop may also serve SSH (``ingestctl serve``), so no load runs in it: each
 account's load (and each pool publish, and each pre-check) runs in a spawned child process. A
 child that dies (killed, out of memory) costs that account's run only.
+
+Ctrl-C sends SIGINT to the whole foreground process group, children included: the children
+ignore it (the parent's stop ends them, as after SIGTERM), so a Ctrl-C prints no child's
+KeyboardInterrupt traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import signal
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -75,6 +80,11 @@ def due_run(
     return missed_run(freq, last_done, now, freq.zone), None
 
 
+def _ignore_sigint() -> None:
+    """A child's first act: leave Ctrl-C to the parent, which stops the child in its time."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class ChildRunner:
     """Runs functions in a spawned child process, one at a time; a dead child is replaced."""
 
@@ -86,7 +96,9 @@ class ChildRunner:
     def _get(self) -> Executor:
         if self._executor is None:
             self._executor = ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn")
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_ignore_sigint,
             )
         return self._executor
 

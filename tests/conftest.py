@@ -43,13 +43,20 @@ def workdir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def config_file(workdir: Path) -> Path:
-    """A TOML config that puts everything under the test's own folder, on a free port."""
-    return write_config(
+def config_file(workdir: Path) -> Iterator[Path]:
+    """A TOML config that puts everything under the test's own folder, on a free port, with
+    the control database `ingestctl init` makes (commands are refused without one)."""
+    from ingest_core.db import close_all, open_control_db
+    from ingest_core.settings import load_settings
+
+    path = write_config(
         workdir / "ingest.toml",
         f'data_root = "var"\nlog_dir = "logs"\n\n[server]\nport = {free_port()}\n'
         'host_key_dir = "keys"\n',
     )
+    open_control_db(load_settings(path).control_db_url)
+    yield path
+    close_all()
 
 
 @pytest.fixture
