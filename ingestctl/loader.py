@@ -143,8 +143,13 @@ def run(args: argparse.Namespace, ctx) -> int:
             ]
         )
     else:
-        for r in results:
-            print_escaped(r.summary())
+        for r in results:  # one line per file, under its account: readable at 2 a.m.
+            if r.outcomes and not (r.busy or r.crashed):
+                print_escaped(f"{r.account}:")
+                for o in r.outcomes:
+                    print_escaped(f"  {o.status} {o.file_name} {o.detail}")
+            else:
+                print_escaped(r.summary())
         if not results:
             print_escaped("no active accounts")
     return 0 if all(r.ok for r in results) else 1

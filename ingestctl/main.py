@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import sqlite3
 import sys
@@ -168,6 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print_escaped("ingestctl: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader stopped early (`... --json | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return 0
     except OSError as exc:
         print_escaped(
             f"ingestctl: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr

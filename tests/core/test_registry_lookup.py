@@ -157,3 +157,28 @@ def test_postgresql_registry_exists_once_migrated(pg_url: str, tmp_path: Path) -
     assert listed.returncode == 0, listed.stderr
     gone = pg_url.rsplit("/", 1)[0] + "/no_such_database_here"
     assert not control_db_exists(gone)
+
+
+def test_a_reader_that_stops_early_is_not_an_error(config_file: Path) -> None:
+    """`ingestctl ... --json | head -c 1` on an output far larger than a pipe holds: no
+    "Broken pipe" message, exit 0."""
+    subprocess.run(
+        [*INGESTCTL, "--config", str(config_file), "account", "create", "acct"],
+        check=True, capture_output=True, cwd=REPO,
+    )  # fmt: skip
+    logs = config_file.parent / "logs"
+    logs.mkdir(exist_ok=True)
+    event = {"event": "file.download", "account": "acct", "name": "sis_loader.log", "bytes": 1}
+    with open(logs / "server.jsonl", "a", encoding="utf-8") as handle:
+        for i in range(5000):
+            handle.write(json.dumps({**event, "timestamp": f"2026-12-01T00:00:{i % 60:02d}Z"}))
+            handle.write("\n")
+    command = (
+        f"set -o pipefail; {' '.join(INGESTCTL)} --config {config_file} "
+        "activity acct --limit 5000 --json | head -c 1"
+    )
+    result = subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert result.stderr == ""
+    assert result.returncode == 0

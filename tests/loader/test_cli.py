@@ -14,13 +14,19 @@ def test_loader_run_log_and_history(acme, kit, ingestctl):
     kit.write_data(acme.data_file, 5)
     ok = ingestctl("loader", "run", "acme")
     assert ok.returncode == 0, ok.stderr
-    assert "acme: LOADED sis_hr_user_info.txt 5 rows imported" in ok.stdout
+    # One line per file, under its account (not one long line per account).
+    assert ok.stdout.splitlines()[:2] == [
+        "acme:",
+        "  LOADED sis_hr_user_info.txt 5 rows imported",
+    ]
     assert not acme.data_file.exists()
 
     acme.data_file.write_text("UUUID\tfirst_name\n1\tx\n", encoding="utf-8")
     bad = ingestctl("loader", "run")
     assert bad.returncode == 1
-    assert "acme: ERROR sis_hr_user_info.txt not loaded" in bad.stdout
+    lines = bad.stdout.splitlines()
+    assert lines[0] == "acme:"
+    assert lines[1].startswith("  ERROR sis_hr_user_info.txt not loaded")
 
     log = ingestctl("log", "acme")
     assert log.returncode == 0
