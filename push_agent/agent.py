@@ -10,7 +10,7 @@ from typing import Any
 
 from ingest_core.schedule import utc_now
 from ingest_core.structured_log import get_logger
-from push_agent.settings import AgentSettings
+from push_agent.settings import AgentSettings, log_folder, log_limits
 from push_agent.state import State
 
 LOG_COMPONENT = "push-agent"
@@ -48,5 +48,5 @@ def open_agent(
         private_dir(folder)
     state = State(settings.state_file)
     os.chmod(settings.state_file, 0o600)
-    log = get_logger(settings.log_dir, LOG_COMPONENT, echo=echo)
+    log = get_logger(log_folder(settings), LOG_COMPONENT, echo=echo, **log_limits(settings))
     return Agent(settings=settings, state=state, log=log, now=now)

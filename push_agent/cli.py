@@ -9,18 +9,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ingest_core.console import OneLineErrorParser, print_fields, print_json, print_table
+from sqlalchemy.exc import SQLAlchemyError
+
+from ingest_core.console import OneLineErrorParser, print_fields, print_json, print_table, warn
 from ingest_core.errors import IngestError, Refused
 from push_agent import connections, daemon, runs
 from push_agent.agent import Agent, open_agent
 from push_agent.connections import Connection, parse_delimiter
 from push_agent.settings import load_agent_settings
+from push_agent.state import describe_state_error
 
 PROG = "ingest-push"
 
@@ -75,7 +79,22 @@ SETTING_FLAGS = {
     "since": "since_initial",
     "db_url": "source_url",
     "bind_address": "bind_address",
+    "allow_empty": "allow_empty",
 }
+
+
+def parse_line_share(text: str) -> float:
+    """``--min-line-share``: 0.5 or 50% (half the lines of the last successful transfer)."""
+    try:
+        share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        share = -1.0
+    if not 0 <= share <= 1:
+        raise Refused(
+            f"{text!r} is not a line share; accepted: 0 (off) to 1 or 0% to 100%, "
+            "e.g. 0.5 for half the lines of the last successful transfer"
+        )
+    return share
 
 
 def _settings_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -88,8 +107,12 @@ def _settings_from(args: argparse.Namespace) -> dict[str, Any]:
         values["delimiter"] = parse_delimiter(args.delimiter)
     if args.notify is not None:
         values["notify"] = [a for a in args.notify if a]
+    if args.min_line_share is not None:
+        values["min_line_share"] = parse_line_share(args.min_line_share)
     if args.file is not None:
-        values.update(source_kind="file", source_path=args.file)
+        # Absolute: the daemon runs in another folder than the one this command ran in.
+        path = os.path.expanduser(args.file)
+        values.update(source_kind="file", source_path=path and os.path.abspath(path))
     if args.command is not None:
         values.update(source_kind="command", source_command=args.command)
     if args.query is not None:
@@ -107,6 +130,8 @@ def cmd_add(args: argparse.Namespace, agent: Agent) -> int:
     password = _password(args, required=conn.auth == "password")
     connections.add(agent, conn, password)
     print(f"connection {conn.name} created")
+    for note in connections.warnings_for(conn):
+        warn(note)
     if conn.auth == "key":
         print(f"next: 'ingest-push key generate {conn.name}', install the public key, then test")
     print(f"next: 'ingest-push connection test {conn.name}' (Test and Save)")
@@ -120,6 +145,9 @@ def cmd_edit(args: argparse.Namespace, agent: Agent) -> int:
     password = _password(args, required=False)
     changes = connections.edit(agent, args.name, updates, password)
     print(f"connection {args.name} edited: {', '.join(k for k, _, _ in changes)}")
+    if {k for k, _, _ in changes} & {"source_kind", "source_path", "source_url"}:
+        for note in connections.warnings_for(connections.get(agent, args.name)):
+            warn(note)
     return 0
 
 
@@ -130,7 +158,7 @@ def cmd_delete(args: argparse.Namespace, agent: Agent) -> int:
 
 
 def cmd_list(args: argparse.Namespace, agent: Agent) -> int:
-    rows = [connections.Connection.from_row(r) for r in agent.state.all()]
+    rows = [connections.Connection.from_row(r) for r in connections.all_rows(agent)]
     if args.json:
         print_json([c.public_view() for c in rows])
         return 0
@@ -138,7 +166,7 @@ def cmd_list(args: argparse.Namespace, agent: Agent) -> int:
         [
             (
                 c.name,
-                f"{c.username}@{c.host}:{c.port}",
+                f"{c.username}@{connections.host_port(c.host, c.port)}",
                 c.remote_dir,
                 c.auth,
                 c.frequency,
@@ -158,6 +186,8 @@ def cmd_show(args: argparse.Namespace, agent: Agent) -> int:
     view.update(
         key_fingerprint=connections.key_fingerprint(agent, args.name),
         password_stored=connections.password_path(agent, args.name).exists(),
+        db_password_stored=connections.db_password_path(agent, args.name).exists(),
+        last_sent_lines=row["last_sent_lines"],
         pinned_fingerprint=row["pinned_fingerprint"],
         seen_fingerprint=row["seen_fingerprint"],
         tested_at=row["test_passed_at"],
@@ -179,14 +209,23 @@ def _confirm(host_key: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
+def _print_attempts(failures: Sequence[Any]) -> None:
+    """Every failed attempt's cause, when there was more than one."""
+    if len(failures) > 1:
+        print(f"Every attempt ({len(failures)}):")
+        for number, failure in enumerate(failures, 1):
+            print(f"  {number}. {failure.category}: {failure.cause}")
+
+
 def _report(outcome: runs.Outcome, args: argparse.Namespace, what: str) -> int:
     if args.json:
         print_json(outcome.as_dict())
-        return 0 if outcome.ok else 1
+        return 0 if outcome.ok and outcome.pool_failure is None else 1
     if outcome.failure is not None:
         print(f"{what} of {outcome.connection} FAILED")
         print(outcome.failure.message)
         print(f"Cause: {outcome.failure.cause}")
+        _print_attempts(outcome.attempt_failures)
         return 1
     print(f"{what} of {outcome.connection} passed")
     for key in ("fingerprint", "since", "remote_file", "bytes", "pool_file", "attempts"):
@@ -194,6 +233,13 @@ def _report(outcome: runs.Outcome, args: argparse.Namespace, what: str) -> int:
         value = outcome.host_key if key == "fingerprint" else getattr(outcome, key)
         if value:
             print(f"  {key}: {value}")
+    if outcome.pool_failure is not None:
+        # Recorded apart: the upload above succeeded and moved the since-date.
+        print(f"pool file pickup of {outcome.connection} FAILED")
+        print(outcome.pool_failure.message)
+        print(f"Cause: {outcome.pool_failure.cause}")
+        _print_attempts(outcome.pool_attempt_failures)
+        return 1
     return 0
 
 
@@ -256,18 +302,30 @@ def cmd_status(args: argparse.Namespace, agent: Agent) -> int:
         return 0
     for entry in entries:
         print(f"{entry['name']}  ({entry['host']}, {entry['frequency']})")
-        print_fields(
-            [
-                ("  last success", _local(agent, entry["last_success"]) or "never"),
-                ("  sends data since", entry["since"]),
-                ("  last failure", _local(agent, entry["last_failure"]) or "never"),
-                ("  failure message", entry["last_failure_message"]),
-                ("  failure cause", entry["last_failure_cause"]),
-                ("  next run", _local(agent, entry["next_run"])),
-                ("  verified fingerprint", entry["verified_fingerprint"] or "none"),
-                ("  blocked", entry["blocked"] or "no"),
+        failed = _local(agent, entry["last_failure"])
+        if failed and entry["last_failure_of"]:
+            failed += f" ({entry['last_failure_of']})"
+        if failed and entry["last_failure_older"]:
+            failed += ", older than the last success: the connection has worked since"
+        fields: list[tuple[str, Any]] = [
+            ("  last success", _local(agent, entry["last_success"]) or "never"),
+            ("  sends data since", entry["since"]),
+            ("  last failure", failed or "never"),
+            ("  failure message", entry["last_failure_message"]),
+            ("  failure cause", entry["last_failure_cause"]),
+        ]
+        attempts = entry["last_failure_attempts"]
+        if len(attempts) > 1:
+            fields += [
+                (f"  attempt {n}", f"{a['category']}: {a['cause']}")
+                for n, a in enumerate(attempts, 1)
             ]
-        )
+        fields += [
+            ("  next run", _local(agent, entry["next_run"])),
+            ("  verified fingerprint", entry["verified_fingerprint"] or "none"),
+            ("  blocked", entry["blocked"] or "no"),
+        ]
+        print_fields(fields)
     return 0
 
 
@@ -280,8 +338,8 @@ def cmd_history(args: argparse.Namespace, agent: Agent) -> int:
         [
             (
                 _local(agent, r["started_at"]),
-                r["trigger"],
-                "ok" if r["ok"] else "FAILED",
+                f"{r['trigger']} ({r['part']})" if r.get("part") else r["trigger"],
+                "ok" if r["ok"] else ("FAILED" if r["finished_at"] else "unfinished"),
                 r["since"],
                 r["bytes"],
                 r["category"],
@@ -339,6 +397,18 @@ def _connection_options(p: argparse.ArgumentParser, adding: bool) -> None:
         "--notify", action="append", metavar="ADDRESS", help="e-mail address (repeatable)"
     )
     p.add_argument("--bind-address", help="local IP address to connect from")
+    p.add_argument(
+        "--allow-empty",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="send an export with no data (default: such a run fails, nothing is sent)",
+    )
+    p.add_argument(
+        "--min-line-share",
+        metavar="SHARE",
+        help="fail a file with fewer lines than this share of the last successful transfer "
+        "(0.5 or 50%%: half; default 0: off)",
+    )
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     p.add_argument("--password-file", help="read the password from this file")
     if not adding:
@@ -431,6 +501,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except IngestError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except SQLAlchemyError as exc:  # "disk I/O error" on a full disk: one plain line
+        state_file = agent.state.path if agent is not None else Path("state.db")
+        print(f"{PROG}: {describe_state_error(exc, state_file)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -1,5 +1,6 @@
 """The five classified failures (the wording hosted push services use), each with the concrete
-cause.
+cause, and the agent's own three (a full local disk, a pool file not published yet, an agent
+stopped in the middle of a run).
 
 Every way a test or a transfer can fail ends as exactly one :class:`Failure`: the
 message (so an operator sees the sentence they were trained on) plus one line of cause naming
@@ -22,6 +23,10 @@ class Category(StrEnum):
     UNREACHABLE = "unreachable"
     NEW_FINGERPRINT = "new-fingerprint"
     TRANSFER = "transfer"
+    # The agent's own: not a connection problem, so not one of the five hosted messages.
+    LOCAL_DISK = "local-disk-full"
+    POOL_MISSING = "pool-missing"
+    AGENT_STOPPED = "agent-stopped"
 
 
 MESSAGES = {
@@ -36,6 +41,14 @@ MESSAGES = {
     "connection interruption, insufficient SFTP server path permissions, no space on the SFTP "
     "server, attempting to transfer to a forbidden or non-existent directory, or some other "
     "scenario.",
+    Category.LOCAL_DISK: "This computer's disk is full. Nothing was sent and the since-date did "
+    "not move: free some space on the disk named below, then run again (or wait for the next "
+    "scheduled run, which sends the same data).",
+    Category.POOL_MISSING: "The pool file is not on the SFTP server (not published yet?). "
+    "Whatever this run had to send was sent; the pool file is fetched again at the next run.",
+    Category.AGENT_STOPPED: "The agent stopped in the middle of this run (its process was killed "
+    "or the computer went down). Check why it stopped (out of memory, a reboot, a service "
+    "manager) so that it does not happen every night.",
 }
 
 # Where a session was when it failed: decides what a dropped connection or a timeout means.

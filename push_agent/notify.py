@@ -1,8 +1,9 @@
 """E-mails to a connection's addresses (and the configured administrators).
 
-Sent when a connection is created, edited or deleted (who, when, what changed) and when a
-scheduled run fails (when, the failure message, the cause). Bodies never hold a password, a key
-or file contents. A mail that cannot be sent is logged, never fatal.
+Sent when a connection is created, edited or deleted (who, when, what changed), when a server
+fingerprint is confirmed, and when a scheduled run or its pool file pickup fails (when, the
+first failure's message, the cause, and the cause of every attempt). Bodies never hold a
+password, a key or file contents. A mail that cannot be sent is logged, never fatal.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import pwd
 import smtplib
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +56,25 @@ def _send(agent: Agent, connection: str, subject: str, body: str, to: list[str])
     agent.log.info("mail_sent", connection=connection, subject=subject, recipients=to)
 
 
+# Settings that shape only a query's output (the CSV writer): listed for query sources only.
+QUERY_ONLY_SETTINGS = (
+    "source_url",
+    "source_query",
+    "delimiter",
+    "header",
+    "row_terminator",
+    "quoting",
+)
+
+
+def applicable(changes: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
+    """The settings of a new connection that apply to it (no query options for a command)."""
+    kind = next((new for key, _, new in changes if key == "source_kind"), None)
+    if kind is None or kind == "query":
+        return changes
+    return [c for c in changes if c[0] not in QUERY_ONLY_SETTINGS]
+
+
 def _show(value: Any) -> str:
     if value is None or value == "" or value == []:
         return "(none)"
@@ -77,6 +98,8 @@ def mail_change(
         f"By:   {who} on {os.uname().nodename}",
         f"When: {_when(agent, when)}",
     ]
+    if action == "created":
+        changes = applicable(changes)
     if changes:
         lines += ["", "What changed:" if action == "edited" else "Settings:"]
         for key, old, new in changes:
@@ -89,21 +112,43 @@ def mail_change(
 
 
 def mail_failure(
-    agent: Agent, connection: str, addresses: list[str], at: datetime, failure: Failure
+    agent: Agent,
+    connection: str,
+    addresses: list[str],
+    at: datetime,
+    failure: Failure,
+    attempts: Sequence[Failure] = (),
+    pool: bool = False,
 ) -> None:
-    body = "\n".join(
-        [
-            f"A scheduled transfer of the SFTP push connection {connection!r} failed.",
-            "",
-            f"Attempted: {_when(agent, at)}",
-            "",
-            failure.message,
-            "",
-            f"Cause: {failure.cause}",
-            "",
-            "The next scheduled run sends data from the last successful transfer date again.",
-            f"See 'ingest-push status' and 'ingest-push connection test {connection}'.",
-        ]
-    )
-    subject = f"[ingest-push] {connection}: scheduled transfer failed ({failure.category})"
-    _send(agent, connection, subject, body + "\n", recipients(agent, addresses))
+    """``failure`` is the run's first failure; ``attempts`` every failed attempt, in order.
+    ``pool``: the pool file pickup failed after the upload succeeded (recorded apart)."""
+    if pool:
+        head = (
+            f"The scheduled pickup of the pool file of the SFTP push connection {connection!r} "
+            "failed. The upload of the same run succeeded: the since-date moved."
+        )
+        after = "The next run fetches the pool file again."
+    else:
+        head = f"A scheduled transfer of the SFTP push connection {connection!r} failed."
+        after = "The next scheduled run sends data from the last successful transfer date again."
+    lines = [
+        head,
+        "",
+        f"Attempted: {_when(agent, at)}",
+        "",
+        failure.message,
+        "",
+        f"Cause: {failure.cause}",
+    ]
+    if len(attempts) > 1:
+        lines += ["", f"Every attempt ({len(attempts)}):"]
+        for number, attempt in enumerate(attempts, 1):
+            lines.append(f"  {number}. {attempt.category}: {attempt.cause}")
+    lines += [
+        "",
+        after,
+        f"See 'ingest-push status' and 'ingest-push connection test {connection}'.",
+    ]
+    what = "pool file pickup" if pool else "scheduled transfer"
+    subject = f"[ingest-push] {connection}: {what} failed ({failure.category})"
+    _send(agent, connection, subject, "\n".join(lines) + "\n", recipients(agent, addresses))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -23,6 +24,22 @@ from ingest_core.settings import (
 
 CONFIG_ENV = "INGEST_PUSH_CONFIG"
 DEFAULT_CONFIG_NAME = "ingest-push.toml"
+# The log folder: the agent's user and its group may read the logs, nobody else.
+LOG_DIR_MODE = 0o750
+LOG_FILE_MODE = 0o640
+
+
+@dataclass(frozen=True)
+class AgentLogSettings:
+    """``push-agent.jsonl`` in ``log_dir``, rotated like the server's logs."""
+
+    # The log is rotated when it reaches max_bytes; backups older files are kept
+    # (push-agent.jsonl.1 ... .N). 0 for max_bytes: never rotated by the agent (logrotate).
+    max_bytes: int = 16 * 1024**2
+    backups: int = 8
+    # Below this much free space on the log folder's disk, info lines are counted instead of
+    # written (warnings and errors still are); 0: always write.
+    free_disk_reserve_bytes: int = 256 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -41,6 +58,7 @@ class AgentSettings:
     # How often the daemon looks at the clock while waiting for the next run.
     daemon_step: float = 30.0
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    logs: AgentLogSettings = field(default_factory=AgentLogSettings)
     source: str = "built-in defaults"
 
     @property
@@ -73,7 +91,10 @@ def load_agent_settings(path: str | os.PathLike[str] | None = None) -> AgentSett
     chosen = find_config_file(path, CONFIG_ENV, DEFAULT_CONFIG_NAME)
     if chosen is None:
         return resolve_agent_settings(AgentSettings(), Path.cwd(), "built-in defaults")
-    built = build_table(AgentSettings, read_config_file(chosen), str(chosen), "")
+    raw = read_config_file(chosen)
+    if "source" in raw:  # where the settings came from, not a setting
+        raise ConfigError(f"{chosen}: source: unknown setting")
+    built = build_table(AgentSettings, raw, str(chosen), "")
     return resolve_agent_settings(built, chosen.resolve().parent, str(chosen))
 
 
@@ -103,3 +124,30 @@ def resolve_agent_settings(settings: AgentSettings, base: Path, source: str) -> 
     if resolved.retries > 10:
         raise ConfigError(f"{source}: retries: expected 0 to 10, got {resolved.retries}")
     return resolved
+
+
+def log_limits(settings: AgentSettings) -> dict[str, int]:
+    """The keyword arguments of ``get_logger`` that come from ``[logs]``."""
+    return {
+        "max_bytes": settings.logs.max_bytes,
+        "backups": settings.logs.backups,
+        "disk_reserve": settings.logs.free_disk_reserve_bytes,
+    }
+
+
+def log_folder(settings: AgentSettings) -> Path:
+    """The log folder, created 0750; when it is the agent's own, made 0750 and its logs 0640
+    (an older version left them readable by every user)."""
+    folder = settings.log_dir
+    folder.mkdir(mode=LOG_DIR_MODE, parents=True, exist_ok=True)
+    mine = os.geteuid()
+    try:
+        if folder.stat().st_uid == mine:
+            os.chmod(folder, LOG_DIR_MODE)
+        for log in folder.glob("*.jsonl*"):
+            info = log.lstat()
+            if stat.S_ISREG(info.st_mode) and info.st_uid == mine and info.st_mode & 0o137:
+                os.chmod(log, LOG_FILE_MODE)
+    except OSError:  # a shared log folder someone else manages: leave its modes alone
+        pass
+    return folder

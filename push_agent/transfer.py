@@ -20,7 +20,7 @@ import posixpath
 import re
 import secrets
 import socket
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +42,10 @@ from push_agent.failures import (
 )
 
 PROBE_BYTES = b"ingest-push write probe\n"
+# A downloaded pool file holds personal identifiers: owner read-write, group read (as the
+# server's files), whatever the umask; its folder, when the agent creates it, 0750.
+POOL_FILE_MODE = 0o640
+POOL_DIR_MODE = 0o750
 
 # OpenSSH's default HostKeyAlgorithms order (ssh_config(5)), plain keys only: a host
 # certificate would be checked against a CA, and a pin is the fingerprint of a plain key (a
@@ -210,13 +214,24 @@ class Session:
                 f"{len(PROBE_BYTES)} were written",
             )
 
-    async def upload(self, local: Path, remote_dir: str, remote_name: str) -> int:
-        """Upload to a hidden temporary name, rename into place, verify the size."""
+    async def upload(
+        self,
+        local: Path,
+        remote_dir: str,
+        remote_name: str,
+        on_temp: Callable[[str], None] | None = None,
+    ) -> int:
+        """Upload to a hidden temporary name, rename into place, verify the size.
+
+        ``on_temp`` is told the temporary name before anything is written to it, so that a
+        name an agent killed mid-upload leaves behind can be removed by the next run."""
         await self.check_directory(remote_dir)
         await self._remove_stale_temps(remote_dir, remote_name)
         size = local.stat().st_size
         final = posixpath.join(remote_dir, remote_name)
         temp = posixpath.join(remote_dir, f".{remote_name}.{secrets.token_hex(4)}.part")
+        if on_temp is not None:
+            on_temp(temp)
         try:
             await self.sftp.put(str(local), temp)
         except asyncssh.SFTPPermissionDenied:
@@ -257,12 +272,15 @@ class Session:
         try:
             expected = (await self.sftp.stat(remote)).size
         except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPNoSuchPath):
-            raise fail(Category.TRANSFER, f"the remote file {remote} does not exist") from None
+            # Only pool files are downloaded: one not published yet has its own message.
+            raise fail(Category.POOL_MISSING, f"the remote file {remote} does not exist") from None
         except asyncssh.SFTPError as exc:
             raise _sftp_failure(exc, f"reading {remote}") from exc
-        local.parent.mkdir(parents=True, exist_ok=True)
+        local.parent.mkdir(mode=POOL_DIR_MODE, parents=True, exist_ok=True)
         temp = local.parent / f".{local.name}.{secrets.token_hex(4)}.part"
         try:
+            temp.touch(mode=POOL_FILE_MODE, exist_ok=False)  # its mode before a byte arrives
+            temp.chmod(POOL_FILE_MODE)
             # sparse=False: no ranges@asyncssh.com request, which some servers mishandle.
             await self.sftp.get(remote, str(temp), sparse=False)
             got = temp.stat().st_size
@@ -318,6 +336,10 @@ class Session:
     async def _discard(self, path: str) -> None:
         with suppress(asyncssh.Error, OSError):
             await self.sftp.remove(path)
+
+    async def discard(self, path: str) -> None:
+        """Remove ``path`` if it is there (a temporary name an earlier run left behind)."""
+        await self._discard(path)
 
 
 def _sftp_failure(exc: asyncssh.SFTPError, doing: str) -> PushFailure:

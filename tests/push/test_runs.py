@@ -118,11 +118,11 @@ def test_pool_pickup_downloads_to_a_temp_name_then_renames(
     assert outcome.ok and outcome.pool_file == str(local)
     assert local.read_bytes() == b"U1001\r\nU1002\r\nU1003\r\n"
     assert [p.name for p in local.parent.iterdir()] == ["applicant_pool.txt"]
-    # A missing pool file is a classified failure and leaves the last good copy alone.
+    # A missing pool file is a failure of its own and leaves the last good copy alone.
     connections.edit(agent, "sis", {"pool_remote": "/pool/missing.txt"})
     assert asyncio.run(runs.test_connection(agent, "sis")).ok
     missing = run(agent)
-    assert missing.failure is not None and missing.failure.category is Category.TRANSFER
+    assert missing.failure is not None and missing.failure.category is Category.POOL_MISSING
     assert "/pool/missing.txt does not exist" in missing.failure.cause
     assert local.read_bytes() == b"U1001\r\nU1002\r\nU1003\r\n"
 
