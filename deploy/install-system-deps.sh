@@ -2,7 +2,9 @@
 # System packages the test suite drives for real: OpenSSH's sshd (the comparison and push-agent
 # target), PuTTY's psftp/pscp and lftp (client matrix), PostgreSQL 15 (SIS database tests),
 # iproute2 (a private network namespace for the handshake ACK test), strace (which syscalls
-# make an upload durable), logrotate (the shipped deploy/sis-ingest.logrotate is run for real).
+# make an upload durable), logrotate (the shipped deploy/sis-ingest.logrotate is run for real),
+# rclone and sshfs (client matrix; sshfs brings FUSE 3 and fusermount3), prometheus (a real
+# Prometheus scrapes /metrics; promtool checks the exposition and deploy/prometheus-alerts.yml).
 # Runs apt-get only for what is missing, so a second run costs nothing.
 set -euo pipefail
 
@@ -16,6 +18,9 @@ command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need+=(iproute2)
 command -v strace >/dev/null 2>&1 || need+=(strace)
 command -v logrotate >/dev/null 2>&1 || [ -x /usr/sbin/logrotate ] || need+=(logrotate)
+command -v rclone >/dev/null 2>&1 || need+=(rclone)
+command -v sshfs >/dev/null 2>&1 || need+=(sshfs)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

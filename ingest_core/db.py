@@ -1,4 +1,5 @@
-"""The control database: accounts, keys, addresses, audit trail, bans, file specs, job state.
+"""The control database: accounts, keys, addresses, contacts, audit trail, bans, file specs, job
+state.
 
 SQLite by default (a file under the data root), PostgreSQL when the URL says so. The schema
 is owned by Alembic: :func:`open_control_db` upgrades it to the newest revision on first use,
@@ -80,6 +81,9 @@ class Account(Base):
     specs: Mapped[list[FileSpec]] = relationship(
         back_populates="account", cascade="all, delete-orphan", order_by="FileSpec.id"
     )
+    contacts: Mapped[list[AccountContact]] = relationship(
+        back_populates="account", cascade="all, delete-orphan", order_by="AccountContact.id"
+    )
 
     @property
     def active(self) -> bool:
@@ -115,6 +119,22 @@ class AccountIp(Base):
     added_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
 
     account: Mapped[Account] = relationship(back_populates="ips")
+
+
+class AccountContact(Base):
+    """An e-mail address at the client institution that receives the account's alerts."""
+
+    __tablename__ = "account_contacts"
+    __table_args__ = (UniqueConstraint("account_id", "email"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    email: Mapped[str] = mapped_column(String(254), nullable=False)
+    added_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+    account: Mapped[Account] = relationship(back_populates="contacts")
 
 
 class AuditEvent(Base):

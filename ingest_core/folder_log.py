@@ -37,7 +37,20 @@ from ingest_core.durable_files import replace_file
 from ingest_core.file_names import escape_for_operator
 from ingest_core.folders import LOG_TRIM_TEMP_PREFIX, AccountFolder
 
-STATUSES = ("LOADED", "NO FILE", "ERROR", "RECEIVED", "POOL")
+# SKIPPED: a file whose name matches no approved one (told once per arrival, not a failure);
+# WARNING: a file not loaded, to be deleted soon; REMOVED: deleted, never loaded (retention);
+# LATE: an approved file that loaded before has not loaded for several runs in a row.
+STATUSES = (
+    "LOADED",
+    "NO FILE",
+    "ERROR",
+    "RECEIVED",
+    "POOL",
+    "SKIPPED",
+    "WARNING",
+    "REMOVED",
+    "LATE",
+)
 
 # Never through a link, never blocking on a FIFO someone put there, never inherited.
 _SAFE_OPEN = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC

@@ -1,4 +1,4 @@
-"""The account registry: the one place accounts, their keys and allowed addresses change.
+"""The account registry: the one place accounts, their keys, allowed addresses and contacts change.
 
 Every change runs in one transaction together with its audit event, so a refused or failed
 change leaves nothing behind. Readers (the server at each connection) query the database
@@ -10,6 +10,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from ingest_core.db import (
     Account,
+    AccountContact,
     AccountIp,
     AccountKey,
     AuditEvent,
@@ -34,6 +36,35 @@ from ingest_core.errors import NotFound, Refused
 from ingest_core.folders import account_folder, create_account_folder
 from ingest_core.policy import check_account_name, parse_address, parse_public_key
 from ingest_core.settings import Settings
+
+# One plain address: local part (dot-atoms of the characters RFC 5322 allows unquoted), "@",
+# a domain of letters, digits and hyphens with at least one dot. No display name, no
+# comments, no quoted local part: the address is used as it is in a To: header.
+_LOCAL_PART = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+_DOMAIN_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+MAX_EMAIL = 254
+
+
+def check_email(text: str) -> str:
+    """``text`` as a contact address (its domain in lower case), or :class:`Refused` with one
+    line saying what is accepted."""
+    address = text.strip()
+    accepted = "give one plain address such as it-team@example.edu (no name, no <>)"
+    shown = json.dumps(address, ensure_ascii=True)
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        raise Refused(f"{shown} is not an e-mail address: {accepted}")
+    if len(address) > MAX_EMAIL or len(local) > 64:
+        raise Refused(f"{shown} is too long for an e-mail address (at most {MAX_EMAIL} characters)")
+    if not _LOCAL_PART.match(local):
+        raise Refused(f"{shown}: the part before @ holds characters not accepted here: {accepted}")
+    labels = domain.rstrip(".").split(".") if domain != "." else [""]
+    if len(labels) < 2 or not all(_DOMAIN_LABEL.match(label) for label in labels):
+        raise Refused(
+            f"{shown}: {domain!r} is not a mail domain (letters, digits, hyphens and dots, "
+            f"such as example.edu): {accepted}"
+        )
+    return f"{local}@{'.'.join(labels).lower()}"
 
 
 def current_actor() -> str:
@@ -70,6 +101,12 @@ class AccountView:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ContactView:
+    email: str
+    added_at: str
 
 
 @dataclass(frozen=True)
@@ -233,6 +270,7 @@ class Registry:
         with self.change() as session:
             account = self._get(session, name)
             view = self._view(account)
+            contacts = [c.email for c in account.contacts]
             session.delete(account)
             self.audit(
                 session,
@@ -241,6 +279,7 @@ class Registry:
                 purge=purge,
                 keys=[k.fingerprint for k in view.keys],
                 ips=view.ips,
+                contacts=contacts,
             )
         if purge:
             shutil.rmtree(account_folder(self.settings, name).root, ignore_errors=True)
@@ -351,6 +390,55 @@ class Registry:
 
     def list_ips(self, name: str) -> list[str]:
         return self.get_account(name).ips
+
+    # -- contacts -------------------------------------------------------------------------
+
+    def add_contact(self, name: str, text: str) -> str:
+        """Add one address that receives the account's alerts; returns it as stored."""
+        email = check_email(text)
+        with self.change() as session:
+            account = self._get(session, name)
+            for contact in account.contacts:
+                if contact.email.lower() == email.lower():
+                    raise Refused(
+                        f"{contact.email} is already a contact of {name!r}: nothing to add"
+                    )
+            account.contacts.append(AccountContact(email=email))
+            account.updated_at = utcnow()
+            self.audit(session, name, "contact.add", email=email)
+        return email
+
+    def remove_contact(self, name: str, text: str) -> str:
+        wanted = text.strip().lower()
+        with self.change() as session:
+            account = self._get(session, name)
+            for contact in account.contacts:
+                if contact.email.lower() == wanted:
+                    account.contacts.remove(contact)
+                    account.updated_at = utcnow()
+                    self.audit(session, name, "contact.remove", email=contact.email)
+                    return contact.email
+        raise NotFound(
+            f"{text.strip()!r} is not a contact of {name!r} (see 'ingestctl contact list {name}')"
+        )
+
+    def list_contacts(self, name: str) -> list[ContactView]:
+        with self.db.session() as session:
+            account = self._get(session, name)
+            return [ContactView(c.email, _iso(c.added_at)) for c in account.contacts]
+
+    def contact_emails(self, name: str) -> list[str]:
+        """The addresses the account's alerts go to besides the operators ([] if none, or
+        if the account no longer exists)."""
+        with self.db.session() as session:
+            return list(
+                session.scalars(
+                    select(AccountContact.email)
+                    .join(Account)
+                    .where(Account.name == name)
+                    .order_by(AccountContact.id)
+                )
+            )
 
     # -- audit ----------------------------------------------------------------------------
 

@@ -214,6 +214,19 @@ class LoaderSettings:
     max_reported_errors: int = 20
     log_retention_days: int = 400
     precheck: bool = True
+    # A file left in an account folder without being loaded (a stray name, a refused file)
+    # is deleted this many days after it arrived, with a warning line 7 days before; 0: kept.
+    unloaded_file_retention_days: int = 30
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    """When operators and an account's contacts are told that a feed stopped."""
+
+    # A spec that has loaded before and then goes this many runs in a row (nightly or
+    # manual) without a load is late: mailed once per streak, and again when it resumes.
+    # 0: no late-feed alerts.
+    missing_file_runs: int = 2
 
 
 @dataclass(frozen=True)
@@ -240,6 +253,15 @@ class SmtpSettings:
 
 
 @dataclass(frozen=True)
+class AdminSettings:
+    """The admin HTTP listener in the server's listener process: ``GET /metrics``
+    (Prometheus) and ``GET /healthz``. ``port`` 0: no admin listener."""
+
+    host: str = "127.0.0.1"
+    port: int = 9700
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything, resolved once. Paths are absolute."""
 
@@ -255,8 +277,10 @@ class Settings:
     ips: IpPolicySettings = field(default_factory=IpPolicySettings)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     loader: LoaderSettings = field(default_factory=LoaderSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
     pool: PoolSettings = field(default_factory=PoolSettings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
     source: str = "built-in defaults"
 
     @property

@@ -21,6 +21,7 @@ from typing import Any
 
 import asyncssh
 
+from ingest_core import metrics
 from ingest_core.folders import account_folder
 from ingest_core.policy import key_refusal
 from ingest_core.registry import LoginView, Registry
@@ -29,6 +30,7 @@ from ingest_core.settings import Settings
 from ingest_server.ledger import AccountLedger
 from ingest_server.session_budget import BudgetExceeded, Held, SessionBudget
 from ingest_server.sftp import AccountSFTPServer, UploadTracker
+from ingest_server.sftp_compat import WriteTrailerTolerance
 
 SERVICE_ONLY_MESSAGE = "This service accepts SFTP and SCP only."
 SHA2_RSA_SIGNATURES = frozenset({b"rsa-sha2-256", b"rsa-sha2-512"})
@@ -155,6 +157,7 @@ class ClientConnection(asyncssh.SSHServer):
         self.repeats.flush()
         audit = self.state.audit
         if self.authenticated:
+            metrics.session_ended()
             audit.info(
                 "session.end",
                 account=self.username,
@@ -166,6 +169,7 @@ class ClientConnection(asyncssh.SSHServer):
             # The key was acceptable but the signature was not: a SHA-1 `ssh-rsa` signature
             # (refused unless server.allow_sha1_rsa_signatures) or a bad one.
             self._fail(self.accepted_fingerprint, "signature refused (SHA-1 or invalid)")
+        metrics.login_failed(self.failures)
         if not self.failures or self.registry_failed:
             return
         self.state.failed_login(self.address, self.view is None)
@@ -252,6 +256,7 @@ class ClientConnection(asyncssh.SSHServer):
             address=self.address,
             fingerprint=self.accepted_fingerprint,
         )
+        metrics.login_succeeded(self.username)
         # The account's session slot is asked for now; channels wait for the answer.
         self._admission = asyncio.ensure_future(self.state.ledger.open_session(self.username))
         self.budget.touch()
@@ -304,6 +309,7 @@ class ClientConnection(asyncssh.SSHServer):
         try:
             held = self.budget.open_channel()
         except BudgetExceeded as exc:
+            metrics.limit_hit("max_channels_per_connection")
             self._refuse("session beyond max_channels_per_connection")
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, str(exc)
@@ -320,6 +326,7 @@ class ClientConnection(asyncssh.SSHServer):
         if not admitted:
             held.release()
             limit = self.state.settings.limits.max_sessions_per_account
+            metrics.limit_hit("max_sessions_per_account")
             self._refuse("session beyond max_sessions_per_account")
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
@@ -376,7 +383,7 @@ class ClientConnection(asyncssh.SSHServer):
         return self._refuse("tap forwarding")
 
 
-class _CountedSession(asyncssh.SSHServerProcess):  # type: ignore[type-arg]
+class _CountedSession(WriteTrailerTolerance, asyncssh.SSHServerProcess):  # type: ignore[type-arg]
     """asyncssh's own SFTP/SCP session, extended to give its channel back to the
     connection's budget when it closes (for any reason, exactly once)."""
 

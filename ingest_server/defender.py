@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select
 
+from ingest_core import metrics
 from ingest_core.db import ControlDB, DefenderBan, open_control_db, utcnow
 from ingest_core.errors import NotFound
 from ingest_core.policy import parse_address
@@ -81,6 +82,7 @@ class Defender:
             ban.banned_until = until
             ban.score = score
             ban.reason = reason
+        metrics.ban()
         return BanView(address, _iso(now), _iso(until), score, reason)
 
 

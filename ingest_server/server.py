@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Any
 
+from ingest_core import metrics
 from ingest_core.db import open_control_db
 from ingest_core.errors import IngestError
 from ingest_core.folders import remove_stale_uploads
@@ -37,6 +38,7 @@ from ingest_core.policy import normalize_peer_address
 from ingest_core.registry import Registry
 from ingest_core.settings import Settings
 from ingest_core.structured_log import get_logger, log_limits
+from ingest_server.admin import AdminListener, serving
 from ingest_server.defender import Defender
 from ingest_server.gate import AdmittedConnections, ConnectionGate
 from ingest_server.host_keys import HOST_KEY_FILES, ensure_host_keys
@@ -61,6 +63,7 @@ class Server:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.audit = get_logger(settings.log_dir, "server", pid=os.getpid(), **log_limits(settings))
+        self.admin = AdminListener(settings, self.audit)  # metrics: before any worker starts
         db = open_control_db(settings.control_db_url)
         self.defender = Defender(settings.defender, db)
         self.gate = ConnectionGate(
@@ -124,6 +127,7 @@ class Server:
                 file=sys.stderr,
                 flush=True,
             )
+        await self.admin.start(lambda: serving(self, stop))  # GET /metrics, /healthz
         accepting = asyncio.create_task(self._accept(listener))
         self.listening.set()
         try:
@@ -160,6 +164,7 @@ class Server:
             await self.sessions.shut_down()
         if self._bans:  # bans being written
             await asyncio.wait(set(self._bans), timeout=_CLOSE_WAIT)
+        await self.admin.stop()
 
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -224,6 +229,7 @@ class Server:
             sock.close()
             self._log_refusal(address, refusal)
             return None
+        metrics.connection_admitted()
         return self.admitted.hold(address), address
 
     # -- the defender -----------------------------------------------------------------------
@@ -255,6 +261,7 @@ class Server:
 
         A banned or unknown address hammering the port must not fill the disk with lines.
         """
+        metrics.connection_refused(reason)
         now = time.monotonic()
         key = (address, reason)
         since, repeated = self._refusals.get(key, (0.0, 0))

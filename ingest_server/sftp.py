@@ -43,6 +43,7 @@ from asyncssh import (
     SFTPPermissionDenied,
 )
 
+from ingest_core import metrics
 from ingest_core.file_names import client_name_refusal
 from ingest_core.folders import (
     AccountFolder,
@@ -515,6 +516,7 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         finally:
             self._forget(upload)
         self._settle(upload, received.bytes - received.replaced_bytes)
+        metrics.file_received(self.folder.name, received.bytes)  # bytes at commit, not per write
         self.audit.info(
             "file.received",
             account=self.folder.name,
@@ -580,6 +582,7 @@ class AccountSFTPServer(asyncssh.SFTPServer):
     def _drop(self, upload: Upload, reason: str) -> None:
         if not upload.done:
             upload.discard()
+            metrics.upload_discarded(reason)
             self.audit.info(
                 "upload.discarded",
                 account=self.folder.name,
@@ -592,6 +595,7 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         self._settle(upload, 0)
 
     def _limit_hit(self, name: str, exc: LimitHit) -> None:
+        metrics.limit_hit(exc.kind)
         self.audit.warning(
             "limit.hit",
             account=self.folder.name,
@@ -629,8 +633,14 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         return self.writing_attrs(upload) if upload else client_attrs(os.stat(local))
 
     @_sftp_request
-    def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
+    async def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
         local = self._resolve(path, write=True)
+        upload = self._being_written(local)
+        if upload is not None:
+            # sshfs sets times (cp -p, touch) by path while its handle is still open: they
+            # belong to this session's upload in flight and are applied when it lands.
+            await self.fsetstat(upload, attrs)
+            return
         if attrs.size is not None and attrs.size != os.stat(local).st_size:
             raise SFTPPermissionDenied("changing a stored file's size is not allowed: upload it")
         # Times only (WinSCP and `put -p` set them after an upload); modes and owners are the
@@ -639,8 +649,8 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         if times is not None:
             os.utime(local, times)
 
-    def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> None:
-        self.setstat(path, attrs)
+    def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> Any:
+        return self.setstat(path, attrs)
 
     @_sftp_request
     def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:

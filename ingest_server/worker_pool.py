@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ingest_core import metrics
 from ingest_core.errors import IngestError
 from ingest_core.folders import remove_uploads_of
 from ingest_core.settings import Settings
@@ -206,6 +207,7 @@ class WorkerPool:
         except subprocess.TimeoutExpired:
             worker.process.kill()
             code = await asyncio.to_thread(worker.process.wait)
+        metrics.process_exited(worker.process.pid)  # its live gauges leave the sum
         removed = await asyncio.to_thread(remove_uploads_of, self.settings, worker.process.pid)
         if removed:  # its sessions' uploads died with it: their temporary files go now
             self.audit.warning(

@@ -35,6 +35,7 @@ NOUN_MODULES = (
     "account",
     "key",
     "ip",
+    "contact",
     "spec",
     "hostkey",
     "keygen",

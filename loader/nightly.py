@@ -16,7 +16,21 @@ Rules that matter (issue 4):
   link) stops the account's run before anything is loaded, and the operators are told;
 - the load history's ``message`` holds what the operators may see: values quoted from the file are
   '…' there as in e-mail; a load forced past the row-count guard says so there and in the
-  client's LOADED line.
+  client's LOADED line;
+- a file under no approved name (a stray) is told to the client once per arrival: a SKIPPED
+  line in the first run after it arrived (the folder log itself remembers: a SKIPPED line for
+  the name written at or after the file's arrival), never a failure and never a mail. But when
+  an approved file did not come and a near miss of its name did (case, extension, date stamp),
+  the approved file's line is an ERROR naming the near miss, and the run fails;
+- a file still in the folder ``[loader] unloaded_file_retention_days`` after it arrived (a
+  stray, or a file refused every run since) is deleted: a WARNING line WARNING_DAYS before, a
+  REMOVED line when it goes;
+- mail, to the operators and the account's contacts, only when it matters (:func:`_alert`): the
+  first refused or failed run of a spec since its last load, a feed that loaded before and
+  then missed ``[alerts] missing_file_runs`` runs in a row (once per streak, with a LATE line),
+  and its first load after that. Every count comes from the load history
+  (:meth:`SisDB.streak`): no other state, the same on every node, and a manual
+  ``ingestctl loader run`` counts as a run as the nightly one does.
 
 :func:`load_file` is the "validate + load + swap" of one file with nothing else around it
 (no lock, no delete, no folder log): the benchmark and the tests call it directly.
@@ -29,14 +43,16 @@ import dataclasses
 import fcntl
 import hashlib
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from itertools import chain
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
-from ingest_core import folder_log
+from ingest_core import folder_log, metrics
 from ingest_core.durable_files import fsync_folder
 from ingest_core.errors import Refused
 from ingest_core.file_names import (
@@ -44,21 +60,29 @@ from ingest_core.file_names import (
     escape_for_operator,
     undecodable_or_control,
 )
-from ingest_core.folders import account_folder, lock_path
+from ingest_core.folders import AccountFolder, account_folder, lock_path
 from ingest_core.registry import Registry
 from ingest_core.settings import Settings
 from ingest_core.structured_log import get_logger, log_limits
-from loader.notify import notify_failure
+from loader.notify import notify_failure, notify_late, notify_resumed
 from loader.sis_db import (
     FAILED,
     LOADED,
     NO_FILE,
     REFUSED,
     SisDB,
+    Streak,
     SwapAborted,
     open_sis_db,
 )
-from loader.spec import Spec, closest_spec_hint, match_spec, specs_for, table_name
+from loader.spec import (
+    Spec,
+    _name_differences,
+    closest_spec_hint,
+    match_spec,
+    specs_for,
+    table_name,
+)
 from loader.validate import (
     ValidationReport,
     iter_copy_blocks,
@@ -85,6 +109,8 @@ _MOVED_MESSAGES = {
     "name and rename it when done (uploads through this service always do)",
 }
 FORCED_NOTE = "forced past the row-count guard by an operator"
+# The client's log warns this many days before a file that was not loaded is deleted.
+WARNING_DAYS = 7
 
 # progress(account, file_name, rows_so_far)
 Progress = Callable[[str, str, int], None]
@@ -296,6 +322,7 @@ def load_file(
     with the last successful load of the same account and spec, unless ``force``.
     """
     db = db or open_sis_db(settings.sis_db_url)
+    started = time.monotonic()  # metrics: the load's duration
     table = table_name(spec)
     before = FileIdentity.of(path)
     last = db.last_loaded(spec.account, spec.file_name)
@@ -340,6 +367,7 @@ def load_file(
         return source.sha256()
 
     def result(status: str, count: int, message: str, internal: str = "") -> LoadResult:
+        metrics.load_finished(spec.account, status, count, time.monotonic() - started)
         return LoadResult(
             account=spec.account,
             spec_file=spec.file_name,
@@ -461,7 +489,7 @@ def run_account(
                 result.busy = True
                 log.warning("load_skipped_busy", account=account)
                 return result
-            _run_locked(settings, account, force, progress, result)
+            _run_locked(settings, account, force, progress, result, clock)
             folder_log.trim(
                 account_folder(settings, account), settings.loader.log_retention_days, clock()
             )
@@ -483,21 +511,65 @@ def report_crash(settings: Settings, account: str, error: str, when: datetime) -
     log = get_logger(settings.log_dir, "loader", **log_limits(settings))
     log.error("load_crashed", account=account, error=error)
     # The folder itself may be the problem; the operators still get the e-mail.
+    client = (
+        "the load stopped because of a problem on our side (the operators were notified); "
+        "the SIS data and any uploaded file stay as they were"
+    )
     with contextlib.suppress(OSError):
         folder_log.append(
-            account_folder(settings, account),
-            settings.zone,
-            "ERROR",
-            "-",
-            "the load stopped because of a problem on our side (the operators were notified); "
-            "the SIS data and any uploaded file stay as they were",
-            when,
+            account_folder(settings, account), settings.zone, "ERROR", "-", client, when
         )
-    notify_failure(settings, "Load", account, "-", error, when)
+    notify_failure(settings, "Load", account, "-", error, when, client)
 
 
 def _now(settings: Settings) -> Callable[[], datetime]:
     return lambda: datetime.now(settings.zone)
+
+
+@dataclass(frozen=True)
+class _SpecRun:
+    """How one spec's turn in a run went, for the alerts: ``loaded``, ``missed`` (a run that
+    was recorded in the load history without loading it) or ``unrecorded`` (nothing recorded:
+    the file vanished before its load began, or the SIS database could not be reached)."""
+
+    kind: str
+    reason: str = ""  # for a missed run: what happened, in words the client may read
+    rows: int = 0
+    problem: bool = False  # refused or failed (a misnamed file included): worth a mail
+    operator_error: str = ""  # a problem's full error, for the operators' mail
+
+
+def _arrival(st: os.stat_result) -> datetime:
+    """When a file was put in the folder (or last changed): the later of its mtime and its
+    ctime, which a client cannot set (a rename into place sets it), in whole seconds as the
+    folder log's timestamps are."""
+    return datetime.fromtimestamp(max(st.st_mtime, st.st_ctime), UTC).replace(microsecond=0)
+
+
+def near_misses(spec: Spec, names: Sequence[str]) -> list[str]:
+    """The names in ``names`` that are the approved name but for case, extension, date stamp
+    or Unicode form (as :func:`loader.spec.closest_spec_hint` says "did you mean")."""
+    return [n for n in names if n != spec.file_name and _name_differences(n, spec.file_name)]
+
+
+def _told_since(entries: list[dict[str, str]], status: str, shown: str, since: datetime) -> bool:
+    """Does the folder log hold a ``status`` line for the file shown as ``shown`` written at
+    or after ``since``? (How the run remembers that it told the client already.)"""
+    for entry in entries:
+        if entry["status"] != status or entry["file"] != shown:
+            continue
+        when = folder_log.line_time(entry["time"])
+        if when is not None and when >= since:
+            return True
+    return False
+
+
+def _and(items: list[str]) -> str:
+    return ", ".join(items[:-1]) + " and " + items[-1] if len(items) > 1 else "".join(items)
+
+
+def _day(when: datetime, zone: ZoneInfo) -> str:
+    return when.astimezone(zone).date().isoformat()
 
 
 def _run_locked(
@@ -506,6 +578,7 @@ def _run_locked(
     force: bool,
     progress: Progress | None,
     result: AccountResult,
+    clock: Callable[[], datetime],
 ) -> None:
     log = get_logger(settings.log_dir, "loader", **log_limits(settings))
     folder = account_folder(settings, account)
@@ -514,6 +587,8 @@ def _run_locked(
     files = folder.candidate_files()
     folder_log.check_writable(folder)  # before anything is loaded that it could not report
     db = open_sis_db(settings.sis_db_url)
+    retention = settings.loader.unloaded_file_retention_days
+    told = [folder_log.parse_line(ln) for ln in folder_log.read_lines(folder)]
 
     def line(
         status: str,
@@ -523,117 +598,286 @@ def _run_locked(
         fails_run: bool = True,
         outcome: LoadResult | None = None,
     ) -> None:
-        folder_log.append(folder, zone, status, file_name, detail)
+        folder_log.append(folder, zone, status, file_name, detail, clock())
         shown = escape_for_operator(file_name)
         load_id, forced = (outcome.load_id, bool(outcome.forced)) if outcome else (None, False)
         result.outcomes.append(FileOutcome(status, shown, detail, rows, fails_run, load_id, forced))
 
+    def deleted_on(path: Path) -> str:
+        """When a file that is not loaded goes (for the client's line), or ""."""
+        if not retention:
+            return ""
+        with contextlib.suppress(OSError):
+            deadline = _arrival(os.stat(path)) + timedelta(days=retention)
+            return f"; it is deleted on {_day(deadline, zone)} ({retention} days after it arrived)"
+        return ""
+
+    # Files under no approved name: told once per arrival (the pre-check's RECEIVED line on
+    # arrival, and this line in the first run after it), never a failure and never a mail.
+    # A near miss of an approved file that did not come is that file's ERROR line instead.
+    usable = [p.name for p in files if not undecodable_or_control(p.name)]
+    strays = [n for n in usable if match_spec(specs, n) is None]
+    misnamed = {
+        spec.file_name: near_misses(spec, strays) for spec in specs if spec.file_name not in usable
+    }
+    named_in_errors = {n for names in misnamed.values() for n in names}
     for path in files:
-        if undecodable_or_control(path.name):
-            shown = escape_for_operator(path.name)
+        unusable = undecodable_or_control(path.name)
+        if not unusable and (match_spec(specs, path.name) or path.name in named_in_errors):
+            continue
+        shown = escape_for_operator(path.name)
+        try:
+            arrived = _arrival(os.stat(path))
+        except FileNotFoundError:
+            continue
+        if _told_since(told, "SKIPPED", shown, arrived):
+            continue
+        if unusable:
             detail = (
                 f"not loaded: {UNUSABLE_NAME_REASON}; the file stays in the folder and is "
                 f"skipped; {closest_spec_hint(specs, shown)}"
             )
-            line("ERROR", path.name, detail, fails_run=False)
-            log.warning("file_name_unusable", account=account, file=shown)
-            notify_failure(settings, "Load", account, shown, detail, datetime.now(zone))
-        elif match_spec(specs, path.name) is None:
+        else:
             detail = (
                 f"not loaded: {path.name!r} is not an approved file name; "
                 f"{closest_spec_hint(specs, path.name)}; the file stays in the folder"
             )
-            line("ERROR", path.name, detail)
-            log.warning("file_unknown", account=account, file=path.name)
-            notify_failure(settings, "Load", account, path.name, detail, datetime.now(zone))
+        line("SKIPPED", path.name, detail + deleted_on(path), fails_run=False)
+        log.info("file_skipped", account=account, file=shown, unusable=unusable)
 
     for spec in specs:
-        # Looked up at its turn, not from the listing above: a file that landed while an
-        # earlier spec was loading is complete (renamed into place) and loads now.
-        path = folder.root / spec.file_name
-        if not path.is_file() or path.is_symlink():
-            db.record(account, spec.file_name, table_name(spec), NO_FILE, "no file received")
-            line("NO FILE", spec.file_name, "no file received; the SIS data stays as it was")
-            log.info("load_no_file", account=account, file=spec.file_name)
-            continue
-
-        def report_rows(rows: int, name: str = spec.file_name) -> None:
-            if progress is not None:
-                progress(account, name, rows)
-
         try:
+            before: Streak | None = db.streak(account, spec.file_name)
+        except Exception as exc:  # the load below meets the same trouble and reports it
+            before = None
+            log.warning("streak_unreadable", account=account, file=spec.file_name, error=str(exc))
+        turn = _load_spec(
+            settings, account, spec, folder, db, force, progress, line, misnamed, clock
+        )
+        _alert(settings, account, spec, before, turn, line, clock)
+
+    if retention:
+        _expire_unloaded(settings, account, folder, specs, retention, told, line, clock)
+
+
+def _load_spec(
+    settings: Settings,
+    account: str,
+    spec: Spec,
+    folder: AccountFolder,
+    db: SisDB,
+    force: bool,
+    progress: Progress | None,
+    line: Callable[..., None],
+    misnamed: dict[str, list[str]],
+    clock: Callable[[], datetime],
+) -> _SpecRun:
+    """One spec's turn: load its file if there is one, and write its line."""
+    log = get_logger(settings.log_dir, "loader", **log_limits(settings))
+    # Looked up at its turn, not from the listing: a file that landed while an earlier spec
+    # was loading is complete (renamed into place) and loads now.
+    path = folder.root / spec.file_name
+    if not path.is_file() or path.is_symlink():
+        found = [n for n in misnamed.get(spec.file_name, []) if (folder.root / n).is_file()]
+        if found:
+            names = ", ".join(
+                f"{n} (the name differs in {_and(_name_differences(n, spec.file_name))})"
+                for n in found
+            )
+            which = "it" if len(found) == 1 else "one of them"
+            detail = (
+                f"not loaded: no {spec.file_name}; found {names}: rename {which} or fix the "
+                "export (the name must be exactly the approved one every day)"
+            )
+            db.record(
+                account, spec.file_name, table_name(spec), REFUSED, detail, file_name=found[0]
+            )
+            metrics.load_finished(account, REFUSED, 0)
+            line("ERROR", spec.file_name, f"{detail}; the SIS data stays as it was")
+            log.warning("load_misnamed", account=account, file=spec.file_name, found=names)
+            return _SpecRun("missed", detail, problem=True, operator_error=detail)
+        db.record(account, spec.file_name, table_name(spec), NO_FILE, "no file received")
+        metrics.load_finished(account, NO_FILE, 0)
+        line("NO FILE", spec.file_name, "no file received; the SIS data stays as it was")
+        log.info("load_no_file", account=account, file=spec.file_name)
+        return _SpecRun("missed", "no file received")
+
+    def report_rows(rows: int, name: str = spec.file_name) -> None:
+        if progress is not None:
+            progress(account, name, rows)
+
+    try:
+        outcome = load_file(settings, spec, path, force=force, progress=report_rows, db=db)
+        if outcome.replaced_during_load and path.exists():
+            log.info("load_retry_newer_copy", account=account, file=path.name)
             outcome = load_file(settings, spec, path, force=force, progress=report_rows, db=db)
-            if outcome.replaced_during_load and path.exists():
-                log.info("load_retry_newer_copy", account=account, file=path.name)
-                outcome = load_file(settings, spec, path, force=force, progress=report_rows, db=db)
-            if outcome.replaced_during_load and not path.exists():  # replaced, then removed
-                message = _MOVED_MESSAGES[REMOVED]
-                outcome = dataclasses.replace(outcome, moved=REMOVED, message=message)
-        except FileNotFoundError:  # removed by the client since the folder was listed
-            line(
-                "NO FILE",
-                spec.file_name,
-                "the file was removed from the folder before it could be loaded; the SIS data "
-                "stays as it was",
-            )
-            log.info("load_no_file", account=account, file=spec.file_name, vanished=True)
-            continue
-        except Exception as exc:  # e.g. the SIS database is down: the next spec still runs
-            error = error_text(exc)
-            line(
-                "ERROR",
-                path.name,
-                "not loaded: a problem on our side (the operators were notified); the file "
-                "stays and will be loaded at the next run; the SIS data stays as it was",
-            )
-            log.error("load_failed", account=account, file=path.name, error=error)
-            notify_failure(settings, "Load", account, path.name, error, datetime.now(zone))
-            continue
-        event = {
-            "account": account,
-            "file": path.name,
-            "status": outcome.status,
-            "rows": outcome.rows,
-            "sha256": outcome.sha256,
-            "load_id": outcome.load_id,
-            "forced": bool(outcome.forced),
-        }
-        if outcome.ok:
-            # The client hears first, then the file goes: if the line cannot be written (a
-            # full disk) or the run dies in between, the file stays and the next run loads it
-            # again and says so, rather than the night's load never reaching the log.
-            detail = f"{outcome.rows:,} rows imported"
-            if outcome.forced:
-                detail += f" ({FORCED_NOTE})"
-            if _identity(path) not in (outcome.identity, None):
-                detail += "; a newer copy of the file arrived meanwhile and stays for the next run"
-            line("LOADED", path.name, detail, outcome.rows, outcome=outcome)
-            deleted = _delete_if_same(path, outcome.identity)
-            log.info("load_done", deleted=deleted, **event)
-            continue
-        if outcome.moved == REMOVED:  # the client took it back: nothing failed
-            line(
-                "NO FILE",
-                spec.file_name,
-                f"{outcome.message}; nothing was changed: the SIS data stays as it was",
-                fails_run=False,
-                outcome=outcome,
-            )
-            log.info("load_file_removed", **event)
-            continue
+        if outcome.replaced_during_load and not path.exists():  # replaced, then removed
+            message = _MOVED_MESSAGES[REMOVED]
+            outcome = dataclasses.replace(outcome, moved=REMOVED, message=message)
+    except FileNotFoundError:  # removed by the client since the folder was listed
         line(
-            "ERROR", path.name, f"{outcome.message}; the SIS data stays as it was", outcome=outcome
+            "NO FILE",
+            spec.file_name,
+            "the file was removed from the folder before it could be loaded; the SIS data "
+            "stays as it was",
         )
-        operators = without_values(outcome.message)  # the values stay in the client's log
-        log.error("load_failed", message=operators, error=outcome.internal_error, **event)
-        notify_failure(
-            settings,
-            "Load",
-            account,
-            path.name,
-            outcome.internal_error or operators,
-            datetime.now(zone),
+        log.info("load_no_file", account=account, file=spec.file_name, vanished=True)
+        return _SpecRun("unrecorded")
+    except Exception as exc:  # e.g. the SIS database is down: the next spec still runs
+        error = error_text(exc)
+        metrics.load_finished(account, FAILED, 0)
+        client = (
+            "not loaded: a problem on our side (the operators were notified); the file "
+            "stays and will be loaded at the next run; the SIS data stays as it was"
         )
+        line("ERROR", path.name, client)
+        log.error("load_failed", account=account, file=path.name, error=error)
+        notify_failure(settings, "Load", account, path.name, error, clock(), client)
+        return _SpecRun("unrecorded")
+    event = {
+        "account": account,
+        "file": path.name,
+        "status": outcome.status,
+        "rows": outcome.rows,
+        "sha256": outcome.sha256,
+        "load_id": outcome.load_id,
+        "forced": bool(outcome.forced),
+    }
+    if outcome.ok:
+        # The client hears first, then the file goes: if the line cannot be written (a
+        # full disk) or the run dies in between, the file stays and the next run loads it
+        # again and says so, rather than the night's load never reaching the log.
+        detail = f"{outcome.rows:,} rows imported"
+        if outcome.forced:
+            detail += f" ({FORCED_NOTE})"
+        if _identity(path) not in (outcome.identity, None):
+            detail += "; a newer copy of the file arrived meanwhile and stays for the next run"
+        line("LOADED", path.name, detail, outcome.rows, outcome=outcome)
+        deleted = _delete_if_same(path, outcome.identity)
+        log.info("load_done", deleted=deleted, **event)
+        return _SpecRun("loaded", rows=outcome.rows)
+    if outcome.moved == REMOVED:  # the client took it back: nothing failed
+        line(
+            "NO FILE",
+            spec.file_name,
+            f"{outcome.message}; nothing was changed: the SIS data stays as it was",
+            fails_run=False,
+            outcome=outcome,
+        )
+        log.info("load_file_removed", **event)
+        return _SpecRun("missed", "the file was removed from the folder during its load")
+    line("ERROR", path.name, f"{outcome.message}; the SIS data stays as it was", outcome=outcome)
+    operators = without_values(outcome.message)  # the values stay in the client's log
+    log.error("load_failed", message=operators, error=outcome.internal_error, **event)
+    return _SpecRun(
+        "missed", operators, problem=True, operator_error=outcome.internal_error or operators
+    )
+
+
+def _alert(
+    settings: Settings,
+    account: str,
+    spec: Spec,
+    before: Streak | None,
+    turn: _SpecRun,
+    line: Callable[..., None],
+    clock: Callable[[], datetime],
+) -> None:
+    """Mail what matters about one spec's turn, once: the first refused or failed run since
+    the last load (not every night the same file is refused again), the run that makes a feed
+    that loaded before late, and the load that ends a late streak. ``before`` is the load
+    history as it was before this turn (None: unreadable; a problem is then mailed)."""
+    log = get_logger(settings.log_dir, "loader", **log_limits(settings))
+    late_after = settings.alerts.missing_file_runs
+    if turn.problem:
+        earlier = (
+            before.by_status.get(REFUSED, 0) + before.by_status.get(FAILED, 0) if before else 0
+        )
+        if earlier == 0:
+            notify_failure(
+                settings, "Load", account, spec.file_name, turn.operator_error, clock(), turn.reason
+            )
+        else:
+            log.info(
+                "load_failure_not_mailed",
+                account=account,
+                file=spec.file_name,
+                reason="already mailed in this streak of runs without a load",
+            )
+    if before is None or before.last_loaded is None or not late_after:
+        return
+    if turn.kind == "missed" and before.missed + 1 == late_after:
+        missed = before.missed + 1
+        last = before.last_loaded
+        day = _day(last.finished or last.started, settings.zone)
+        line(
+            "LATE",
+            spec.file_name,
+            f"no {spec.file_name} has been loaded for {missed} runs in a row (last loaded on "
+            f"{day}); the operators and the account's contacts are told once; the SIS data of "
+            "that load stays in place until the file loads again",
+            fails_run=False,
+        )
+        log.warning("feed_late", account=account, file=spec.file_name, missed=missed)
+        notify_late(settings, account, spec.file_name, last, missed, turn.reason, clock())
+    elif turn.kind == "loaded" and before.missed >= late_after:
+        log.info("feed_resumed", account=account, file=spec.file_name, missed=before.missed)
+        notify_resumed(settings, account, spec.file_name, turn.rows, before.missed, clock())
+
+
+def _expire_unloaded(
+    settings: Settings,
+    account: str,
+    folder: AccountFolder,
+    specs: list[Spec],
+    retention: int,
+    told: list[dict[str, str]],
+    line: Callable[..., None],
+    clock: Callable[[], datetime],
+) -> None:
+    """Delete each file still in the folder ``retention`` days after it arrived (a stray, or
+    a file that was refused every run since): it holds personal data that nobody will load.
+    The client's log says so WARNING_DAYS before, once, and again when it goes."""
+    log = get_logger(settings.log_dir, "loader", **log_limits(settings))
+    zone = settings.zone
+    now = clock()
+    for path in folder.candidate_files():
+        try:
+            identity = FileIdentity.of(path)
+            arrived = _arrival(os.stat(path))
+        except FileNotFoundError:
+            continue
+        deadline = arrived + timedelta(days=retention)
+        shown = escape_for_operator(path.name)
+        approved = not undecodable_or_control(path.name) and match_spec(specs, path.name)
+        if now >= deadline:
+            if not _delete_if_same(path, identity):
+                continue  # replaced meanwhile: a new arrival, with its own time
+            line(
+                "REMOVED",
+                path.name,
+                f"deleted: it was not loaded within {retention} days of its arrival on "
+                f"{_day(arrived, zone)}; files that are not loaded are not kept longer, as they "
+                "may hold personal data",
+                fails_run=False,
+            )
+            log.info("file_expired", account=account, file=shown, arrived=arrived.isoformat())
+        elif now >= deadline - timedelta(days=WARNING_DAYS) and not _told_since(
+            told, "WARNING", shown, arrived
+        ):
+            what = (
+                "fix it (see its ERROR line) and upload it again"
+                if approved
+                else "upload it under an approved name if it is meant to load"
+            )
+            line(
+                "WARNING",
+                path.name,
+                f"not loaded since it arrived on {_day(arrived, zone)}: it will be deleted on "
+                f"{_day(deadline, zone)} ({retention} days after it arrived); {what}",
+                fails_run=False,
+            )
+            log.info("file_expiring", account=account, file=shown, deadline=deadline.isoformat())
 
 
 def accounts_to_run(settings: Settings, names: Sequence[str] | None) -> list[str]:

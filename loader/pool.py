@@ -30,14 +30,14 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from ingest_core import folder_log
+from ingest_core import folder_log, metrics
 from ingest_core.durable_files import replace_file
 from ingest_core.errors import NotFound, Refused
 from ingest_core.folders import POOL_FILE_NAME, POOL_TEMP_PREFIX, AccountFolder, account_folder
 from ingest_core.registry import Registry
 from ingest_core.settings import Settings
 from ingest_core.structured_log import get_logger, log_limits
-from loader.notify import notify_failure
+from loader.notify import notify_failure, operators_notice
 from loader.sis_db import open_sis_db
 
 MAX_ID_LENGTH = 64
@@ -214,9 +214,14 @@ def publish_pool(settings: Settings, account: str, now: datetime | None = None) 
         path, count = write_pool_file(folder, unique)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        kept = (
+            "the previous pool file stays"
+            if folder.pool_file.is_file()
+            else "no pool file has been published yet"
+        )
         detail = (
-            "the pool file was not updated (a problem on our side; the operators were "
-            "notified); the previous pool file stays"
+            f"the pool file was not updated (a problem on our side; "
+            f"{operators_notice(settings)}); {kept}"
         )
         log.error("pool_failed", account=account, error=error)
         try:
@@ -224,11 +229,13 @@ def publish_pool(settings: Settings, account: str, now: datetime | None = None) 
         except OSError as log_error:  # the same full disk, say: the operators still hear
             log.error("folder_log_failed", account=account, error=str(log_error))
         notify_failure(settings, "Pool publish", account, POOL_FILE_NAME, error, when)
+        metrics.pool_published(False)
         return PoolResult(account, False, 0, str(folder.pool_file), error)
     folder_log.append(
         folder, settings.zone, "POOL", POOL_FILE_NAME, f"{count:,} active applicant IDs", when
     )
     log.info("pool_published", account=account, count=count)
+    metrics.pool_published(True)
     return PoolResult(account, True, count, str(path), f"{count:,} active applicant IDs")
 
 

@@ -220,6 +220,16 @@ class LoadRecord:
     message: str
 
 
+@dataclass(frozen=True)
+class Streak:
+    """A spec's runs since its last successful load (see :meth:`SisDB.streak`)."""
+
+    last_loaded: LoadRecord | None
+    missed: int  # runs since then that did not load it
+    by_status: dict[str, int]  # those runs by status (no_file, refused, failed, interrupted)
+    recent: list[LoadRecord]  # the newest of those runs, oldest first
+
+
 def _fold_wal(cur: sqlite3.Cursor) -> None:
     """Checkpoint SQLite's WAL into the database and truncate it, without waiting long on
     readers. After a load it holds the whole new table; after a failed one, pages nobody
@@ -727,6 +737,34 @@ class SisDB:
                 .limit(1)
             ).first()
         return LoadRecord(**row._mapping) if row else None
+
+    def streak(self, account: str, spec_file: str, recent: int = 5) -> Streak:
+        """The spec's runs since its last successful load: how many (each recorded run that
+        did not load it: no file, refused, failed, interrupted) and the newest ``recent`` of
+        them. The alerts and the feed's state are worked out from this, so every node and
+        every command sees the same count."""
+        loads = self.tables.loads
+        last = self.last_loaded(account, spec_file)
+        since = (
+            loads.c.account == account,
+            loads.c.spec_file == spec_file,
+            loads.c.status != RUNNING,
+            loads.c.id > (last.id if last else 0),
+        )
+        with self.engine.connect() as conn:
+            counts = conn.execute(
+                select(loads.c.status, func.count()).where(*since).group_by(loads.c.status)
+            ).all()
+            rows = conn.execute(
+                select(loads).where(*since).order_by(loads.c.id.desc()).limit(recent)
+            ).all()
+        by_status = {str(status): int(n) for status, n in counts}
+        return Streak(
+            last,
+            sum(by_status.values()),
+            by_status,
+            [LoadRecord(**r._mapping) for r in reversed(rows)],
+        )
 
     def loads(self, account: str | None = None, limit: int = 100) -> list[LoadRecord]:
         loads = self.tables.loads

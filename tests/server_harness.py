@@ -242,6 +242,7 @@ def start_server(
         "data_root": "var",
         "log_dir": "logs",
         "server": {"host": host, "port": port, "host_key_dir": "keys", "shutdown_grace": 5.0},
+        "admin": {"port": 0},  # no metrics listener unless a test asks (it would share 9700)
     }
     for section, values in (settings or {}).items():
         if isinstance(values, dict):
@@ -259,7 +260,11 @@ def start_server(
 
     ensure_base_folders(running.settings())
     database = workdir / "var" / "control.db"
-    if not database.exists():
+    if raw.get("control_db_url"):  # a registry elsewhere (PostgreSQL): `ingestctl init` makes it
+        from ingest_core.db import open_control_db
+
+        open_control_db(str(raw["control_db_url"]))
+    elif not database.exists():
         shutil.copyfile(_cached_control_db(), database)
     if launch:
         running.process = _launch(running)

@@ -1,4 +1,4 @@
-"""The nightly run: no file, good file, bad file, unknown name, in-flight files, the row-count
+"""The nightly run: no file, good file, bad file, misnamed file, in-flight files, the row-count
 guard, a file arriving mid-run, one run per account, accounts independent."""
 
 from __future__ import annotations
@@ -61,15 +61,17 @@ def test_invalid_file_stays_and_the_error_names_the_line(acme, kit):
     assert line.endswith("the SIS data stays as it was")
 
 
-def test_unknown_name_gets_a_hint_and_stays(acme, kit):
+def test_a_near_miss_of_the_missing_approved_file_is_its_error_and_stays(acme, kit):
+    """The approved file did not come and a near miss of its name did: the approved file's
+    line is an ERROR naming it (issue 14: the one stray that fails the run)."""
     wrong = acme.folder.root / "SIS_HR_User_Info.txt"
     kit.write_data(wrong, 3)
     result = run_account(acme.settings, acme.name)
     assert not result.ok
     assert wrong.exists()
-    error = next(line for line in _log(acme) if " ERROR " in line)
-    assert "SIS_HR_User_Info.txt" in error and "did you mean sis_hr_user_info.txt" in error
-    assert any(" NO FILE sis_hr_user_info.txt" in line for line in _log(acme))
+    (error,) = _log(acme)
+    assert " ERROR sis_hr_user_info.txt not loaded: no sis_hr_user_info.txt; found " in error
+    assert "found SIS_HR_User_Info.txt (the name differs in upper/lower case): rename it" in error
 
 
 def test_in_flight_files_are_never_picked_up(acme, kit):

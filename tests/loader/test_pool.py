@@ -103,6 +103,19 @@ def test_failed_publish_keeps_the_previous_pool_file_and_logs_an_error(deferred,
     line = folder_log.read_lines(deferred.folder)[-1]
     assert " ERROR applicant_pool.txt the pool file was not updated" in line
     assert "SELEC" not in line  # internals go to the operators, not the client's log
+    assert "the previous pool file stays" in line
+
+
+def test_a_publish_before_any_import_promises_nothing_that_is_not_so(deferred):
+    """No mail server set up and no pool file yet: the client is told neither that the
+    operators were mailed nor that a previous pool file stays."""
+    assert not deferred.settings.smtp.host
+    assert not publish_pool(deferred.settings, deferred.name).ok
+    line = folder_log.read_lines(deferred.folder)[-1]
+    assert " ERROR applicant_pool.txt the pool file was not updated" in line
+    assert "the operators see it in the service's log" in line
+    assert "no pool file has been published yet" in line
+    assert "notified" not in line and "previous pool file" not in line
 
 
 @pytest.mark.postgres

@@ -147,13 +147,13 @@ def test_a_file_name_in_another_unicode_form_is_told_apart(site: Site, tmp_path:
         if " ERROR " in line
     )
     assert (
-        f"did you mean {composed}? (the name differs in its Unicode form, NFD (decomposed "
-        "accents, as macOS may write them) instead of NFC (composed accents): the names look "
-        "the same but are different characters; it must be exactly the approved name every "
-        "day)"
+        f"not loaded: no {composed}; found {decomposed} (the name differs in its Unicode form, "
+        "NFD (decomposed accents, as macOS may write them) instead of NFC (composed accents): "
+        "the names look the same but are different characters): rename it or fix the export"
     ) in error
     db = open_sis_db(site.settings.sis_db_url)
-    assert [r.status for r in db.loads("acme")] == ["no_file"]
+    # The approved file's run is refused for the near miss (issue 14), under its own name.
+    assert [(r.status, r.file_name) for r in db.loads("acme")] == [("refused", decomposed)]
     assert _data_tables(site) == []
 
 
