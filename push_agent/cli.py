@@ -18,7 +18,14 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from ingest_core.console import OneLineErrorParser, print_fields, print_json, print_table, warn
+from ingest_core.console import (
+    OneLineErrorParser,
+    local_time,
+    print_fields,
+    print_json,
+    print_table,
+    warn,
+)
 from ingest_core.errors import IngestError, Refused
 from push_agent import connections, daemon, runs
 from push_agent.agent import Agent, open_agent
@@ -30,9 +37,9 @@ PROG = "ingest-push"
 
 
 def _local(agent: Agent, value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return f"{value.astimezone(agent.settings.zone):%Y-%m-%d %H:%M %Z}"
+    """A time as every sis-ingest command shows it: ISO 8601 in the agent's zone, with its
+    offset (the same helper ingestctl uses)."""
+    return None if value is None else local_time(value, agent.settings.zone)
 
 
 # -- passwords -------------------------------------------------------------------------------

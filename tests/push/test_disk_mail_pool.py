@@ -287,13 +287,13 @@ def test_status_says_a_failure_is_older_than_the_last_success(
         cli.cmd_status(cli.build_parser().parse_args(["status"]), agent)
         return capsys.readouterr().out
 
-    assert "2026-03-02 07:00 EST (manual run)\n" in status_text()  # current: no note
+    assert "2026-03-02T07:00:00-05:00 (manual run)\n" in status_text()  # current: no note
     server.start()
     clock.at("2026-03-03T12:00:00+00:00")
     assert asyncio.run(runs.run_connection(agent, "sis")).ok
     shown = status_text()
     assert (
-        "last failure          2026-03-02 07:00 EST (manual run), older than the last "
+        "last failure          2026-03-02T07:00:00-05:00 (manual run), older than the last "
         "success: the connection has worked since"
     ) in shown
 
