@@ -46,6 +46,7 @@ NOUN_MODULES = (
     "loader",
     "pool",
     "log",
+    "status",
 )
 
 # Commands that run without an existing registry: init creates it; keygen only writes a key
