@@ -64,7 +64,7 @@ def test_serve_runs_server_and_loader_and_stops_cleanly(
     assert time.monotonic() - started < 30
 
 
-# -- first start (issue 12, point 6) --------------------------------------------------------
+# -- first start -----------------------------------------------------------------------
 
 
 def _serve(workdir: Path, *args: str, command: list[str] | None = None) -> subprocess.Popen:

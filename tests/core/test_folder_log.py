@@ -141,7 +141,7 @@ def test_an_append_cut_short_by_a_full_disk_is_taken_back(
     assert folder.log_file.read_bytes() == before + line.encode()
 
 
-# -- hand edits, links and odd files (issue 11) ------------------------------------------------
+# -- hand edits, links and odd files ----------------------------------------------------------
 
 
 def test_lines_without_an_aware_timestamp_are_kept_and_never_compared(

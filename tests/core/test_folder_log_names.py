@@ -15,7 +15,7 @@ from ingest_core.settings import Settings
 
 NY = ZoneInfo("America/New_York")
 FORGED = "2026-11-23T03:00:01-05:00 LOADED sis_hr_user_info.txt 48,213 rows imported"
-# Every separator str.splitlines() knows, and the ones the issue saw forge entries.
+# Every separator str.splitlines() knows, and the ones seen to forge entries.
 SEPARATORS = ["\n", "\r", "\r\n", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
 
 

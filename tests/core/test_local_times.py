@@ -1,4 +1,4 @@
-"""One time zone per output (issue 12, point 9): every `ingestctl` command shows times in the
+"""One time zone per output: every `ingestctl` command shows times in the
 configured zone (`[schedule] timezone`) with its offset, tables and `--json` alike, whatever
 the time was stored or logged in (UTC `Z`, `+00:00`, another zone's offset).
 

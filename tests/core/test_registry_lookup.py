@@ -1,5 +1,5 @@
 """`ingestctl` run from another folder finds the service's registry or refuses; it never makes
-a new, empty one there (issue 12, point 4).
+a new, empty one there.
 
 The system-wide config (/etc/sis-ingest/ingest.toml) is replaced by a temporary file through
 $INGEST_SYSTEM_CONFIG: these tests never read or write the real /etc.

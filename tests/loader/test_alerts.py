@@ -1,4 +1,4 @@
-"""Issue 14, points 1-4: alerted only when it matters.
+"""Alerted only when it matters.
 
 Stray files are told once and fail nothing; a near miss of a missing approved file fails the
 run; unloaded files are deleted after the retention (warned 7 days before); a feed that stops
@@ -9,9 +9,10 @@ PostgreSQL (the streaks come from the SIS database's load history), and an injec
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import pytest
+from nights import Nights
 
 from ingest_core import folder_log
 from ingest_core.registry import Registry
@@ -20,17 +21,6 @@ from loader.nightly import run_account
 
 OPS = "ops@example.edu"
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-
-
-class Nights:
-    """An injected clock: night ``n`` is ``n`` days after the test started."""
-
-    def __init__(self, zone) -> None:
-        self.start = datetime.now(zone)
-        self.night = 0
-
-    def __call__(self) -> datetime:
-        return self.start + timedelta(days=self.night)
 
 
 def _mail(on, port: int, **changes):

@@ -1,4 +1,4 @@
-"""Issue 14, point 5: ``ingestctl status``, every feed at a glance, worst first.
+"""``ingestctl status``, every feed at a glance, worst first.
 
 Real control and SIS databases (SQLite, and PostgreSQL for one case), real folders, loads
 driven through the nightly run with an injected clock, and the server's audit log written by
@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import pytest
+from nights import Nights
 from sqlalchemy import update
 
 from ingest_core.db import AccountKey, open_control_db, utcnow
@@ -22,17 +23,6 @@ from loader.feed_status import feed_status
 from loader.nightly import run_account
 
 LOCAL_TIME = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d$"
-
-
-class Nights:
-    """An injected clock: night ``n`` is ``n`` days after the test started."""
-
-    def __init__(self, zone) -> None:
-        self.start = datetime.now(zone)
-        self.night = 0
-
-    def __call__(self) -> datetime:
-        return self.start + timedelta(days=self.night)
 
 
 def _nights(on, clock: Nights, nights) -> None:

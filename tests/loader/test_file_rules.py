@@ -1,11 +1,10 @@
-"""Issue 11, the file rules end to end: a real file in the account folder, a real nightly run
+"""The file rules end to end: a real file in the account folder, a real nightly run
 through ``ingestctl loader run`` on SQLite and on PostgreSQL. Each refusal leaves the SIS
 table as it was and the file in the folder byte for byte, writes an ERROR line that says
 what happened, records a refused load and exits 1."""
 
 from __future__ import annotations
 
-import sys
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +22,6 @@ from loader.validate import (
     REPEATED_HEADER,
     key_problem,
 )
-
-if str(Path(__file__).parent) not in sys.path:  # conftest.py's helpers sit beside this file
-    sys.path.append(str(Path(__file__).parent))
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 HEADER = "UUUID\tfirst_name\tlast_name\temail"

@@ -19,7 +19,7 @@ from loader.spec import table_name
 
 NOT_UTF8 = b"\xff\xfe-x.txt"
 FORGED = "2026-11-23T03:00:01-05:00 LOADED sis_hr_user_info.txt 48,213 rows imported"
-# Names with each separator the issue saw forge log entries, and a terminal escape.
+# Names with each separator seen to forge log entries, and a terminal escape.
 ODD_NAMES = [
     f"a\u2028{FORGED}",
     f"b\x85{FORGED}",
@@ -72,7 +72,7 @@ def test_a_name_that_is_not_utf8_is_reported_and_the_approved_file_still_loads(
         ("LOADED", "sis_hr_user_info.txt"),
     ]
 
-    # The next night: told once already (issue 14: a stray is reported once per arrival).
+    # The next night: told once already (a stray is reported once per arrival).
     again = run_account(acme.settings, acme.name)
     assert again.ok and [o.status for o in again.outcomes] == ["NO FILE"]
 

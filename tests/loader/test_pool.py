@@ -146,7 +146,7 @@ def test_temporary_pool_files_of_a_killed_publish_are_removed(deferred, tmp_path
     assert deferred.folder.pool_file.read_bytes() == b"K1\r\n"
 
 
-# -- what an applicant ID may be, on both databases, through the CLI (issue 11) ---------------
+# -- what an applicant ID may be, on both databases, through the CLI ---------------
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

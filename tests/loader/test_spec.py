@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from sample_files import COLUMNS, make_spec, people, render, write, write_people
 
 from ingest_core.errors import NotFound, Refused
 from ingest_core.registry import Registry
@@ -25,10 +25,6 @@ from loader.spec import (
     specs_for,
     table_name,
 )
-
-if str(Path(__file__).parent) not in sys.path:  # sample_files.py sits beside this file
-    sys.path.append(str(Path(__file__).parent))
-from sample_files import COLUMNS, make_spec, people, render, write, write_people
 
 # -- detection ---------------------------------------------------------------------------
 

@@ -8,20 +8,16 @@ backend: a spec approved on SQLite today must still load if the operator moves t
 from __future__ import annotations
 
 import json
-import sys
 import unicodedata
 from pathlib import Path
 
 import pytest
+from sites import BACKENDS, Site, make_site
 
 from ingest_core import folder_log
 from ingest_core.folders import account_folder
 from ingest_core.settings import Settings
 from loader.sis_db import open_sis_db
-
-if str(Path(__file__).parent) not in sys.path:  # sites.py sits beside this file
-    sys.path.append(str(Path(__file__).parent))
-from sites import BACKENDS, Site, make_site
 
 
 @pytest.fixture(params=BACKENDS)
@@ -152,7 +148,7 @@ def test_a_file_name_in_another_unicode_form_is_told_apart(site: Site, tmp_path:
         "the names look the same but are different characters): rename it or fix the export"
     ) in error
     db = open_sis_db(site.settings.sis_db_url)
-    # The approved file's run is refused for the near miss (issue 14), under its own name.
+    # The approved file's run is refused for the near miss, under its own name.
     assert [(r.status, r.file_name) for r in db.loads("acme")] == [("refused", decomposed)]
     assert _data_tables(site) == []
 

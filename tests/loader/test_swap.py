@@ -19,15 +19,12 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import REPO
+from sample_files import COLUMNS, make_spec, people, render, write
 
 from ingest_core import folder_log
 from loader.nightly import load_file, run_account
 from loader.sis_db import INTERRUPTED, LOADED, SisDB, open_sis_db
 from loader.spec import table_name
-
-if str(Path(__file__).parent) not in sys.path:  # sample_files.py sits beside this file
-    sys.path.append(str(Path(__file__).parent))
-from sample_files import COLUMNS, make_spec, people, render, write
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 

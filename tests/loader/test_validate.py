@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytest
+from sample_files import COLUMNS, make_spec, people, render, write, write_people
 
 from loader.spec import Spec
 from loader.validate import (
@@ -27,10 +27,6 @@ from loader.validate import (
     key_problem,
     validate_file,
 )
-
-if str(Path(__file__).parent) not in sys.path:  # sample_files.py sits beside this file
-    sys.path.append(str(Path(__file__).parent))
-from sample_files import COLUMNS, make_spec, people, render, write, write_people
 
 HEADER = "\t".join(COLUMNS)
 ROW2 = "U0000001\tFirst1\tLast 1\tp1@example.edu\tMain"
@@ -458,7 +454,7 @@ def test_the_loader_pass_hashes_the_file_it_reads(tmp_path: Path) -> None:
         assert not report.ok and report.sha256 == ""
 
 
-# -- issue 11: rules every file follows, and messages that say what happened ----------------
+# -- rules every file follows, and messages that say what happened ----------------
 
 
 def all_passes(path: Path, spec: Spec) -> list[ValidationReport]:

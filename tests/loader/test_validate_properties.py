@@ -3,7 +3,7 @@
 Files are drawn in every approved format (4 delimiters, CRLF/LF, quoting none/all, BOM or
 not, with or without a key column, with or without a final line end) with awkward values:
 any Unicode, spaces to trim, and, for quoted files, quotes, delimiters and tabs inside values.
-A valid file holds no blank line and no second header (issue 11): a one-column file's values
+A valid file holds no blank line and no second header: a one-column file's values
 are never blank, and no row repeats the header line.
 """
 

@@ -1,4 +1,4 @@
-"""Every line a run writes is true (issue 11), on SQLite and PostgreSQL, through the real CLI:
+"""Every line a run writes is true, on SQLite and PostgreSQL, through the real CLI:
 a hand-edited or symlinked folder log, a file removed, completed in place or unreadable
 during the load, values kept out of `loader history`, and `--force` recorded with its load.
 
@@ -256,8 +256,8 @@ def test_force_is_recorded_with_the_load_it_let_through(on, kit, ingestctl):
     assert forced.returncode == 0, forced.stdout + forced.stderr
     assert not on.data_file.exists() and len(_rows(on)) == 2
     assert _log(on)[-1].split(" ", 1)[1] == (
-        "LOADED sis_hr_user_info.txt 2 rows imported (forced past the row-count guard by an "
-        "operator)"
+        "LOADED sis_hr_user_info.txt 2 rows imported (0 new, 8 gone, 0 changed; forced past the "
+        "row-count guard by an operator)"
     )
     history = json.loads(ingestctl("loader", "history", on.name, "--json").stdout)
     load = history[-1]

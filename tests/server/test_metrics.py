@@ -1,4 +1,4 @@
-"""Prometheus metrics (issue 14, point 7): a real Prometheus scrapes the admin listener of a
+"""Prometheus metrics: a real Prometheus scrapes the admin listener of a
 real `ingestctl serve` with two workers while uploads and a load happen; promtool checks the
 exposition and the shipped alerting rules; /healthz says whether the server serves."""
 

@@ -1,7 +1,7 @@
 """Every server process raises its soft open-file limit to the hard limit at start.
 
 Started from a shell with the usual soft limit (1024, here 256), the server would run out of
-file descriptors long before its budgets (issue: ~20,000 handles ended in EMFILE and every
+file descriptors long before its budgets (seen: ~20,000 handles ended in EMFILE and every
 new connection was reset). The systemd unit sets ``LimitNOFILE``; started any other way the
 server raises the soft limit itself and says so in its ``server.started`` event.
 """
