@@ -9,7 +9,11 @@ the same run and on the same file:
 - the loader into PostgreSQL against ``psql \\copy`` of the same file into a fresh table;
 - for comparison, the loader without a key column (no uniqueness check, no index) on both
   backends, and ``psql \\copy`` followed by the loader's key index (PostgreSQL): the loader
-  builds that index and ``\\copy`` does not, so this is the like-for-like figure.
+  builds that index and ``\\copy`` does not, so this is the like-for-like figure;
+- the loader on a second load, of a slightly changed copy of the file (1% of the rows gone,
+  2% changed in one column, 1% new), over the table the first one loaded: the load then
+  compares the staged rows with the live ones by key (what changed, issue 14), and the
+  comparison's own time is reported as a share of that load's (target <= 25% at 1M rows).
 
 Each measurement runs in its own child process, so its peak memory (``ru_maxrss`` from
 ``os.wait4``) is its own. Targets: SQLite >= 0.6x ``.import``; PostgreSQL >= 1.0x, median of
@@ -94,10 +98,49 @@ def child_validate(path: Path) -> dict[str, object]:
     return {"rows": report.rows, "seconds": elapsed, "ok": report.ok}
 
 
+def generate_changed(source: Path, target: Path) -> tuple[int, int, int]:
+    """A slightly changed copy of ``source``: of each 100 rows, 1 gone, 2 changed (one
+    column), 1 new row added. Returns (added, removed, changed), what the load must count."""
+    added = removed = changed = 0
+    with (
+        source.open(encoding="utf-8", newline="") as src,
+        target.open("w", encoding="utf-8", newline="") as out,
+    ):
+        out.write(next(src))
+        for i, line in enumerate(src):
+            if i % 100 == 7:
+                removed += 1
+                continue
+            key, rest = line.split("\t", 1)
+            if i % 50 == 3:
+                out.write(f"{key}\tchanged {rest}")
+                changed += 1
+            else:
+                out.write(line)
+            if i % 100 == 11:  # a key the original never has (it numbers from 0 up)
+                out.write(f"{uuid.UUID(int=(1 << 127) + i)}\t{rest}")
+                added += 1
+    return added, removed, changed
+
+
 def child_load(path: Path, sis_url: str, data_root: Path) -> dict[str, object]:
     from ingest_core.settings import settings_from_mapping
+    from loader import sis_db
     from loader.nightly import load_file
     from loader.sis_db import open_sis_db
+
+    compare_seconds = 0.0
+    compare = sis_db.SisDB._compare
+
+    def timed_compare(self, *args, **kwargs):  # the comparison's share of the load
+        nonlocal compare_seconds
+        start = time.perf_counter()
+        try:
+            return compare(self, *args, **kwargs)
+        finally:
+            compare_seconds += time.perf_counter() - start
+
+    sis_db.SisDB._compare = timed_compare  # type: ignore[method-assign]
 
     settings = settings_from_mapping(
         {"data_root": str(data_root), "log_dir": str(data_root / "logs"), "sis_db_url": sis_url},
@@ -117,8 +160,11 @@ def child_load(path: Path, sis_url: str, data_root: Path) -> dict[str, object]:
     )
     elapsed = time.perf_counter() - start
     tty_done()
+    changes = result.changes
     return {"rows": result.rows, "seconds": elapsed, "ok": result.status == "loaded",
-            "message": result.message}  # fmt: skip
+            "message": result.message, "compare_seconds": compare_seconds,
+            "changes": [changes.added, changes.removed, changes.changed] if changes else None,
+            }  # fmt: skip
 
 
 def bench_spec():
@@ -164,11 +210,36 @@ def python_child(
     return json.loads(out.strip().splitlines()[-1]), rss
 
 
-def loader_child(data: Path, url: str, work: Path, rows: int, keyed: bool) -> tuple[float, int]:
-    """One load of ``data`` into ``url`` in a child process: (seconds, peak RSS in KiB)."""
+def loader_child(
+    data: Path,
+    url: str,
+    work: Path,
+    rows: int,
+    keyed: bool,
+    changes: tuple[int, int, int] | None = None,
+    compared: list[tuple[float, float]] | None = None,
+) -> tuple[float, int]:
+    """One load of ``data`` into ``url`` in a child process: (seconds, peak RSS in KiB).
+    With ``changes``: the counts the load must report; its (comparison, load) seconds are
+    appended to ``compared``."""
     result, rss = python_child("load", str(data), url, str(work), rows=rows, keyed=keyed)
     assert result["ok"], result
+    if changes is not None:
+        assert result["changes"] == list(changes), (result["changes"], changes)
+    if compared is not None:
+        compared.append((float(result["compare_seconds"]), float(result["seconds"])))
     return float(result["seconds"]), rss
+
+
+def compare_share(label: str, compared: list[tuple[float, float]]) -> None:
+    """The comparison's time, and its share of the load's, over the rounds (best, median)."""
+    seconds = [c for c, _ in compared]
+    shares = [c / total for c, total in compared]
+    print(
+        f"  comparison in {label}: {min(seconds):.2f} s (median {statistics.median(seconds):.2f}"
+        f" s), {min(shares):.0%} of the load (median {statistics.median(shares):.0%}; "
+        "target <= 25%)"
+    )
 
 
 def sqlite_import(path: Path, db: Path) -> tuple[float, int]:
@@ -275,7 +346,11 @@ def main() -> int:
         f"best of {args.repeat}"
     )
     generate(data, rows)
+    (work / "changed").mkdir(exist_ok=True)
+    changed = work / "changed" / FILE_NAME  # the spec's name: a second night's file
+    changes = generate_changed(data, changed)
     print(f"  file: {data.stat().st_size / 1e6:,.0f} MB; CPUs: {os.cpu_count()}")
+    print(f"  changed copy: {changes[0]:,} new, {changes[1]:,} gone, {changes[2]:,} changed")
     peaks: dict[str, int] = {}
 
     def rounds(steps: list[tuple[str, Callable[[], tuple[float, int]]]]) -> Times:
@@ -304,14 +379,16 @@ def main() -> int:
     rounds([("validation only", validate)])
 
     if not args.no_sqlite:
-        sqlite_rounds(work, data, rows, rounds)
+        sqlite_rounds(work, data, rows, rounds, changed, changes)
     if not args.no_postgres:
-        postgres_rounds(work, data, rows, rounds)
+        postgres_rounds(work, data, rows, rounds, changed, changes)
 
     loader_peaks = [rss for label, rss in peaks.items() if label.startswith("loader")]
     print(f"peak memory of the loader: {mb(max(loader_peaks))} (target < 200 MB at 1M rows)")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
+    else:
+        shutil.rmtree(work / "changed", ignore_errors=True)
     return 0
 
 
@@ -326,7 +403,14 @@ def ratio(label: str, times: Times, reference: str, ours: str, target: str = "")
     print(f"  ratio {label}: {best:.2f}x (median {median:.2f}x){target}")
 
 
-def sqlite_rounds(work: Path, data: Path, rows: int, rounds: Rounds) -> None:
+def sqlite_rounds(
+    work: Path,
+    data: Path,
+    rows: int,
+    rounds: Rounds,
+    changed: Path,
+    changes: tuple[int, int, int],
+) -> None:
     """The loader, then the CLI's .import into a fresh database file."""
     version = subprocess.run(["sqlite3", "--version"], capture_output=True, text=True).stdout
     print(f"SQLite ({version.split()[0]})")
@@ -339,9 +423,17 @@ def sqlite_rounds(work: Path, data: Path, rows: int, rounds: Rounds) -> None:
     def sqlite_load(db: Path, keyed: bool = True) -> tuple[float, int]:
         return loader_child(data, f"sqlite:///{db}", work, rows, keyed)
 
-    loader, again, no_key, imported = (
+    compared: list[tuple[float, float]] = []
+
+    def second_load() -> tuple[float, int]:
+        """The changed copy over the table "loader again" left (the original's rows)."""
+        url = f"sqlite:///{work / 'sis.db'}"
+        return loader_child(changed, url, work, rows, True, changes, compared)
+
+    loader, again, second, no_key, imported = (
         "loader (validate+load+swap)",
         "loader again (replaces the loaded table)",
+        "loader, changed file (+ comparison)",
         "loader, no key column (no index)",
         "sqlite3 .import (fresh table)",
     )
@@ -349,17 +441,26 @@ def sqlite_rounds(work: Path, data: Path, rows: int, rounds: Rounds) -> None:
         [
             (loader, lambda: sqlite_load(fresh("sis.db"))),
             (again, lambda: sqlite_load(work / "sis.db")),
+            (second, second_load),
             (no_key, lambda: sqlite_load(fresh("nokey.db"), False)),
             (imported, lambda: sqlite_import(data, fresh("i.db"))),
         ]
     )
     ratio("loader / .import", times, imported, loader, " (target >= 0.6x)")
     ratio("loader without key / .import", times, imported, no_key)
+    compare_share("the changed file's load", compared)
     for old in work.glob("*.db*"):
         old.unlink()
 
 
-def postgres_rounds(work: Path, data: Path, rows: int, rounds: Rounds) -> None:
+def postgres_rounds(
+    work: Path,
+    data: Path,
+    rows: int,
+    rounds: Rounds,
+    changed: Path,
+    changes: tuple[int, int, int],
+) -> None:
     """The loader, then ``psql \\copy``, each into a new database."""
     pg_start()
     version = subprocess.run(
@@ -382,8 +483,20 @@ def postgres_rounds(work: Path, data: Path, rows: int, rounds: Rounds) -> None:
     def pg_load(database: str, keyed: bool = True) -> tuple[float, int]:
         return loader_child(data, f"postgresql+psycopg:///{database}", work, rows, keyed)
 
-    loader, no_key, copied, indexed = (
+    compared: list[tuple[float, float]] = []
+
+    def second_load(database: str) -> tuple[float, int]:
+        """The changed copy over the original, loaded first (not timed) in the same database;
+        the live table analyzed in between, as autovacuum has done by the next night."""
+        pg_load(database)
+        subprocess.run(["psql", "-qc", "VACUUM ANALYZE", "-d", database], capture_output=True)
+        subprocess.run(["psql", "-qc", "CHECKPOINT", "-d", database], capture_output=True)
+        url = f"postgresql+psycopg:///{database}"
+        return loader_child(changed, url, work, rows, True, changes, compared)
+
+    loader, second, no_key, copied, indexed = (
         "loader (validate+load+swap)",
+        "loader, changed file (+ comparison)",
         "loader, no key column (no index)",
         "psql \\copy (fresh table)",
         "psql \\copy + key index (like for like)",
@@ -391,6 +504,7 @@ def postgres_rounds(work: Path, data: Path, rows: int, rounds: Rounds) -> None:
     times = rounds(
         [
             (loader, lambda: in_fresh_database(pg_load)),
+            (second, lambda: in_fresh_database(second_load)),
             (no_key, lambda: in_fresh_database(lambda db: pg_load(db, False))),
             (copied, lambda: in_fresh_database(lambda db: psql_copy(data, db))),
             (indexed, lambda: in_fresh_database(lambda db: psql_copy(data, db, True))),
@@ -399,6 +513,7 @@ def postgres_rounds(work: Path, data: Path, rows: int, rounds: Rounds) -> None:
     ratio("loader / (\\copy + UNIQUE key index)", times, indexed, loader, " (target >= 1.0x)")
     ratio("loader / \\copy (which builds no index)", times, copied, loader)
     ratio("loader without key / \\copy", times, copied, no_key)
+    compare_share("the changed file's load", compared)
 
 
 if __name__ == "__main__":

@@ -217,6 +217,9 @@ class LoaderSettings:
     # A file left in an account folder without being loaded (a stray name, a refused file)
     # is deleted this many days after it arrived, with a warning line 7 days before; 0: kept.
     unloaded_file_retention_days: int = 30
+    # Refuse a file that would remove more than this share of the keys loaded last time
+    # (spec with a key column; --force loads it anyway); 0: off.
+    max_removed_share: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -417,6 +420,8 @@ def _check_semantics(s: Settings, source: str) -> None:
         raise bad("ips.max_per_account", "a number from 1 to 64", s.ips.max_per_account)
     if not 0.0 <= s.loader.min_row_share <= 1.0:
         raise bad("loader.min_row_share", "a share from 0.0 to 1.0", s.loader.min_row_share)
+    if not 0.0 <= s.loader.max_removed_share <= 1.0:
+        raise bad("loader.max_removed_share", "a share from 0.0 to 1.0", s.loader.max_removed_share)
     if s.pool.source not in ("table", "query"):
         raise bad("pool.source", '"table" or "query"', s.pool.source)
     if s.pool.source == "query" and not (s.pool.query_url and s.pool.query):

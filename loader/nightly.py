@@ -70,6 +70,7 @@ from loader.sis_db import (
     LOADED,
     NO_FILE,
     REFUSED,
+    LoadChanges,
     SisDB,
     Streak,
     SwapAborted,
@@ -109,6 +110,7 @@ _MOVED_MESSAGES = {
     "name and rename it when done (uploads through this service always do)",
 }
 FORCED_NOTE = "forced past the row-count guard by an operator"
+REMOVED_FORCED_NOTE = "forced past the removed-keys guard by an operator"
 # The client's log warns this many days before a file that was not loaded is deleted.
 WARNING_DAYS = 7
 
@@ -163,6 +165,7 @@ class LoadResult:
     identity: FileIdentity | None = None
     moved: str = ""  # REMOVED, REPLACED or CHANGED during the load
     forced: str = ""  # the load went past the row-count guard with --force: what it said
+    changes: LoadChanges | None = None  # rows added, removed, changed (key column, not first)
 
     @property
     def ok(self) -> bool:
@@ -287,6 +290,35 @@ def _forced_note(rows: int, last_rows: int, share: float, last_when: datetime, z
     )
 
 
+def _loaded_since(last_when: datetime | None, zone) -> str:
+    return f" on {last_when.astimezone(zone).date().isoformat()}" if last_when else ""
+
+
+def _removed_message(changes: LoadChanges, share: float, last_when: datetime | None, zone) -> str:
+    return (
+        f"not loaded: the file would remove {changes.removed:,} of the {changes.previous:,} "
+        f"keys loaded{_loaded_since(last_when, zone)}, more than {share:.0%}; an export that "
+        "lost rows or changed its IDs would wipe data. Check the export; if the change is "
+        "expected, ask the operator to load it once with --force"
+    )
+
+
+def _removed_forced_note(
+    changes: LoadChanges, share: float, last_when: datetime | None, zone
+) -> str:
+    return (
+        f"{REMOVED_FORCED_NOTE}: {changes.removed:,} of the {changes.previous:,} keys loaded"
+        f"{_loaded_since(last_when, zone)} removed, more than {share:.0%}"
+    )
+
+
+def _loaded_detail(outcome: LoadResult) -> str:
+    """``48,213 rows imported (120 new, 35 gone, 410 changed)``, with the guards forced."""
+    notes = [outcome.changes.summary()] if outcome.changes is not None else []
+    notes += [note for note in (FORCED_NOTE, REMOVED_FORCED_NOTE) if note in outcome.forced]
+    return f"{outcome.rows:,} rows imported" + (f" ({'; '.join(notes)})" if notes else "")
+
+
 def _unreadable(path: Path) -> tuple[str, str]:
     """(client words, operator words) for a file the loader may not open: its permissions."""
     try:
@@ -331,6 +363,7 @@ def load_file(
     source = _ValidatedFile(path, spec, report, settings.loader.max_reported_errors)
     moved = ""
     forced = ""
+    changes: LoadChanges | None = None
 
     def refusal() -> str | None:
         """Why the file cannot be loaded as read: it moved or changed under the load, or it
@@ -366,6 +399,18 @@ def load_file(
             forced = _forced_note(count, last.rows, share, last.started, settings.zone)
         return source.sha256()
 
+    def removed_guard(found: LoadChanges) -> None:
+        """The removed-keys guard: after before_swap, with the comparison's counts."""
+        nonlocal forced, changes
+        changes = found
+        share = settings.loader.max_removed_share
+        if share and found.previous and found.removed > share * found.previous:
+            when = last.started if last is not None else None
+            if not force:
+                raise SwapAborted(_removed_message(found, share, when, settings.zone))
+            note = _removed_forced_note(found, share, when, settings.zone)
+            forced = f"{forced}; {note}" if forced else note
+
     def result(status: str, count: int, message: str, internal: str = "") -> LoadResult:
         metrics.load_finished(spec.account, status, count, time.monotonic() - started)
         return LoadResult(
@@ -382,6 +427,7 @@ def load_file(
             identity=before,
             moved=moved,
             forced=forced if status == LOADED else "",
+            changes=changes if status == LOADED else None,
         )
 
     def refused(message: str) -> LoadResult:
@@ -404,7 +450,14 @@ def load_file(
         return refused(_MOVED_MESSAGES[REMOVED])
     try:
         count = db.replace_table(
-            load_id, table, spec.columns, spec.key_column, source, before_swap, progress
+            load_id,
+            table,
+            spec.columns,
+            spec.key_column,
+            source,
+            before_swap,
+            progress,
+            on_changes=removed_guard,
         )
     except SwapAborted as exc:
         return refused(str(exc))
@@ -747,9 +800,7 @@ def _load_spec(
         # The client hears first, then the file goes: if the line cannot be written (a
         # full disk) or the run dies in between, the file stays and the next run loads it
         # again and says so, rather than the night's load never reaching the log.
-        detail = f"{outcome.rows:,} rows imported"
-        if outcome.forced:
-            detail += f" ({FORCED_NOTE})"
+        detail = _loaded_detail(outcome)
         if _identity(path) not in (outcome.identity, None):
             detail += "; a newer copy of the file arrived meanwhile and stays for the next run"
         line("LOADED", path.name, detail, outcome.rows, outcome=outcome)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sites import BACKENDS, Site, make_site
 from sqlalchemy import (
     Column,
     Integer,
@@ -35,10 +35,6 @@ from ingest_core.db import UTCDateTime, make_engine, utcnow
 from ingest_core.folders import account_folder
 from ingest_core.settings import Settings
 from loader.sis_db import SERVICE_SCHEMA, SisDB, open_sis_db, service_tables
-
-if str(Path(__file__).parent) not in sys.path:  # sites.py sits beside this file
-    sys.path.append(str(Path(__file__).parent))
-from sites import BACKENDS, Site, make_site
 
 
 @pytest.fixture(params=BACKENDS)
@@ -362,7 +358,7 @@ def test_a_database_of_the_previous_version_is_upgraded_when_opened(
     assert run.returncode == 0, run.stdout + run.stderr
     assert not acme.data_file.exists()
     assert folder_log.read_lines(acme.folder)[-1].split(" ", 1)[1] == (
-        "LOADED sis_hr_user_info.txt 5 rows imported"
+        "LOADED sis_hr_user_info.txt 5 rows imported (5 new, 3 gone, 0 changed)"
     )
     assert [r[0] for r in db.table_rows(DATA_TABLE)] == [f"U{i:07d}" for i in range(10, 15)]
     assert [(r.id, r.status, r.rows) for r in db.loads("acme")] == [

@@ -63,7 +63,7 @@ def test_invalid_file_stays_and_the_error_names_the_line(acme, kit):
 
 def test_a_near_miss_of_the_missing_approved_file_is_its_error_and_stays(acme, kit):
     """The approved file did not come and a near miss of its name did: the approved file's
-    line is an ERROR naming it (issue 14: the one stray that fails the run)."""
+    line is an ERROR naming it (the one stray that fails the run)."""
     wrong = acme.folder.root / "SIS_HR_User_Info.txt"
     kit.write_data(wrong, 3)
     result = run_account(acme.settings, acme.name)

@@ -1,0 +1,243 @@
+"""What changed in each load (issue 14, point 6): rows added, removed and changed by key,
+counted in SQL against the live table before the swap, in the LOADED line, the load history
+and `SisDB.loads()`; the history columns added to an existing database; the removed-keys
+guard (`[loader] max_removed_share`) refusing a file, and `--force` loading it.
+
+On SQLite and on a real PostgreSQL, each expectation computed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import inspect
+
+from ingest_core import folder_log
+from loader.nightly import run_account
+from loader.sis_db import LOADED, REFUSED, SisDB, close_sis_dbs, open_sis_db
+from loader.spec import table_name
+
+HEADER = "UUUID\tfirst_name\tlast_name\temail"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def on(request, settings, config_file, onboard):
+    """An onboarded account (key column UUUID) on each backend; the CLI's config names the
+    same database."""
+    url = settings.sis_db_url
+    if request.param == "postgres":
+        url = request.getfixturevalue("pg_url")
+        config_file.write_text(f'sis_db_url = "{url}"\n' + config_file.read_text())
+    return onboard(settings.replace(sis_db_url=url))
+
+
+def _write(on, *rows: str) -> None:
+    on.data_file.write_text("\n".join([HEADER, *rows]) + "\n", encoding="utf-8", newline="")
+
+
+def _rows(on) -> list[tuple[str, ...]]:
+    return open_sis_db(on.settings.sis_db_url).table_rows(table_name(on.spec))
+
+
+def _loads(on):
+    return open_sis_db(on.settings.sis_db_url).loads(on.name)
+
+
+def _last_line(on) -> str:
+    return folder_log.read_lines(on.folder)[-1].split(" ", 1)[1]
+
+
+def _ids(n: int, start: int = 0) -> list[str]:
+    return [f"U{i:07d}\tFirst{i}\tLast{i}\tu{i}@example.edu" for i in range(start, start + n)]
+
+
+FIRST = (
+    "A1\tAnn\tLee\tann@example.edu",
+    "B2\tBob\tRay\tbob@example.edu",
+    "C3\tCid\tPoe\tcid@example.edu",
+    "D4\tDee\tKim\tdee@example.edu",
+    "E5\tEve\tFox\teve@example.edu",
+    "x6\tXia\tLin\txia@example.edu",
+)
+SECOND = (
+    "A1\tAnn\tLee\tann@example.edu",  # the same
+    "B2\tBobby\tRay\tbob@example.edu",  # changed: first_name
+    "C3\tCid\tPoe\tcid@example.edu",  # the same
+    "D4\tDee\tKim\tdee@example.org",  # changed: email (the last column)
+    "F7\tFay\tOrr\tfay@example.edu",  # new
+    "G8\tGus\tVon\tgus@example.edu",  # new
+    "X6\tXia\tLin\txia@example.edu",  # new: keys compare bytewise, X6 is not x6
+    # gone: E5, x6
+)
+
+
+def test_counts_added_removed_changed_by_key(on):
+    """By hand: 3 new (F7, G8, X6), 2 gone (E5, x6), 2 changed (B2, D4), 2 the same."""
+    _write(on, *FIRST)
+    first = run_account(on.settings, on.name)
+    assert first.ok, first.summary()
+    # A first load has nothing to compare with: no counts, and the line says only the rows.
+    assert _last_line(on) == "LOADED sis_hr_user_info.txt 6 rows imported"
+    (load,) = _loads(on)
+    assert (load.added, load.removed, load.changed) == (None, None, None)
+
+    _write(on, *SECOND)
+    second = run_account(on.settings, on.name)
+    assert second.ok, second.summary()
+    assert _last_line(on) == (
+        "LOADED sis_hr_user_info.txt 7 rows imported (3 new, 2 gone, 2 changed)"
+    )
+    assert sorted(r[0] for r in _rows(on)) == ["A1", "B2", "C3", "D4", "F7", "G8", "X6"]
+    loads = _loads(on)
+    assert [ld.status for ld in loads] == [LOADED, LOADED]
+    assert (loads[-1].rows, loads[-1].added, loads[-1].removed, loads[-1].changed) == (7, 3, 2, 2)
+
+    # The same file again: nothing changed, and it says so.
+    _write(on, *SECOND)
+    assert run_account(on.settings, on.name).ok
+    assert _last_line(on) == (
+        "LOADED sis_hr_user_info.txt 7 rows imported (0 new, 0 gone, 0 changed)"
+    )
+    assert (_loads(on)[-1].added, _loads(on)[-1].removed, _loads(on)[-1].changed) == (0, 0, 0)
+
+
+@pytest.mark.postgres
+def test_counts_on_postgres_with_a_live_table_sorted_by_key(settings, onboard, pg_url, monkeypatch):
+    """A live table that autovacuum has analyzed (its rows in key order) is compared with a
+    merge join over the two key indexes instead of a hash join: the same counts."""
+    on = onboard(settings.replace(sis_db_url=pg_url))
+    _write(on, *FIRST)
+    assert run_account(on.settings, on.name).ok
+    db = open_sis_db(pg_url)
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql(f'ANALYZE "{table_name(on.spec)}"')
+        correlation = conn.exec_driver_sql(
+            "SELECT correlation FROM pg_stats WHERE tablename = %(t)s AND attname = 'UUUID'",
+            {"t": table_name(on.spec)},
+        ).scalar()
+    assert correlation is not None and correlation >= 0.9
+    plans: list[list[str]] = []
+    plan = SisDB._postgres_compare_plan
+
+    def spy(self, *args):
+        saved = plan(self, *args)
+        plans.append([name for name, _ in saved])
+        return saved
+
+    monkeypatch.setattr(SisDB, "_postgres_compare_plan", spy)
+    _write(on, *SECOND)
+    assert run_account(on.settings, on.name).ok
+    assert plans == [["enable_hashjoin", "enable_sort", "max_parallel_workers_per_gather"]]
+    assert _last_line(on) == (
+        "LOADED sis_hr_user_info.txt 7 rows imported (3 new, 2 gone, 2 changed)"
+    )
+
+
+def test_counts_in_the_history_command(on, ingestctl):
+    _write(on, *FIRST)
+    assert ingestctl("loader", "run", on.name).returncode == 0
+    _write(on, *SECOND)
+    done = ingestctl("loader", "run", on.name)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "LOADED sis_hr_user_info.txt 7 rows imported (3 new, 2 gone, 2 changed)" in done.stdout
+    history = json.loads(ingestctl("loader", "history", on.name, "--json").stdout)
+    assert [(h["added"], h["removed"], h["changed"]) for h in history] == [
+        (None, None, None),
+        (3, 2, 2),
+    ]
+
+
+def test_a_refused_load_records_no_counts(on):
+    _write(on, *FIRST)
+    assert run_account(on.settings, on.name).ok
+    _write(on, *SECOND, "A1\tAnn\tLee\tdup@example.edu")  # duplicate key: refused
+    assert not run_account(on.settings, on.name).ok
+    last = _loads(on)[-1]
+    assert last.status == REFUSED and (last.added, last.removed, last.changed) == (None,) * 3
+    assert sorted(r[0] for r in _rows(on)) == ["A1", "B2", "C3", "D4", "E5", "x6"]
+
+
+def test_existing_database_gets_the_history_columns(on):
+    """A load history table made before the columns: opening the database adds them (the
+    old rows have none), and the next load fills them."""
+    _write(on, *FIRST)
+    assert run_account(on.settings, on.name).ok
+    url = on.settings.sis_db_url
+    old = SisDB(url)
+    loads = old.engine.dialect.identifier_preparer.format_table(old.tables.loads)
+    with old.engine.begin() as conn:
+        for column in ("added", "removed", "changed"):
+            conn.exec_driver_sql(f"ALTER TABLE {loads} DROP COLUMN {column}")
+    old.dispose()
+    close_sis_dbs()
+
+    reopened = SisDB(url)
+    with reopened.engine.connect() as conn:
+        table = reopened.tables.loads
+        names = {c["name"] for c in inspect(conn).get_columns(table.name, schema=table.schema)}
+    assert {"added", "removed", "changed"} <= names
+    (load,) = reopened.loads(on.name)
+    assert load.status == LOADED and (load.added, load.removed, load.changed) == (None,) * 3
+    reopened.dispose()
+
+    _write(on, *SECOND)
+    assert run_account(on.settings, on.name).ok
+    last = _loads(on)[-1]
+    assert (last.added, last.removed, last.changed) == (3, 2, 2)
+
+
+def test_removed_share_guard_refuses_then_force_loads(on, config_file, ingestctl):
+    """``max_removed_share = 0.3``: removing 3 of 10 keys (30%, not more) loads; removing 4
+    of the 7 then loaded (57%) is refused like the row-count guard; --force loads it."""
+    config_file.write_text(config_file.read_text() + "\n[loader]\nmax_removed_share = 0.3\n")
+
+    def cli(*args: str):
+        return ingestctl("loader", "run", on.name, *args, subprocess_=True)
+
+    _write(on, *_ids(10))
+    assert cli().returncode == 0
+    _write(on, *_ids(7))
+    run = cli()
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert _last_line(on) == (
+        "LOADED sis_hr_user_info.txt 7 rows imported (0 new, 3 gone, 0 changed)"
+    )
+
+    _write(on, *_ids(3), *_ids(1, start=100))  # 4 of the 7 keys gone, 1 new
+    refused = cli()
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert on.data_file.exists() and len(_rows(on)) == 7
+    line = _last_line(on)
+    assert line.startswith("ERROR sis_hr_user_info.txt not loaded: the file would remove 4 of ")
+    assert "4 of the 7 keys loaded on " in line and "more than 30%" in line
+    assert "ask the operator to load it once with --force" in line
+    assert "the SIS data stays as it was" in line
+    last = _loads(on)[-1]
+    assert last.status == REFUSED and "would remove 4 of the 7 keys" in last.message
+
+    forced = cli("--force")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert not on.data_file.exists()
+    assert sorted(r[0] for r in _rows(on)) == ["U0000000", "U0000001", "U0000002", "U0000100"]
+    assert _last_line(on) == (
+        "LOADED sis_hr_user_info.txt 4 rows imported (1 new, 4 gone, 0 changed; forced past "
+        "the removed-keys guard by an operator)"
+    )
+    load = _loads(on)[-1]
+    assert load.status == LOADED and (load.added, load.removed, load.changed) == (1, 4, 0)
+    assert load.message.startswith(
+        "forced past the removed-keys guard by an operator: 4 of the 7 keys loaded on "
+    )
+    audit = json.loads(ingestctl("audit", on.name, "--json").stdout)
+    assert [e["detail"]["load_id"] for e in audit if e["action"] == "loader.force"] == [load.id]
+
+
+def test_guard_is_off_by_default(on):
+    _write(on, *_ids(10))
+    assert run_account(on.settings, on.name).ok
+    _write(on, *_ids(6, start=100))  # every key gone
+    assert run_account(on.settings, on.name).ok
+    assert _last_line(on) == (
+        "LOADED sis_hr_user_info.txt 6 rows imported (6 new, 10 gone, 0 changed)"
+    )
