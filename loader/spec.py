@@ -1,6 +1,6 @@
 """Approved file specs: the data file format frozen at onboarding.
 
-The seed says a client's data file format is approved once and any later change is refused.
+A client's data file format is approved once; any later change is refused.
 ``ingestctl spec approve`` reads an approved sample and freezes what it finds: the exact file
 name, the encoding (UTF-8, with or without a BOM), the column delimiter (tab, comma, pipe or
 semicolon), the row terminator (CRLF or LF), the quoting style, the header names in order and
