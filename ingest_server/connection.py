@@ -30,7 +30,7 @@ from ingest_core.settings import Settings
 from ingest_server.ledger import AccountLedger
 from ingest_server.session_budget import BudgetExceeded, Held, SessionBudget
 from ingest_server.sftp import AccountSFTPServer, UploadTracker
-from ingest_server.sftp_compat import WriteTrailerTolerance
+from ingest_server.sftp_compat import WriteTrailerTolerance, needs_trimming
 
 SERVICE_ONLY_MESSAGE = "This service accepts SFTP and SCP only."
 SHA2_RSA_SIGNATURES = frozenset({b"rsa-sha2-256", b"rsa-sha2-512"})
@@ -333,7 +333,9 @@ class ClientConnection(asyncssh.SSHServer):
                 f"too many sessions for this account: at most {limit} at once; "
                 "try again when one has ended",
             )
-        return _CountedSession(held, self._refuse_process, self._sftp_server)
+        client = str(self.conn.get_extra_info("client_version") or "") if self.conn else ""
+        session = _TolerantSession if needs_trimming(client) else _CountedSession
+        return session(held, self._refuse_process, self._sftp_server)
 
     def _sftp_server(self, chan: asyncssh.SSHServerChannel) -> AccountSFTPServer:
         state = self.state
@@ -383,7 +385,7 @@ class ClientConnection(asyncssh.SSHServer):
         return self._refuse("tap forwarding")
 
 
-class _CountedSession(WriteTrailerTolerance, asyncssh.SSHServerProcess):  # type: ignore[type-arg]
+class _CountedSession(asyncssh.SSHServerProcess):  # type: ignore[type-arg]
     """asyncssh's own SFTP/SCP session, extended to give its channel back to the
     connection's budget when it closes (for any reason, exactly once)."""
 
@@ -399,3 +401,8 @@ class _CountedSession(WriteTrailerTolerance, asyncssh.SSHServerProcess):  # type
     def connection_lost(self, exc: Exception | None) -> None:
         self.held.release()
         super().connection_lost(exc)
+
+
+class _TolerantSession(WriteTrailerTolerance, _CountedSession):
+    """The same, for Go clients (rclone) whose last WRITE of a file carries stale bytes after
+    its data: the others do not pay for the scan on every packet."""
