@@ -23,6 +23,7 @@ open.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import ctypes.util
@@ -182,6 +183,7 @@ class Upload:
         self.buffer = buffer
         self.reserved = 0  # bytes of the account's quota held for this upload in the ledger
         self.credit = 0  # bytes it may reach without reserving: the file it will replace
+        self.reserving: asyncio.Future[None] | None = None  # a quota step asked for ahead
         self._times: tuple[float, float] | None = None
         try:
             if final.is_file():

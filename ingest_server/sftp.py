@@ -64,8 +64,11 @@ if TYPE_CHECKING:
 MAX_READ_CHUNK = 256 * 1024
 _BACKPRESSURE_POLL = 0.002
 # Quota is reserved ahead in steps of this size (one ledger request per step, not per
-# write); when the account is nearly full only what the write needs is asked for.
+# write); when the account is nearly full only what the write needs is asked for. The next
+# step is asked for in the background once the upload is within half a step of what it
+# holds, so a steady upload never waits for the listener's answer.
 RESERVE_STEP = 8 * 1024 * 1024
+PREFETCH_MARGIN = RESERVE_STEP // 2
 # SFTP v3 carries times as unsigned 32-bit seconds: anything outside is clamped.
 _TIME_MAX = 2**32 - 1
 UNEXPECTED_ERROR = "the server could not complete this request"
@@ -388,11 +391,33 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         self.budget.last_request = self.budget.clock()
         upload = file_obj
         end = upload.write_offset(offset) + len(data)
-        if end > upload.credit + upload.reserved or upload.needs_base_copy(offset):
+        may_reach = upload.credit + upload.reserved
+        if end > may_reach or upload.needs_base_copy(offset):
             return self._write_after_preparing(upload, offset, data)
+        if end > may_reach - PREFETCH_MARGIN and upload.reserving is None:
+            self._reserve_ahead(upload)
         return self._write_now(upload, offset, data)
 
+    def _reserve_ahead(self, upload: Upload) -> None:
+        """Ask for the next step of quota without waiting for the answer."""
+        if not self.settings.limits.account_quota_bytes or upload.failed is not None:
+            return
+        upload.reserving = asyncio.ensure_future(self._reserve_step(upload))
+
+    async def _reserve_step(self, upload: Upload) -> None:
+        account = self.folder.name
+        try:
+            if await self.ledger.reserve(account, RESERVE_STEP):
+                if upload.done:  # the upload ended meanwhile: its settle did not see this
+                    self.ledger.settle(account, RESERVE_STEP, 0)
+                else:
+                    upload.reserved += RESERVE_STEP
+        finally:
+            upload.reserving = None
+
     async def _write_after_preparing(self, upload: Upload, offset: int, data: bytes) -> int:
+        if upload.reserving is not None:  # the step asked for ahead may already cover it
+            await asyncio.shield(upload.reserving)
         if upload.failed is None:
             end = upload.write_offset(offset) + len(data)
             refusal = upload.limits.refusal(upload.size, upload.write_offset(offset), end)
@@ -433,11 +458,13 @@ class AccountSFTPServer(asyncssh.SFTPServer):
     def _fail(self, upload: Upload, exc: BaseException) -> typing.NoReturn:
         """Discard ``upload`` for ``exc`` and raise the error its client hears (and hears
         again at every later write and at close: the upload is gone)."""
+        first = not upload.done  # later pipelined writes hear it again, unlogged
         if upload.failed is None and isinstance(exc, LimitHit | OSError):
             upload.failed = exc
         if isinstance(exc, LimitHit):
             self._drop(upload, reason=exc.kind)
-            self._limit_hit(upload.name, exc)
+            if first:
+                self._limit_hit(upload.name, exc)
             raise SFTPFailure(str(exc)) from None
         if isinstance(exc, OSError):
             self._drop(upload, reason=f"write error: {exc.strerror or exc}")
