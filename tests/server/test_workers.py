@@ -53,9 +53,12 @@ def dropped_before_banner(running: RunningServer) -> bool:
 
 
 def test_connection_limit_counts_across_workers(pooled: RunningServer, alpha_key: Path) -> None:
+    before = len(pooled.events("auth.success"))
     held = [login(pooled, alpha_key) for _ in range(2)]
     try:
-        logins = pooled.events("auth.success")
+        # The client hears "logged in" a moment before the worker writes its log line.
+        wait_until(lambda: len(pooled.events("auth.success")) >= before + 2, 10, "two logins")
+        logins = pooled.events("auth.success")[before:]
         assert len({e["pid"] for e in logins}) == 2  # one session on each worker
         assert dropped_before_banner(pooled)  # a third, on either worker, is over the limit
         event = pooled.wait_for_event("connection.refused", address="127.0.0.1")
