@@ -4,15 +4,22 @@ Modules, in the order a connection meets them:
 
 - ``server``: the listener's lifecycle (listen, accept, admit, hand over, graceful shutdown);
 - ``proxy_protocol``: the PROXY v1/v2 header from a configured load balancer;
-- ``gate``: the IP gate and connection limits, before any SSH byte is sent;
+- ``gate``, ``connection_rate``: the IP gate, connection limits and the rate of new
+  connections per address, before any SSH byte is sent;
 - ``defender``: brute-force scores and persistent bans;
 - ``worker_pool``, ``worker_channel``, ``worker``: session processes and how the listener
-  hands them sockets;
+  hands them sockets (each connection numbered, released exactly once);
+- ``ledger``: sessions per account and quota reservations, kept by the listener for every
+  worker;
 - ``session_host``: asyncssh on an admitted socket, and draining sessions at shutdown;
-- ``connection``: one connection's policy (key-only auth, forwarding refused, shell refused);
+- ``connection``: one connection's policy (key-only auth, forwarding refused, shell refused),
+  its channels and idle time; ``session_budget``: what one connection may hold at once;
 - ``sftp``: the account's file system for SFTP and legacy SCP (chroot, read-only files);
+  ``sftp_compat``: the bytes rclone leaves after a WRITE's data, dropped as OpenSSH does;
 - ``atomic_upload`` and ``limits``: an upload in flight and the limits it runs under;
-- ``host_keys``: the server's ed25519 and RSA 4096 host keys.
+- ``host_keys``: the server's ed25519 and RSA 4096 host keys;
+- ``admin``: the HTTP listener for ``/metrics`` and ``/healthz``; ``activity``: an account's
+  recent events for ``ingestctl activity``.
 
 Where we lean on asyncssh (2.24) behaviour that is not a documented promise, each pinned by
 a test in ``tests/server/``:
@@ -27,6 +34,16 @@ a test in ``tests/server/``:
 - ``listen()``/``run_server()`` take no host key algorithm list; trimming
   ``host_key_algorithms`` on the loaded key pair stops the RSA host key offering SHA-1
   ``ssh-rsa`` (``test_ssh_audit``).
+- Sessions are made in ``SSHServer.session_requested`` (not with ``sftp_factory``), so
+  channels can be counted: it returns an ``asyncssh.SSHServerProcess`` built with our SFTP
+  factory, which asyncssh itself uses for SFTP and SCP when a process factory is set
+  (``test_session_budgets``).
+- A closed folder handle is simply dropped by asyncssh (no hook): the ``_Listing`` object
+  gives its place in the handle budget back when it is freed, and ``exit()`` gives back any
+  left (``test_session_budgets``).
+- An SFTP channel's bytes reach asyncssh's SFTP handler through the session's
+  ``data_received``; ``sftp_compat`` trims there for Go clients, and a test fails when a
+  future asyncssh starts accepting rclone's packets itself (``test_sftp_compat``).
 - The server hides its library in the SSH banner, but asyncssh's SFTP ``vendor-id``
   extension still names AsyncSSH and its version to authenticated clients; changing it
   would mean patching asyncssh, which we do not do.
