@@ -8,6 +8,7 @@ so a fresh checkout and an old deployment both end up on the same schema.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from dataclasses import dataclass
@@ -16,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     Engine,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -196,6 +199,73 @@ class JobRun(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
 
 
+class JobClaim(Base):
+    """One nightly job (a load or a pool publish) of one account for one scheduled run, claimed
+    by the node that does it: the unique key makes it happen once per cluster."""
+
+    __tablename__ = "job_claims"
+    __table_args__ = (UniqueConstraint("job", "account", "run_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job: Mapped[str] = mapped_column(String(16), nullable=False)  # "load" or "pool"
+    account: Mapped[str] = mapped_column(String(32), nullable=False, index=True)
+    # The scheduled run's local date (YYYY-MM-DD), or "manual-..." for an operator's run.
+    run_key: Mapped[str] = mapped_column(String(64), nullable=False)
+    node: Mapped[str] = mapped_column(String(64), nullable=False)
+    claimed_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    outcome: Mapped[str | None] = mapped_column(String(32))
+
+
+class JournalEvent(Base):
+    """What clients did, recorded by whichever node served them, so every node shows the same
+    activity; a completed upload's row is also the pre-check's work item (claimed once)."""
+
+    __tablename__ = "journal_events"
+    # The pre-check's queue: received files not yet checked.
+    __table_args__ = (Index("ix_journal_events_unchecked", "kind", "checked_at"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow, index=True)
+    node: Mapped[str] = mapped_column(String(64), nullable=False)
+    account: Mapped[str | None] = mapped_column(String(32), index=True)
+    # The server log's event name: auth.success, auth.failure, file.received, ...
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    address: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text, nullable=False, default="{}")  # JSON object
+    # file.received only: when and by which node the on-arrival pre-check handled it.
+    checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    checked_by: Mapped[str | None] = mapped_column(String(64))
+
+
+class DefenderFailure(Base):
+    """One failed connection's points against its source address, shared by every node."""
+
+    __tablename__ = "defender_failures"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    address: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    points: Mapped[int] = mapped_column(Integer, nullable=False)
+    node: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+
+
+class ClusterNode(Base):
+    """A node that serves or loads for this control DB, and when it was last seen alive."""
+
+    __tablename__ = "cluster_nodes"
+
+    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255), nullable=False, default="")
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    draining: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+
+
 @dataclass
 class ControlDB:
     engine: Engine
@@ -207,6 +277,11 @@ _open_lock = threading.Lock()
 
 
 SQLITE_FILE_MODE = 0o600
+# The PostgreSQL advisory lock key held (for one transaction) while the schema is upgraded:
+# the first 8 bytes of blake2b("sis-ingest control schema"), as a signed 64-bit number.
+SCHEMA_LOCK_KEY = int.from_bytes(
+    hashlib.blake2b(b"sis-ingest control schema", digest_size=8).digest(), "big", signed=True
+)
 
 
 def create_private_sqlite_file(path: Path) -> None:
@@ -252,6 +327,10 @@ def upgrade_schema(engine: Engine) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Nodes starting at once on one database take turns: the second sees the first's
+            # committed schema instead of creating the same tables (and alembic_version) again.
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 

@@ -19,6 +19,7 @@ import ipaddress
 import math
 import os
 import re
+import socket
 import tomllib
 import types
 import typing
@@ -38,6 +39,7 @@ SYSTEM_CONFIG = Path("/etc/sis-ingest/ingest.toml")
 SYSTEM_CONFIG_ENV = "INGEST_SYSTEM_CONFIG"
 
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
+_NODE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 # Algorithm lists that reach 0 [fail] and 2 [warn] in ssh-audit while OpenSSH 9.2, PuTTY 0.78
 # and curl/libssh2 1.10 still connect (design-notes section 3; tests/server/test_ssh_audit.py).
@@ -187,6 +189,9 @@ class KeyPolicySettings:
 
     min_rsa_bits: int = 4096
     accept_ed25519: bool = False
+    # A key older than this many days is refused at login (reminders go out 30, 7 and 1
+    # days before); 0: keys do not expire.
+    max_age_days: int = 0
 
 
 @dataclass(frozen=True)
@@ -265,6 +270,17 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """Several nodes sharing one PostgreSQL and one data root (README "Several nodes")."""
+
+    # This node's name in claims, journals and temporary upload names; "": the host name.
+    node_id: str = ""
+    # Journal rows (logins, refusals, files received, downloaded, renamed, removed) are
+    # kept this many days.
+    journal_retention_days: int = 90
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything, resolved once. Paths are absolute."""
 
@@ -284,11 +300,17 @@ class Settings:
     pool: PoolSettings = field(default_factory=PoolSettings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     source: str = "built-in defaults"
 
     @property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.schedule.timezone)
+
+    @property
+    def node_id(self) -> str:
+        """This node's name: ``[cluster] node_id``, else the host name."""
+        return self.cluster.node_id or socket.gethostname()
 
     def replace(self, **changes: typing.Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -459,6 +481,12 @@ def _check_semantics(s: Settings, source: str) -> None:
         )
     if s.server.event_loop not in EVENT_LOOPS:
         raise bad("server.event_loop", '"auto", "uvloop" or "asyncio"', s.server.event_loop)
+    if s.cluster.node_id and not _NODE_ID.match(s.cluster.node_id):
+        raise bad(
+            "cluster.node_id",
+            "1-64 letters, digits, '.', '_' or '-' (or \"\" for the host name)",
+            s.cluster.node_id,
+        )
     for url_key in ("control_db_url", "sis_db_url"):
         url = getattr(s, url_key)
         if not url.startswith(("sqlite", "postgresql")):
