@@ -14,7 +14,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -34,6 +34,7 @@ from ingest_core.db import (
 )
 from ingest_core.errors import NotFound, Refused
 from ingest_core.folders import account_folder, create_account_folder
+from ingest_core.key_age import key_age
 from ingest_core.policy import check_account_name, parse_address, parse_public_key
 from ingest_core.settings import Settings
 
@@ -43,6 +44,8 @@ from ingest_core.settings import Settings
 _LOCAL_PART = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
 _DOMAIN_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 MAX_EMAIL = 254
+
+KEY_REMINDER = "key.reminder"  # the audit action that records one expiry reminder sent
 
 
 def check_email(text: str) -> str:
@@ -84,6 +87,19 @@ class KeyView:
     fingerprint: str
     comment: str
     added_at: str
+    age_days: int  # whole days since it was added
+    expires_at: str | None  # None: keys do not expire ([keys] max_age_days = 0)
+    expiry: str  # "never", "ok", "expires soon" or "expired" (see ingest_core.key_age)
+
+
+@dataclass(frozen=True)
+class AccountKeyDates:
+    """One key of an active account, for the expiry reminders."""
+
+    account: str
+    fingerprint: str
+    comment: str
+    added_at: datetime
 
 
 @dataclass(frozen=True)
@@ -126,6 +142,12 @@ class LoginView:
     active: bool
     public_keys: list[str]
     ips: frozenset[str]
+    key_added: dict[str, datetime] = field(default_factory=dict)  # by public key line
+
+    def key_expired(self, public_key: str, max_age_days: int, now: datetime | None = None) -> bool:
+        """Is this registered key past ``[keys] max_age_days`` (refused at login)?"""
+        added = self.key_added.get(public_key)
+        return added is not None and key_age(added, max_age_days, now or utcnow()).expired
 
 
 def _iso(value: datetime) -> str:
@@ -166,6 +188,19 @@ class Registry:
             raise NotFound(f"no account named {name!r} (see 'ingestctl account list')")
         return account
 
+    def _key_view(self, key: AccountKey) -> KeyView:
+        age = key_age(key.added_at, self.settings.keys.max_age_days, utcnow())
+        return KeyView(
+            key.key_type,
+            key.bits,
+            key.fingerprint,
+            key.comment,
+            _iso(key.added_at),
+            age.age_days,
+            _iso(age.expires_at) if age.expires_at is not None else None,
+            age.expiry,
+        )
+
     def _view(self, account: Account) -> AccountView:
         return AccountView(
             name=account.name,
@@ -176,10 +211,7 @@ class Registry:
             folder=str(account_folder(self.settings, account.name).root),
             created_at=_iso(account.created_at),
             updated_at=_iso(account.updated_at),
-            keys=[
-                KeyView(k.key_type, k.bits, k.fingerprint, k.comment, _iso(k.added_at))
-                for k in account.keys
-            ],
+            keys=[self._key_view(k) for k in account.keys],
             ips=[ip.address for ip in account.ips],
         )
 
@@ -327,9 +359,7 @@ class Registry:
                     comment=parsed.comment,
                 )
                 session.flush()
-                return KeyView(
-                    key.key_type, key.bits, key.fingerprint, key.comment, _iso(key.added_at)
-                )
+                return self._key_view(key)
         except IntegrityError:
             raise Refused(f"key {parsed.fingerprint} is already registered") from None
 
@@ -344,9 +374,7 @@ class Registry:
             account = self._get(session, name)
             for key in account.keys:
                 if key.fingerprint == wanted:
-                    view = KeyView(
-                        key.key_type, key.bits, key.fingerprint, key.comment, _iso(key.added_at)
-                    )
+                    view = self._key_view(key)
                     account.keys.remove(key)
                     account.updated_at = utcnow()
                     self.audit(session, name, "key.remove", fingerprint=wanted)
@@ -458,6 +486,57 @@ class Registry:
                 for e in events
             ]
 
+    # -- key expiry reminders ----------------------------------------------------------------
+
+    def active_account_keys(self) -> list[AccountKeyDates]:
+        """Every key of every active account (a disabled account logs in with none)."""
+        with self.db.session() as session:
+            rows = session.execute(
+                select(
+                    Account.name, AccountKey.fingerprint, AccountKey.comment, AccountKey.added_at
+                )
+                .join(AccountKey)
+                .where(Account.status == "active")
+                .order_by(Account.name, AccountKey.id)
+            ).all()
+            return [AccountKeyDates(*row) for row in rows]
+
+    def record_key_reminder(
+        self, account: str, fingerprint: str, expires_at: datetime, days: int, messages: int
+    ) -> None:
+        """Remember that the ``days``-before-expiry reminder of this key (for this expiry)
+        went out (``messages``: to the operators, the contacts, or both)."""
+        self.record(
+            account,
+            KEY_REMINDER,
+            fingerprint=fingerprint,
+            expires_at=_iso(expires_at),
+            days=days,
+            messages=messages,
+        )
+
+    def key_reminders_sent(self) -> set[tuple[str, str, int]]:
+        """(fingerprint, expiry as recorded, days) of every expiry reminder sent (``key.reminder``
+        audit events), so each goes out once even when the loader runs again: see
+        :meth:`key_reminder_sent`."""
+        with self.db.session() as session:
+            details = session.scalars(
+                select(AuditEvent.detail).where(AuditEvent.action == KEY_REMINDER)
+            ).all()
+        sent = set()
+        for text in details:
+            detail = json.loads(text)
+            sent.add((str(detail["fingerprint"]), str(detail["expires_at"]), int(detail["days"])))
+        return sent
+
+    @staticmethod
+    def key_reminder_sent(
+        sent: set[tuple[str, str, int]], fingerprint: str, expires_at: datetime, days: int
+    ) -> bool:
+        """Is the reminder (or a later one) for this key and expiry among ``sent``?"""
+        expiry = _iso(expires_at)
+        return any(f == fingerprint and e == expiry and d <= days for f, e, d in sent)
+
     # -- server-side lookups ----------------------------------------------------------------
 
     def login_view(self, name: str) -> LoginView | None:
@@ -470,6 +549,7 @@ class Registry:
                 active=account.active,
                 public_keys=[k.public_key for k in account.keys],
                 ips=frozenset(ip.address for ip in account.ips),
+                key_added={k.public_key: k.added_at for k in account.keys},
             )
 
     def is_allowed_anywhere(self, address: str) -> bool:

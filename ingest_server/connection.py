@@ -232,6 +232,8 @@ class ClientConnection(asyncssh.SSHServer):
         for text in view.public_keys:
             registered = self.state.keys.get(text)
             if registered is not None and registered.public_data == key.public_data:
+                if view.key_expired(text, self.state.settings.keys.max_age_days):
+                    return "key expired"
                 return None
         return "key not registered to this account"
 

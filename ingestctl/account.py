@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # Every time an account's JSON carries, shown in the configured zone.
-ACCOUNT_TIMES = ("created_at", "updated_at", "added_at")
+ACCOUNT_TIMES = ("created_at", "updated_at", "added_at", "expires_at")
 
 
 def _show(view: AccountView, zone) -> None:

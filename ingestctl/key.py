@@ -8,8 +8,10 @@ from pathlib import Path
 
 from ingest_core.console import local_time, print_escaped, print_json, print_table, with_local_times
 from ingest_core.errors import Refused
+from ingest_core.key_age import expiry_text
 
 MAX_KEY_FILE_BYTES = 64 * 1024
+KEY_TIMES = ("added_at", "expires_at")
 
 
 def read_key_text(source: str) -> str:
@@ -39,7 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("file", help="the .pub file, or - to read standard input")
     a.add_argument("--json", action="store_true", help="machine-readable output")
     a.set_defaults(func=add)
-    ls = nouns.add_parser("list", help="list an account's keys")
+    ls = nouns.add_parser(
+        "list",
+        help="list an account's keys, their age and expiry",
+        description="An account's keys: type, size, fingerprint, comment, when added, age in "
+        "days and expiry date ([keys] max_age_days; 'never' when keys do not expire).",
+    )
     ls.add_argument("name")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=list_)
@@ -52,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def add(args: argparse.Namespace, ctx) -> int:
     key = ctx.registry.add_key(args.name, read_key_text(args.file))
     if args.json:
-        print_json(with_local_times(key, ctx.settings.zone, ["added_at"]))
+        print_json(with_local_times(key, ctx.settings.zone, KEY_TIMES))
     else:
         print_escaped(f"added {key.key_type} {key.bits}-bit key {key.fingerprint} to {args.name}")
     return 0
@@ -62,14 +69,22 @@ def list_(args: argparse.Namespace, ctx) -> int:
     keys = ctx.registry.list_keys(args.name)
     zone = ctx.settings.zone
     if args.json:
-        print_json(with_local_times(keys, zone, ["added_at"]))
+        print_json(with_local_times(keys, zone, KEY_TIMES))
         return 0
     print_table(
         [
-            (k.key_type, k.bits, k.fingerprint, k.comment, local_time(k.added_at, zone))
+            (
+                k.key_type,
+                k.bits,
+                k.fingerprint,
+                k.comment,
+                local_time(k.added_at, zone),
+                f"{k.age_days}d",
+                expiry_text(k.expires_at, k.expiry, zone),
+            )
             for k in keys
         ],
-        ["type", "bits", "fingerprint", "comment", "added"],
+        ["type", "bits", "fingerprint", "comment", "added", "age", "expires"],
         empty=f"{args.name} has no keys (ingestctl key add {args.name} FILE.pub)",
     )
     return 0

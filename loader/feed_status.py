@@ -3,8 +3,12 @@
 Each row says whether the feed needs attention, worst first:
 
 - ``failing``: the spec's last run was refused or failed (or was killed mid-load);
+- ``key expired``: the account's oldest key is past ``[keys] max_age_days`` (logins with it
+  are refused): rotate or remove it;
 - ``late``: it has loaded before, and ``[alerts] missing_file_runs`` runs in a row since then
   loaded nothing (0 turns lateness off);
+- ``key expires soon``: the oldest key expires within 30 days; the feed still works and the
+  reminder mails are going out, so this is shown but is not counted as needing attention;
 - ``never loaded``: no run has loaded it yet (a new account, or an account with no approved
   spec, which gets one row without a spec);
 - ``ok``;
@@ -30,26 +34,39 @@ from sqlalchemy import select
 from ingest_core.db import Account, AccountKey, FileSpec, open_control_db
 from ingest_core.errors import NotFound
 from ingest_core.folders import account_folder
+from ingest_core.key_age import EXPIRED, EXPIRES_SOON, key_age
 from ingest_core.settings import Settings
 from ingest_core.structured_log import iter_events
-from loader.sis_db import FAILED, INTERRUPTED, REFUSED, SisDB, open_sis_db
+from loader.sis_db import (
+    FAILED,
+    INTERRUPTED,
+    REFUSED,
+    LoadChanges,
+    LoadRecord,
+    SisDB,
+    open_sis_db,
+)
 from loader.validate import without_values
 
 OK = "ok"
 LATE = "late"
 FAILING = "failing"
+KEY_EXPIRED = "key expired"
+KEY_EXPIRES_SOON = "key expires soon"
 NEVER_LOADED = "never loaded"
 DISABLED = "disabled"
 
 # Worst first: the order of the rows, and what --check counts as needing attention.
-STATE_ORDER = (FAILING, LATE, NEVER_LOADED, OK, DISABLED)
-NEEDS_ATTENTION = frozenset({FAILING, LATE})
+STATE_ORDER = (FAILING, KEY_EXPIRED, LATE, KEY_EXPIRES_SOON, NEVER_LOADED, OK, DISABLED)
+NEEDS_ATTENTION = frozenset({FAILING, KEY_EXPIRED, LATE})
+# A key state takes the place of these (a failing or disabled feed says more as it is).
+KEY_STATES_REPLACE = frozenset({LATE, NEVER_LOADED, OK})
 FAILED_RUNS = (REFUSED, FAILED, INTERRUPTED)
 
 # Server audit events that put a file in place under its name.
 UPLOAD_EVENTS = ("file.received", "file.renamed")
 
-TIME_FIELDS = ("last_upload", "last_load", "oldest_key_added")
+TIME_FIELDS = ("last_upload", "last_load", "oldest_key_added", "oldest_key_expires")
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,9 @@ class FeedStatus:
     files_waiting: int  # complete files in the account's folder, not loaded yet
     oldest_key_added: datetime | None
     oldest_key_age_days: int | None  # None: the account has no key
+    oldest_key_expires: datetime | None  # None: no key, or keys do not expire
+    # "never" (keys do not expire), "ok", "expires soon", "expired"; None: no key
+    oldest_key_expiry: str | None
 
 
 @dataclass
@@ -95,22 +115,26 @@ def feed_status(
     rows: list[FeedStatus] = []
     for account in accounts:
         waiting = len(account_folder(settings, account.name).candidate_files())
-        key_days = None
+        age = None
         if account.oldest_key is not None:
-            key_days = max(0, (when - account.oldest_key).days)
+            age = key_age(account.oldest_key, settings.keys.max_age_days, when)
         common: dict[str, Any] = {
             "account": account.name,
             "files_waiting": waiting,
             "oldest_key_added": account.oldest_key,
-            "oldest_key_age_days": key_days,
+            "oldest_key_age_days": age.age_days if age else None,
+            "oldest_key_expires": age.expires_at if age else None,
+            "oldest_key_expiry": age.expiry if age else None,
         }
         if not account.specs:
-            state = NEVER_LOADED if account.active else DISABLED
+            state = _with_key_state(
+                NEVER_LOADED if account.active else DISABLED, common["oldest_key_expiry"]
+            )
             rows.append(
                 FeedStatus(
                     spec=None,
                     state=state,
-                    needs_attention=False,
+                    needs_attention=state in NEEDS_ATTENTION,
                     last_upload=None,
                     last_upload_address=None,
                     last_load=None,
@@ -153,6 +177,7 @@ def _spec_status(
         state = LATE
     else:
         state = OK
+    state = _with_key_state(state, common["oldest_key_expiry"])
     if upload is None:
         upload = _upload_from_history(db, account.name, spec)
     return FeedStatus(
@@ -163,11 +188,33 @@ def _spec_status(
         last_upload_address=upload[1] if upload else None,
         last_load=(last.finished or last.started) if last else None,
         last_load_rows=last.rows if last else None,
-        last_load_changes=None,
+        last_load_changes=_changes_text(last),
         runs_missed=streak.missed,
         last_error=_last_error(db, account.name, spec, last.id if last else 0),
         **common,
     )
+
+
+def _with_key_state(state: str, expiry: str | None) -> str:
+    """The row's state once the oldest key's expiry is weighed in."""
+    if state not in KEY_STATES_REPLACE:
+        return state
+    if expiry == EXPIRED:
+        return KEY_EXPIRED
+    if expiry == EXPIRES_SOON and state != LATE:
+        return KEY_EXPIRES_SOON
+    return state
+
+
+def _changes_text(last: LoadRecord | None) -> str | None:
+    """What the last load changed, by key, as its LOADED line says it (None: no key column,
+    a first load, or a load recorded before the counts were)."""
+    if last is None:
+        return None
+    added, removed, changed, rows = last.added, last.removed, last.changed, last.rows
+    if added is None or removed is None or changed is None or rows is None:
+        return None
+    return LoadChanges(rows - added + removed, added, removed, changed).summary()
 
 
 def _accounts(settings: Settings, names: Sequence[str] | None) -> list[_Account]:

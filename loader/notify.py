@@ -4,7 +4,10 @@
   account's contacts (``ingestctl contact``) get the words the client's folder log has;
 - a late feed (an approved file that loaded before and then missed ``[alerts]
   missing_file_runs`` runs in a row), once per streak, and the feed resuming: the operators
-  and the contacts get the same facts.
+  and the contacts get the same facts;
+- a client key that expires soon (``[keys] max_age_days``; which reminder is due is decided
+  in :mod:`loader.key_expiry`): the operators and the contacts get the same facts and the
+  steps to rotate it.
 
 The operators (``[smtp] recipients``) and the contacts are sent separate messages: neither
 sees the other's addresses, and the contacts never see what is meant for operators only.
@@ -172,6 +175,48 @@ def notify_resumed(
     contacts = account_contacts(settings, account)
     told = contacts and _send(settings, account, subject, body, contacts)
     return operators or bool(told)
+
+
+def notify_key_expiry(
+    settings: Settings,
+    account: str,
+    fingerprint: str,
+    comment: str,
+    added_at: datetime,
+    expires_at: datetime,
+    days_left: int,
+) -> int:
+    """A client key expires soon: one message to the operators and one to the account's
+    contacts, saying how to rotate it. Returns how many of the two went out."""
+    expires = _local(settings, expires_at)
+    when = "in 1 day" if days_left == 1 else f"in {days_left} days"
+    subject = f"[sis-ingest] Key of {account} expires {when} ({expires[:10]})"
+    body = (
+        f"A public key of account {account} expires {when}. From then on, logins with it "
+        "are refused.\n\n"
+        f"account:      {account}\n"
+        f"key:          {fingerprint}\n"
+        f"comment:      {comment or '-'}\n"
+        f"added:        {_local(settings, added_at)}\n"
+        f"expires:      {expires}\n"
+        f"keys expire {settings.keys.max_age_days} days after they are added.\n\n"
+        "To rotate it without a gap:\n"
+        "1. the client makes a new key pair and sends the new public key (.pub) to the "
+        "operators;\n"
+        f"2. an operator adds it: ingestctl key add {account} NEW_KEY.pub\n"
+        "3. the client switches its uploads to the new key and checks that one works;\n"
+        f"4. an operator removes the old one: ingestctl key remove {account} {fingerprint}\n"
+    )
+    sent = _send(settings, account, subject, body, list(settings.smtp.recipients))
+    contacts = account_contacts(settings, account)
+    told = bool(contacts) and _send(
+        settings,
+        account,
+        subject,
+        body + "\nYou get this message as a contact of the account; the operators were told too.\n",
+        contacts,
+    )
+    return int(sent) + int(told)
 
 
 def operators_notice(settings: Settings) -> str:

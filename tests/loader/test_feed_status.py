@@ -16,11 +16,13 @@ from nights import Nights
 from sqlalchemy import update
 
 from ingest_core.db import AccountKey, open_control_db, utcnow
+from ingest_core.folders import account_folder
 from ingest_core.registry import Registry
 from ingest_core.settings import KeyPolicySettings
 from ingest_core.structured_log import get_logger
 from loader.feed_status import feed_status
 from loader.nightly import run_account
+from loader.spec import approve_spec
 
 LOCAL_TIME = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d$"
 
@@ -86,7 +88,7 @@ def test_each_state_worst_first(settings, feeds):
     assert broken.last_load_rows == 4
     assert "duplicate key UUUID '…' (also on line 3" in broken.last_error
     assert "U0000001" not in broken.last_error and "\n" not in broken.last_error
-    assert all(r.last_load_changes is None for r in rows)  # not recorded yet
+    assert all(r.last_load_changes is None for r in rows)  # first loads: nothing to compare
 
 
 def test_only_the_named_accounts_and_an_unknown_name_is_refused(settings, feeds, ingestctl):
@@ -163,6 +165,8 @@ def test_json_fields(settings, feeds, ingestctl, kit):
         "files_waiting",
         "oldest_key_added",
         "oldest_key_age_days",
+        "oldest_key_expires",
+        "oldest_key_expiry",
     }
     assert okay["spec"] == kit.SPEC_FILE and okay["state"] == "ok"
     assert okay["needs_attention"] is False and broken["needs_attention"] is True
@@ -175,6 +179,7 @@ def test_json_fields(settings, feeds, ingestctl, kit):
     assert "duplicate key UUUID '…'" in broken["last_error"]
     assert bare["spec"] is None and bare["last_upload"] is None and bare["last_load"] is None
     assert bare["oldest_key_added"] is None and bare["oldest_key_age_days"] is None
+    assert bare["oldest_key_expires"] is None and bare["oldest_key_expiry"] is None
 
 
 def test_last_upload_comes_from_the_audit_log_newest_first(settings, acme, kit, ingestctl):
@@ -257,3 +262,136 @@ def test_late_on_postgresql(acme_pg, kit):
         2,
         7,
     )
+
+
+# -- what the last load changed ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_last_load_changes_come_from_the_load_history(
+    backend, request, settings, onboard, kit, ingestctl, config_file
+):
+    if backend == "sqlite":
+        on = onboard(settings)
+    else:
+        pg_url = request.getfixturevalue("pg_url")
+        on = onboard(settings.replace(sis_db_url=pg_url))
+        config_file.write_text(f'sis_db_url = "{pg_url}"\n' + config_file.read_text())
+    clock = Nights(on.settings.zone)
+    kit.write_data(on.data_file, 5)  # U0..U4
+    _nights(on, clock, [0])
+    (row,) = feed_status(on.settings, [on.name])
+    assert (row.last_load_rows, row.last_load_changes) == (5, None)  # a first load
+
+    kit.write_data(on.data_file, 5, start=2, tag="x")  # U0, U1 gone; U5, U6 new; 3 changed
+    _nights(on, clock, [1])
+    (row,) = feed_status(on.settings, [on.name])
+    assert (row.last_load_rows, row.last_load_changes) == (5, "2 new, 2 gone, 3 changed")
+
+    _nights(on, clock, [2])  # no file: the last load's changes stay
+    (row,) = feed_status(on.settings, [on.name])
+    assert row.last_load_changes == "2 new, 2 gone, 3 changed"
+    assert json.loads(ingestctl("status", "--json", on.name).stdout)[0]["last_load_changes"] == (
+        "2 new, 2 gone, 3 changed"
+    )
+    header, line = ingestctl("status", on.name).stdout.splitlines()
+    assert "2 new, 2 gone, 3 changed" in line
+    assert line.index("2 new") == header.index("CHANGES")
+
+
+def test_last_load_changes_blank_without_a_key_column(settings, tmp_path, kit, ingestctl):
+    registry = Registry(settings, actor="test")
+    registry.create_account("nokey")
+    sample = kit.write_data(tmp_path / kit.SPEC_FILE, 3)
+    approve_spec(registry, "nokey", sample)  # no key column: nothing to compare by
+    clock = Nights(settings.zone)
+    for night, start in ((0, 0), (1, 2)):
+        kit.upload(account_folder(settings, "nokey"), kit.SPEC_FILE, kit.data_text(4, start))
+        clock.night = night
+        assert run_account(settings, "nokey", now=clock).ok
+    (row,) = feed_status(settings, ["nokey"])
+    assert (row.state, row.last_load_rows, row.last_load_changes) == ("ok", 4, None)
+    header, line = ingestctl("status", "nokey").stdout.splitlines()
+    assert line[header.index("CHANGES") :].split()[0] == "0"  # blank: MISSED comes next
+
+
+# -- key age and expiry ([keys] max_age_days) --------------------------------------------------
+
+
+def _age_key(settings, comment: str, days: float) -> None:
+    """Make the key with ``comment`` look added ``days`` days ago (the control DB row)."""
+    control = open_control_db(settings.control_db_url)
+    with control.session() as session:
+        session.execute(
+            update(AccountKey)
+            .where(AccountKey.comment == comment)
+            .values(added_at=utcnow() - timedelta(days=days))
+        )
+        session.commit()
+
+
+def _with_max_age(config_file, days: int) -> None:
+    with open(config_file, "a", encoding="utf-8") as handle:
+        handle.write(f"\n[keys]\naccept_ed25519 = true\nmax_age_days = {days}\n")
+
+
+def test_expired_and_expiring_keys_in_status(
+    settings, onboard, kit, make_key, ingestctl, config_file
+):
+    _with_max_age(config_file, 365)
+    for name, age in (("fresh", 10), ("soon", 350), ("stale", 400), ("late", 400)):
+        on = onboard(settings, name)
+        key = make_key("ed25519", 256, name).with_suffix(".pub")
+        assert ingestctl("key", "add", name, str(key)).returncode == 0
+        _age_key(settings, f"test-{name}", age)
+        if name != "late":
+            kit.write_data(on.data_file, 3)
+            _nights(on, Nights(settings.zone), [0])
+        else:
+            _nights(on, Nights(settings.zone), [0])  # never loaded
+
+    run = ingestctl("status", "--json")
+    assert run.returncode == 0, run.stderr
+    rows = {r["account"]: r for r in json.loads(run.stdout)}
+    assert [r["account"] for r in json.loads(run.stdout)] == ["late", "stale", "soon", "fresh"]
+    assert (rows["stale"]["state"], rows["stale"]["needs_attention"]) == ("key expired", True)
+    assert rows["stale"]["oldest_key_expiry"] == "expired"
+    assert rows["late"]["state"] == "key expired"  # says more than "never loaded"
+    assert (rows["soon"]["state"], rows["soon"]["needs_attention"]) == ("key expires soon", False)
+    assert rows["soon"]["oldest_key_expiry"] == "expires soon"
+    assert (rows["fresh"]["state"], rows["fresh"]["oldest_key_expiry"]) == ("ok", "ok")
+    assert rows["fresh"]["oldest_key_age_days"] == 10
+    assert re.match(LOCAL_TIME, rows["fresh"]["oldest_key_expires"])
+    expires = utcnow() + timedelta(days=355)
+    assert rows["fresh"]["oldest_key_expires"][:10] == expires.astimezone(settings.zone).strftime(
+        "%Y-%m-%d"
+    )
+
+    assert ingestctl("status", "stale", "--check").returncode == 1
+    assert ingestctl("status", "soon", "fresh", "--check").returncode == 0
+    header, *lines = ingestctl("status").stdout.splitlines()
+    table = {line.split()[0]: line for line in lines}
+    column = header.index("KEY EXPIRES")
+    assert table["stale"][column:].startswith("expired 20")
+    assert table["soon"][column:].endswith("(soon)")
+    assert table["fresh"][column:] == expires.astimezone(settings.zone).strftime("%Y-%m-%d")
+
+
+def test_keys_that_never_expire_say_never(settings, acme, make_key, ingestctl, config_file):
+    with open(config_file, "a", encoding="utf-8") as handle:
+        handle.write("\n[keys]\naccept_ed25519 = true\n")
+    key = make_key("ed25519", 256, "acme").with_suffix(".pub")
+    assert ingestctl("key", "add", "acme", str(key)).returncode == 0
+    _age_key(settings, "test-acme", 4000)
+
+    (row,) = json.loads(ingestctl("status", "--json").stdout)
+    assert (row["state"], row["oldest_key_expiry"], row["oldest_key_expires"]) == (
+        "never loaded",
+        "never",
+        None,
+    )
+    assert row["oldest_key_age_days"] == 4000
+    header, line = ingestctl("status").stdout.splitlines()
+    assert line[header.index("KEY EXPIRES") :] == "never"
