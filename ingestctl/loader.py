@@ -28,7 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     nouns = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    r = nouns.add_parser("run", help="load now (exit 1 if any account failed)")
+    r = nouns.add_parser(
+        "run",
+        help="load now (exit 1 if any account failed; an account another run is loading, "
+        "here or on another node, is one line and no failure)",
+    )
     r.add_argument("names", nargs="*", metavar="NAME", help="accounts (default: every active one)")
     r.add_argument(
         "--force",
@@ -136,6 +140,7 @@ def run(args: argparse.Namespace, ctx) -> int:
                     "account": r.account,
                     "ok": r.ok,
                     "busy": r.busy,
+                    "skipped": r.skipped,
                     "crashed": r.crashed,
                     "outcomes": r.outcomes,
                 }

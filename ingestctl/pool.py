@@ -60,6 +60,9 @@ def publish(args: argparse.Namespace, ctx) -> int:
         print_json(results)
     else:
         for r in results:
+            if r.skipped:  # another node's publish (done or going on): nothing written here
+                print_escaped(r.skipped)
+                continue
             state = "published" if r.ok else "FAILED"
             print_escaped(f"{r.account}: {state}: {r.message}")
         if not results:

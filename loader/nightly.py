@@ -8,8 +8,9 @@ Rules that matter (issue 4):
 - a file whose name is not usable (not UTF-8, or holding control characters: an operator can
   copy any name in) gets one escaped line in the folder log and is skipped; it never stops
   the account's run and does not by itself make the run fail;
-- one run per account at a time (an fcntl lock on ``folders.lock_path``), and one account's
-  failure never stops the others;
+- one run per account at a time, and each scheduled run once per cluster of nodes
+  (:mod:`loader.claims`: a lock and a claim row); a node that finds the run done or going on
+  elsewhere writes nothing; one account's failure never stops the others;
 - every line says what happened (issue 11): a file removed, replaced or changed in place while
   it was being loaded, or one the loader may not read, is named as such, never as valid, as
   a newer copy or as a database failure; a folder log that is not a regular file (a symbolic
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import os
 import time
@@ -60,10 +60,12 @@ from ingest_core.file_names import (
     escape_for_operator,
     undecodable_or_control,
 )
-from ingest_core.folders import AccountFolder, account_folder, lock_path
+from ingest_core.folders import AccountFolder, account_folder
 from ingest_core.registry import Registry
 from ingest_core.settings import Settings
 from ingest_core.structured_log import get_logger, log_limits
+from loader.claims import LOAD, job_lock, job_turn
+from loader.key_expiry import send_key_reminders
 from loader.notify import notify_failure, notify_late, notify_resumed
 from loader.sis_db import (
     FAILED,
@@ -194,21 +196,25 @@ class FileOutcome:
 class AccountResult:
     account: str
     outcomes: list[FileOutcome] = field(default_factory=list)
-    busy: bool = False
+    # Not run here: "NAME: already done by NODE at TIME" or "NAME: running on NODE since TIME".
+    skipped: str = ""
     crashed: str = ""
 
     @property
+    def busy(self) -> bool:
+        """Another run (on this node or another) did or is doing this account's run."""
+        return bool(self.skipped)
+
+    @property
     def ok(self) -> bool:
-        return (
-            not self.busy
-            and not self.crashed
-            and all(o.status != "ERROR" or not o.fails_run for o in self.outcomes)
+        return not self.crashed and all(
+            o.status != "ERROR" or not o.fails_run for o in self.outcomes
         )
 
     def summary(self) -> str:
         """One line for operators, control characters escaped (file names can hold any)."""
-        if self.busy:
-            text = f"{self.account}: skipped, another load of this account is running"
+        if self.skipped:
+            text = self.skipped
         elif self.crashed:
             text = f"{self.account}: FAILED ({self.crashed})"
         elif not self.outcomes:
@@ -485,24 +491,10 @@ def load_file(
 
 @contextmanager
 def account_lock(settings: Settings, account: str) -> Iterator[bool]:
-    """Hold the account's run lock if free; yields False if another run holds it."""
-    path = lock_path(settings, account)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    """Hold the account's run lock if free (the same one a run takes: advisory on PostgreSQL,
+    a file lock on SQLite); yields False if another run holds it."""
+    with job_lock(settings, LOAD, account) as got:
+        yield got
 
 
 def _identity(path: Path) -> FileIdentity | None:
@@ -531,21 +523,28 @@ def run_account(
     force: bool = False,
     progress: Progress | None = None,
     now: Callable[[], datetime] | None = None,
+    run_key: str | None = None,
 ) -> AccountResult:
-    """One account's nightly run. Never raises for a bad file or a database failure."""
+    """One account's run, once per cluster (:mod:`loader.claims`): ``run_key`` is the
+    scheduled run's local date, None for a manual run. A node that finds the run done or the
+    account busy writes nothing and says why in ``skipped``. Never raises for a bad file or a
+    database failure."""
     log = get_logger(settings.log_dir, "loader", **log_limits(settings))
     result = AccountResult(account)
     clock = now or _now(settings)
     try:
-        with account_lock(settings, account) as got:
-            if not got:
-                result.busy = True
-                log.warning("load_skipped_busy", account=account)
+        with job_turn(settings, LOAD, account, run_key) as turn:
+            if not turn.run:
+                result.skipped = turn.skipped
+                log.info("load_skipped", account=account, reason=turn.skipped)
                 return result
-            _run_locked(settings, account, force, progress, result, clock)
-            folder_log.trim(
-                account_folder(settings, account), settings.loader.log_retention_days, clock()
-            )
+            try:
+                _run_locked(settings, account, force, progress, result, clock)
+                folder_log.trim(
+                    account_folder(settings, account), settings.loader.log_retention_days, clock()
+                )
+            finally:
+                turn.outcome = "ok" if result.ok else ("crashed" if result.crashed else "failed")
     except folder_log.UnsafeLogFile as exc:
         # Not followed, not repaired: whoever put it there (only someone on the server can)
         # replaces it; until then nothing loads, so no load goes unreported.
@@ -948,7 +947,8 @@ def run_accounts(
     progress: Progress | None = None,
     on_account: Callable[[AccountResult], None] | None = None,
 ) -> list[AccountResult]:
-    """Run each account in turn in this process; returns every account's result."""
+    """Run each account in turn in this process (a manual run: see :func:`run_account`);
+    returns every account's result."""
     if force and not names:
         raise Refused("--force overrides the row-count guard once: name the account(s) it is for")
     results = []
@@ -957,4 +957,5 @@ def run_accounts(
         results.append(result)
         if on_account is not None:
             on_account(result)
+    send_key_reminders(settings)  # due even for accounts with no file tonight
     return results

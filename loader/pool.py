@@ -2,7 +2,8 @@
 
 Format (Terra Dotta's): one column, no header, CRLF line ends. The file is written under a
 hidden temporary name in the same folder, fsync'ed and renamed into place, so a client never
-downloads half a file. Where the IDs come from is a setting: the service table that
+downloads half a file. Each scheduled publish happens once per cluster of nodes
+(:mod:`loader.claims`). Where the IDs come from is a setting: the service table that
 ``ingestctl pool import`` fills (default), named by
 ``db.service_table_name('pool_applicants')`` (``sis_ingest.pool_applicants`` on PostgreSQL,
 ``ingest_pool_applicants`` on SQLite), or a SQL query against any database URL
@@ -37,6 +38,7 @@ from ingest_core.folders import POOL_FILE_NAME, POOL_TEMP_PREFIX, AccountFolder,
 from ingest_core.registry import Registry
 from ingest_core.settings import Settings
 from ingest_core.structured_log import get_logger, log_limits
+from loader.claims import FAILED, OK, POOL, job_turn
 from loader.notify import notify_failure, operators_notice
 from loader.sis_db import open_sis_db
 
@@ -56,6 +58,9 @@ class PoolResult:
     count: int
     path: str
     message: str
+    # Not published here: "NAME: already done by NODE at TIME" / "NAME: running on NODE since
+    # TIME" (another node's publish of the same run; nothing was written).
+    skipped: str = ""
 
 
 @dataclass(frozen=True)
@@ -202,8 +207,22 @@ def write_pool_file(folder: AccountFolder, ids: Iterable[str]) -> tuple[Path, in
     return folder.pool_file, count
 
 
-def publish_pool(settings: Settings, account: str, now: datetime | None = None) -> PoolResult:
-    """Publish one account's pool file and log it; a failure keeps the previous pool file."""
+def publish_pool(
+    settings: Settings, account: str, now: datetime | None = None, run_key: str | None = None
+) -> PoolResult:
+    """Publish one account's pool file and log it, once per cluster (:mod:`loader.claims`:
+    ``run_key`` is the scheduled run's local date, None for a manual publish); a failure keeps
+    the previous pool file."""
+    with job_turn(settings, POOL, account, run_key) as turn:
+        if not turn.run:
+            folder = account_folder(settings, account)
+            return PoolResult(account, True, 0, str(folder.pool_file), turn.skipped, turn.skipped)
+        result = _publish(settings, account, now)
+        turn.outcome = OK if result.ok else FAILED
+        return result
+
+
+def _publish(settings: Settings, account: str, now: datetime | None) -> PoolResult:
     log = get_logger(settings.log_dir, "loader", **log_limits(settings))
     folder = account_folder(settings, account)
     when = now or datetime.now(settings.zone)
