@@ -44,9 +44,10 @@ from ingest_core.structured_log import get_logger, log_limits
 
 LOAD = "load"
 POOL = "pool"
+KEYS = "keys"  # the key-expiry reminders, one pass over every account
 MANUAL_PREFIX = "manual-"
 # What each job's advisory lock key is made from (the account's name follows the colon).
-_LOCK_PREFIX = {LOAD: "account", POOL: "pool"}
+_LOCK_PREFIX = {LOAD: "account", POOL: "pool", KEYS: "keys"}
 
 OK = "ok"
 FAILED = "failed"

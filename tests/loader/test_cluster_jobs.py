@@ -23,10 +23,12 @@ from sqlalchemy import select
 
 from ingest_core import folder_log
 from ingest_core.db import JobClaim, JournalEvent, open_control_db, utcnow
+from ingest_core.registry import Registry
 from ingest_core.schedule import local_date
-from ingest_core.settings import Settings
+from ingest_core.settings import KeyPolicySettings, Settings, SmtpSettings
 from loader.claims import LOAD, job_lock
 from loader.daemon import LOAD_JOB, POOL_JOB, LoaderDaemon, read_last_done, write_last_done
+from loader.key_expiry import send_key_reminders
 from loader.nightly import run_account
 from loader.pool import publish_pool
 from loader.precheck import PreCheckWatcher, claim_arrivals, precheck_arrival
@@ -362,3 +364,24 @@ def test_kill_9_of_the_loader_daemon_kills_its_children(acme, kit, config_file, 
     finally:
         if daemon.poll() is None:
             daemon.kill()
+
+
+@pytest.mark.postgres
+def test_two_nodes_send_each_key_reminder_once(nodes, make_key, smtp_sink):
+    sink, port = smtp_sink
+    smtp = SmtpSettings(host="127.0.0.1", port=port, recipients=["ops@example.edu"], timeout=10)
+    keys = KeyPolicySettings(accept_ed25519=True, max_age_days=365)
+    a, b = (n.replace(smtp=smtp, keys=keys) for n in nodes)
+    registry = Registry(a, actor="test")
+    registry.create_account("acme")
+    registry.add_contact("acme", "it@acme.edu")
+    registry.add_key("acme", make_key("ed25519", 256, "acme").with_suffix(".pub").read_text())
+    (key,) = registry.list_keys("acme")
+    assert key.expires_at is not None
+    when = datetime.fromisoformat(key.expires_at) - timedelta(days=6)
+
+    sent = _both(lambda: send_key_reminders(a, when), lambda: send_key_reminders(b, when))
+    again = send_key_reminders(b, when + timedelta(hours=1))
+
+    assert sorted(len(s) for s in sent) == [0, 1] and again == []
+    assert sorted(m["To"] for m in sink.messages) == ["it@acme.edu", "ops@example.edu"]
