@@ -374,6 +374,48 @@ _json_renderer = structlog.processors.JSONRenderer(sort_keys=False, default=str)
 _configured: dict[str, tuple[logging.Logger, RotatingJsonLinesHandler]] = {}
 _lock = threading.Lock()
 
+# Called with every event logged to one (folder, component) in this process, before it is
+# rendered: how the server's activity journal gets its rows (ingest_core.journal).
+EventSink = Callable[[dict[str, Any]], None]
+_sinks: dict[str, tuple[EventSink, ...]] = {}
+
+
+def _logger_key(log_dir: Path, component: str) -> str:
+    return f"{log_dir}:{component}"
+
+
+def add_event_sink(log_dir: Path, component: str, sink: EventSink) -> None:
+    """Also hand every event of ``component``'s log (this process) to ``sink``; it must be
+    quick and never block (the server's event loop calls it)."""
+    key = _logger_key(log_dir, component)
+    with _lock:
+        _sinks[key] = (*_sinks.get(key, ()), sink)
+
+
+def remove_event_sink(log_dir: Path, component: str, sink: EventSink) -> None:
+    key = _logger_key(log_dir, component)
+    with _lock:
+        kept = tuple(s for s in _sinks.get(key, ()) if s != sink)
+        if kept:
+            _sinks[key] = kept
+        else:
+            _sinks.pop(key, None)
+
+
+def _to_sinks(key: str) -> Callable[[Any, str, Any], Any]:
+    """The processor that shows each event to the sinks of its log; a failing sink costs
+    the log line nothing."""
+
+    def process(logger: Any, method_name: str, event_dict: Any) -> Any:
+        for sink in _sinks.get(key, ()):
+            try:
+                sink(event_dict)
+            except Exception:  # the log line matters more than its copy
+                continue
+        return event_dict
+
+    return process
+
 
 def _stdlib_logger(
     log_dir: Path, component: str, echo: bool, max_bytes: int, backups: int, disk_reserve: int
@@ -409,7 +451,7 @@ def get_logger(
     ``max_bytes`` (0: never rotated by us), ``backups`` and ``disk_reserve`` come from the
     settings (``**log_limits(settings)``); the newest values given win for the file.
     """
-    key = f"{log_dir}:{component}"
+    key = _logger_key(log_dir, component)
     with _lock:
         configured = _configured.get(key)
         if configured is None:
@@ -424,6 +466,7 @@ def get_logger(
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _to_sinks(key),
             structlog.processors.format_exc_info,
             _render_with_event_name,
         ],

@@ -21,6 +21,7 @@ import pickle
 import socket
 import sys
 
+from ingest_core.journal import JournalWriter, start_journal, stop_journal
 from ingest_core.lifecycle import loop_name, raise_open_file_limit, run_until_signalled
 from ingest_core.settings import Settings
 from ingest_core.structured_log import get_logger, log_limits
@@ -39,9 +40,11 @@ class Worker:
         self.stop = asyncio.Event()
         self.host: SessionHost | None = None
         self.ledger = RemoteLedger(channel.send)
+        self.journal: JournalWriter | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         self.stop = stop
+        self.journal = start_journal(self.settings, self.audit, prune=False)
         self.host = SessionHost(self.settings, self.audit, self._failed, self.ledger)
         self.channel.watch(self._message, self._listener_gone)
         self.audit.info("worker.started", event_loop=loop_name(asyncio.get_running_loop()))
@@ -51,6 +54,8 @@ class Worker:
         # connections are refused and reported closed by the host meanwhile).
         await self.host.shut_down()
         self.channel.unwatch()
+        if self.journal is not None:
+            await asyncio.to_thread(stop_journal, self.settings, self.journal)
         self.audit.info("worker.stopped")
 
     def _listener_gone(self) -> None:

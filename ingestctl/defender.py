@@ -19,13 +19,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "defender",
         help="list or lift brute-force bans",
         description="Source addresses banned by the server's brute-force defender. A banned "
-        "address is dropped before the SSH banner until its ban ends or is lifted.",
+        "address is dropped before the SSH banner until its ban ends or is lifted. Scores and "
+        "bans are kept in the control DB: every node adds to one score per address and "
+        "refuses the same bans.",
     )
     nouns = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     ls = nouns.add_parser("list", help="bans in force now")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=list_)
-    u = nouns.add_parser("unban", help="lift the ban on one address")
+    u = nouns.add_parser(
+        "unban", help="lift the ban on one address and forget its failed logins (every node)"
+    )
     u.add_argument("address")
     u.set_defaults(func=unban_)
 

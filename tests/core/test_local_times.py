@@ -20,7 +20,9 @@ import pytest
 
 from ingest_core import folder_log
 from ingest_core.console import local_time
+from ingest_core.db import open_control_db
 from ingest_core.folders import account_folder
+from ingest_core.journal import record_events
 from ingest_core.settings import load_settings
 from ingest_core.structured_log import get_logger
 
@@ -76,6 +78,7 @@ def test_activity_times(ingestctl: Run, zoned: Path) -> None:
     log.info("file.received", account="uni", address="127.0.0.1", name="a.txt", bytes=3)
     logged = [json.loads(line) for line in (settings.log_dir / "server.jsonl").open()]
     assert all(e["timestamp"].endswith("Z") for e in logged)  # the log stays in UTC
+    record_events(open_control_db(settings.control_db_url), logged, "node-1")  # as the server
     table = ingestctl("activity", "uni", config=zoned, check=True).stdout.splitlines()
     assert len(table) == 3 and all(LOCAL.match(row.split()[0]) for row in table[1:]), table
     events = json.loads(ingestctl("activity", "uni", "--json", config=zoned).stdout)

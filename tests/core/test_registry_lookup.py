@@ -16,6 +16,7 @@ import pytest
 from conftest import INGESTCTL, REPO, free_port, write_config
 
 from ingest_core.db import close_all, open_control_db
+from ingest_core.journal import record_events
 from ingest_core.settings import (
     CONFIG_ENV,
     SYSTEM_CONFIG,
@@ -166,13 +167,12 @@ def test_a_reader_that_stops_early_is_not_an_error(config_file: Path) -> None:
         [*INGESTCTL, "--config", str(config_file), "account", "create", "acct"],
         check=True, capture_output=True, cwd=REPO,
     )  # fmt: skip
-    logs = config_file.parent / "logs"
-    logs.mkdir(exist_ok=True)
     event = {"event": "file.download", "account": "acct", "name": "sis_loader.log", "bytes": 1}
-    with open(logs / "server.jsonl", "a", encoding="utf-8") as handle:
-        for i in range(5000):
-            handle.write(json.dumps({**event, "timestamp": f"2026-12-01T00:00:{i % 60:02d}Z"}))
-            handle.write("\n")
+    record_events(
+        open_control_db(load_settings(config_file).control_db_url),
+        [{**event, "timestamp": f"2026-12-01T00:00:{i % 60:02d}Z"} for i in range(5000)],
+        "node-1",
+    )
     command = (
         f"set -o pipefail; {' '.join(INGESTCTL)} --config {config_file} "
         "activity acct --limit 5000 --json | head -c 1"

@@ -12,6 +12,8 @@ from datetime import datetime
 from pathlib import Path
 
 from ingest_core import folder_log
+from ingest_core.db import open_control_db
+from ingest_core.journal import record_events
 from loader.nightly import run_account
 from loader.precheck import PreCheckWatcher, precheck_file
 from loader.sis_db import open_sis_db
@@ -132,6 +134,10 @@ def test_activity_prints_logged_names_escaped(settings, acme, ingestctl):
             # A lone surrogate can only be written as an escape, as our writer does.
             raw = "\udcff" not in event["name"]
             handle.write(json.dumps(event, ensure_ascii=not raw) + "\n")
+    # The server records each logged event in the activity journal too; activity reads that.
+    with open(settings.log_dir / "server.jsonl", encoding="utf-8") as handle:
+        logged = [json.loads(line) for line in handle]
+    record_events(open_control_db(settings.control_db_url), logged, "node-1")
 
     table = ingestctl("activity", "acme", subprocess_=True)
     assert table.returncode == 0, table.stderr

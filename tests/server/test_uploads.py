@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,13 @@ def test_activity_shows_the_test_upload(
     (tmp_path / "hello.txt").write_text("onboarding test\n")
     sftp_batch(server, alpha_key, "alpha", f"put {tmp_path / 'hello.txt'}\n", check=True)
     server.wait_for_event("file.received", name="hello.txt")
-    table = server.ingestctl("activity", "alpha").stdout
+    # The journal is written in the background, a moment after the log line.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        table = server.ingestctl("activity", "alpha").stdout
+        if "hello.txt" in table and "auth.success" in table:
+            break
+        time.sleep(0.2)
     assert "file.received" in table and "hello.txt" in table and "auth.success" in table
     as_json = server.ingestctl("activity", "alpha", "--json").stdout
     assert '"hello.txt"' in as_json
