@@ -5,26 +5,29 @@ Layout under the data root::
     accounts/<name>/                    the account's SSH folder (the client's whole world)
     accounts/<name>/sis_loader.log      the loader's result log (read-only for the client)
     accounts/<name>/applicant_pool.txt  the pool file of deferred-fetch accounts (read-only)
-    accounts/<name>/.ingest-upload-*    uploads in flight (hidden, never loaded)
+    accounts/<name>/.ingest-upload-<node>-<pid>-<random>
+                                        uploads in flight (hidden, never loaded): the name
+                                        says which node and process writes it
     accounts/<name>/.ingest-*           other service files (hidden from clients' listings)
     locks/<name>.lock                   one loader run per account at a time
+    nodes/<node>                        touched by each serving node's heartbeat
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import os
-import socket
+import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ingest_core.settings import Settings
+from ingest_core.settings import Settings, safe_node_name
 
 ACCOUNTS_DIR = "accounts"
 LOCKS_DIR = "locks"
+NODES_DIR = "nodes"
 FOLDER_MODE = 0o750
 LOG_FILE_NAME = "sis_loader.log"
 POOL_FILE_NAME = "applicant_pool.txt"
@@ -33,7 +36,8 @@ UPLOAD_TEMP_PREFIX = ".ingest-upload-"
 POOL_TEMP_PREFIX = ".ingest-pool-"
 LOG_TRIM_TEMP_PREFIX = ".ingest-log-trim-"
 LOG_LOCK_NAME = ".ingest-log.lock"
-# A temporary file of ours not touched for this long was left by a process that died.
+# A pool or log temporary file not touched for this long was left by a process that died
+# (uploads' temporary files are removed by their node's rules instead: ingest_core/nodes.py).
 STALE_TEMP_SECONDS = 3600
 PARTIAL_SUFFIXES = (".filepart", ".part", ".partial", ".tmp")
 
@@ -46,6 +50,7 @@ class AccountFolder:
 
     name: str
     root: Path
+    node: str = ""  # the node whose uploads this view writes ("": this machine's host name)
 
     @property
     def log_file(self) -> Path:
@@ -60,9 +65,11 @@ class AccountFolder:
         return self.root / LOG_LOCK_NAME
 
     def upload_temp(self, token: str) -> Path:
-        """Hidden temporary name for an upload, in the same folder. It does not carry the
-        final name, so a name of up to 255 bytes (the file system's limit) can be uploaded."""
-        return self.root / f"{UPLOAD_TEMP_PREFIX}{token}"
+        """Hidden temporary name for an upload, in the same folder: the node's id, then
+        ``token`` (``upload_owner()`` and a random part), so a leftover says which node and
+        process wrote it. It does not carry the final name, so a name of up to 255 bytes
+        (the file system's limit) can be uploaded."""
+        return self.root / f"{UPLOAD_TEMP_PREFIX}{node_tag(self.node)}-{token}"
 
     def pool_temp(self, token: str) -> Path:
         """Hidden temporary name a new pool file is written under."""
@@ -106,11 +113,20 @@ def accounts_root(settings: Settings) -> Path:
 
 
 def account_folder(settings: Settings, name: str) -> AccountFolder:
-    return AccountFolder(name=name, root=accounts_root(settings) / name)
+    return AccountFolder(name=name, root=accounts_root(settings) / name, node=settings.node_id)
 
 
 def lock_path(settings: Settings, name: str) -> Path:
     return settings.data_root / LOCKS_DIR / f"{name}.lock"
+
+
+def nodes_dir(settings: Settings) -> Path:
+    """Where each node's marker lives (one file per node, touched by its heartbeat)."""
+    return settings.data_root / NODES_DIR
+
+
+def node_marker(settings: Settings, node: str) -> Path:
+    return nodes_dir(settings) / node_tag(node)
 
 
 def is_read_only_name(name: str) -> bool:
@@ -135,35 +151,74 @@ def is_data_file_name(name: str) -> bool:
     return not name.startswith(".") and not is_in_flight_name(name) and not is_read_only_name(name)
 
 
+node_tag = safe_node_name  # a node's name as it goes into temporary file names
+_UPLOAD_TEMP = re.compile(r"^(?P<node>[A-Za-z0-9._-]{1,64})-(?P<pid>[0-9]{1,10})-[0-9a-f]+$")
+
+
 def upload_owner(pid: int | None = None) -> str:
-    """Which process on which machine writes an upload (part of its temporary name), so the
-    files of a process that died are removed at once, and never another node's on shared
-    storage."""
-    return f"{_host_tag()}-{pid or os.getpid()}"
+    """Which process writes an upload (the part of its temporary name after the node's id),
+    so the files of a process that died are removed at once."""
+    return str(pid or os.getpid())
 
 
-@functools.cache
-def _host_tag() -> str:
-    return hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+def upload_writer(name: str) -> tuple[str, int] | None:
+    """(node tag, pid) of the process that wrote the upload temporary file ``name``; None
+    for any other name (or one this version did not write)."""
+    if not name.startswith(UPLOAD_TEMP_PREFIX):
+        return None
+    found = _UPLOAD_TEMP.match(name[len(UPLOAD_TEMP_PREFIX) :])
+    return (found["node"], int(found["pid"])) if found else None
 
 
-def _remove_uploads(settings: Settings, prefix: str, older_than: float) -> int:
+def upload_node(name: str) -> str | None:
+    """The node tag in the upload temporary file ``name`` (None: not one this version wrote)."""
+    writer = upload_writer(name)
+    return writer[0] if writer else None
+
+
+def upload_temp_files(settings: Settings) -> Iterator[Path]:
+    """Every upload temporary file under every account folder, subfolders included (blocking:
+    it lists them all; symlinks are never followed)."""
     root = accounts_root(settings)
-    if not root.is_dir():
-        return 0
-    folders = (account_folder(settings, entry.name) for entry in root.iterdir())
-    return sum(f.remove_stale(prefix, older_than) for f in folders if f.root.is_dir())
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError:
+            continue
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif folder != root and entry.name.startswith(UPLOAD_TEMP_PREFIX):
+                    yield Path(entry.path)
 
 
-def remove_stale_uploads(settings: Settings, older_than: float = STALE_TEMP_SECONDS) -> int:
-    """Temporary upload files left by a crashed server (not touched for an hour)."""
-    return _remove_uploads(settings, UPLOAD_TEMP_PREFIX, older_than)
+def remove_upload_temps(settings: Settings, doomed: Callable[[Path], bool]) -> int:
+    """Remove the upload temporary files for which ``doomed(path)`` is true; how many."""
+    removed = 0
+    for path in upload_temp_files(settings):
+        with contextlib.suppress(OSError):
+            if doomed(path):
+                path.unlink()
+                removed += 1
+    return removed
+
+
+def remove_uploads_of_node(settings: Settings) -> int:
+    """Every upload temporary file this node wrote, whatever its age: at start, none of its
+    processes runs any more (blocking)."""
+    tag = node_tag(settings.node_id)
+    return remove_upload_temps(settings, lambda path: upload_node(path.name) == tag)
 
 
 def remove_uploads_of(settings: Settings, pid: int) -> int:
-    """Temporary upload files of a server process of this machine that has exited (blocking:
+    """Upload temporary files of a server process of this node that has exited (blocking:
     it lists every account folder)."""
-    return _remove_uploads(settings, f"{UPLOAD_TEMP_PREFIX}{upload_owner(pid)}-", 0.0)
+    writer = (node_tag(settings.node_id), pid)
+    return remove_upload_temps(settings, lambda p: upload_writer(p.name) == writer)
 
 
 def ensure_base_folders(settings: Settings) -> None:
@@ -172,6 +227,7 @@ def ensure_base_folders(settings: Settings) -> None:
         (settings.data_root, 0o750),
         (accounts_root(settings), 0o750),
         (settings.data_root / LOCKS_DIR, 0o750),
+        (nodes_dir(settings), 0o750),
         (settings.log_dir, 0o750),
         (settings.server.host_key_dir, 0o700),
     ):

@@ -40,6 +40,7 @@ SYSTEM_CONFIG_ENV = "INGEST_SYSTEM_CONFIG"
 
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
 _NODE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_UNSAFE_IN_NODE = re.compile(r"[^A-Za-z0-9._-]")
 
 # Algorithm lists that reach 0 [fail] and 2 [warn] in ssh-audit while OpenSSH 9.2, PuTTY 0.78
 # and curl/libssh2 1.10 still connect (design-notes section 3; tests/server/test_ssh_audit.py).
@@ -112,6 +113,10 @@ class ServerSettings:
     # stuck) is killed and replaced.
     worker_heartbeat_timeout: float = 30.0
     shutdown_grace: float = 30.0
+    # After SIGTERM, /healthz says 503 at once but new connections are still accepted this
+    # many seconds, until a load balancer's health check has seen it (0: stop accepting at
+    # once). Behind HAProxy: more than its check `inter` times `fall`.
+    drain_seconds: float = 0.0
     # PROXY protocol v1/v2 is read only from these load balancer addresses.
     proxy_protocol_from: list[str] = field(default_factory=list)
     # "compatible": the default algorithm lists keep what libssh2 1.10 (curl sftp://) needs;
@@ -309,11 +314,20 @@ class Settings:
 
     @property
     def node_id(self) -> str:
-        """This node's name: ``[cluster] node_id``, else the host name."""
-        return self.cluster.node_id or socket.gethostname()
+        """This node's name: ``[cluster] node_id``, else the host name made safe for file
+        names and the 64-character node columns (:func:`safe_node_name`)."""
+        return safe_node_name(self.cluster.node_id)
 
     def replace(self, **changes: typing.Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def safe_node_name(node: str) -> str:
+    """``node`` as it goes into file names and node columns: letters, digits, '.', '_', '-'
+    (anything else becomes '_'), at most 64, never "." or ".."; "" means this machine's host
+    name. ``[cluster] node_id`` is already such a name; a host name may not be."""
+    tag = _UNSAFE_IN_NODE.sub("_", node or socket.gethostname())[:64]
+    return tag if tag.strip(".") else tag.replace(".", "_") or "node"
 
 
 _TOP_KEYS = {"data_root", "log_dir", "control_db_url", "sis_db_url"}

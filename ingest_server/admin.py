@@ -7,8 +7,13 @@ authentication: keep it on loopback or a management network.
   the session workers and the loader's child processes each keep their counts in a file of
   one private folder (``ingest_core.metrics``), added up here at each scrape; with the feed
   figures read from the databases (``loader.feed_metrics``) and ``sis_ingest_serving``.
-- ``/healthz``: 200 ``ok`` while the server is serving (listening, its workers ready, not
-  shutting down), 503 otherwise.
+- ``/healthz``: a JSON object (node, status, listening, draining, workers_ready,
+  workers_total, sessions, control_db, problems); 200 while the node takes new sessions
+  (listening, at least one worker answering its pings, the control DB answering ``SELECT
+  1``, not draining), 503 otherwise, ``problems`` saying why. From SIGTERM on it is 503
+  (draining) while the sessions already there finish: a load balancer's HTTP check then
+  sends new sessions to the other nodes. The DB is asked off the event loop, one question
+  at a time, its answer kept ``DB_CHECK_CACHE`` seconds: a storm of checks costs nothing.
 
 The folder is made (and ``PROMETHEUS_MULTIPROC_DIR`` set) when the :class:`AdminListener`
 is made, before any worker or loader child starts; it is removed when the process exits.
@@ -22,19 +27,28 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import json
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from ingest_core import metrics
+from ingest_core.db import open_control_db
 from ingest_core.errors import ConfigError
+from ingest_core.nodes import this_node
 from ingest_core.settings import Settings
 
 REQUEST_TIMEOUT = 10.0
 MAX_REQUEST_HEAD = 8192
 TEXT = "text/plain; charset=utf-8"
+JSON = "application/json"
+DB_CHECK_TIMEOUT = 2.0  # seconds the control DB has to answer SELECT 1
+DB_CHECK_CACHE = 1.0  # seconds an answer is reused
+
+Health = dict[str, Any]  # what /healthz says; "problems" empty: 200
 
 
 class _ServingCollector:
@@ -67,6 +81,7 @@ class AdminListener:
         self.port = 0
         self._server: asyncio.AbstractServer | None = None
         self._serving: Callable[[], bool] = lambda: False
+        self._health: Callable[[], Awaitable[Health]] = self._serving_only
         self._registry: Any = None
         if not self.enabled:
             return
@@ -92,9 +107,13 @@ class AdminListener:
         registry.register(_ServingCollector(self._serving))
         return registry
 
-    async def start(self, serving: Callable[[], bool]) -> None:
-        """Listen (when enabled); ``serving()`` answers /healthz."""
+    async def start(
+        self, serving: Callable[[], bool], health: Callable[[], Awaitable[Health]] | None = None
+    ) -> None:
+        """Listen (when enabled); ``health()`` answers /healthz (without it: ``serving()``),
+        ``serving()`` the ``sis_ingest_serving`` gauge."""
         self._serving = serving
+        self._health = health or self._serving_only
         if not self.enabled:
             return
         self._registry = self.registry()
@@ -113,6 +132,13 @@ class AdminListener:
             return
         self.port = self._server.sockets[0].getsockname()[1]
         self.audit.info("admin.started", host=host, port=self.port)
+
+    async def _serving_only(self) -> Health:
+        serving = self._serving()
+        return {
+            "status": "serving" if serving else "not serving",
+            "problems": [] if serving else ["not serving"],
+        }
 
     async def stop(self) -> None:
         server, self._server = self._server, None
@@ -153,9 +179,9 @@ class AdminListener:
         if method not in (b"GET", b"HEAD"):
             return "405 Method Not Allowed", TEXT, b"GET or HEAD only\n"
         if target == b"/healthz":
-            if self._serving():
-                return "200 OK", TEXT, b"ok\n"
-            return "503 Service Unavailable", TEXT, b"not serving\n"
+            health = await self._health()
+            status = "503 Service Unavailable" if health.get("problems") else "200 OK"
+            return status, JSON, json.dumps(health).encode() + b"\n"
         if target == b"/metrics":
             from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -175,3 +201,91 @@ def serving(server: Any, stop: asyncio.Event) -> bool:
     if pool.stopping or pool.broken.is_set():
         return False
     return any(w is not None and w.ready and not w.gone for w in pool.workers)
+
+
+class ControlDbCheck:
+    """Whether the control DB answers ``SELECT 1`` within ``DB_CHECK_TIMEOUT``: asked in a
+    thread, one question at a time (a stuck one is not asked again until it returns), the
+    answer reused for ``DB_CHECK_CACHE`` seconds."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._asked_at = -DB_CHECK_CACHE
+        self._problem: str | None = None
+        self._question: asyncio.Future[None] | None = None
+
+    def _ask(self) -> None:
+        with open_control_db(self.url).engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
+    async def problem(self) -> str | None:
+        """None when the DB answered, else what is wrong (never the URL: it may hold a
+        password)."""
+        if time.monotonic() - self._asked_at < DB_CHECK_CACHE:
+            return self._problem
+        if self._question is None or self._question.done():
+            self._question = asyncio.ensure_future(asyncio.to_thread(self._ask))
+            self._question.add_done_callback(_retrieve)  # also when nobody waits any more
+        try:
+            await asyncio.wait_for(asyncio.shield(self._question), DB_CHECK_TIMEOUT)
+        except TimeoutError:
+            self._problem = f"control DB: no answer within {DB_CHECK_TIMEOUT:.0f} s"
+        except Exception as exc:
+            self._problem = f"control DB unreachable ({type(exc).__name__})"
+        else:
+            self._problem = None
+        self._asked_at = time.monotonic()
+        return self._problem
+
+
+def _retrieve(done: asyncio.Future[None]) -> None:
+    if not done.cancelled():
+        done.exception()
+
+
+def _answering_workers(server: Any) -> tuple[int, int]:
+    """(workers answering their pings recently, workers configured); the listener itself
+    counts as the one worker when sessions run in it."""
+    pool = server.pool
+    if pool is None:
+        return (1 if server.sessions is not None else 0), 1
+    recent = server.settings.server.worker_heartbeat_timeout / 2  # two pings missed: not
+    now = time.monotonic()
+    answering = sum(
+        1
+        for w in pool.workers
+        if w is not None and w.ready and not w.gone and now - w.last_heard <= recent
+    )
+    return answering, pool.size
+
+
+async def node_health(server: Any, stop: asyncio.Event, control_db: ControlDbCheck) -> Health:
+    """What /healthz says for ``server`` (an ``ingest_server.server.Server``)."""
+    problems: list[str] = []
+    listening = server.listening.is_set()
+    draining = stop.is_set()
+    if draining:
+        problems.append("draining: stopping after SIGTERM, sessions there finish")
+    elif not listening:
+        problems.append("not listening yet")
+    ready, total = _answering_workers(server)
+    pool = server.pool
+    if pool is not None and pool.broken.is_set():
+        problems.append("server workers cannot be started")
+    elif ready == 0:
+        problems.append("no server worker answers")
+    db_problem = await control_db.problem()
+    if db_problem:
+        problems.append(db_problem)
+    status = "draining" if draining else ("not serving" if problems else "serving")
+    return {
+        "node": this_node(server.settings),
+        "status": status,
+        "listening": listening,
+        "draining": draining,
+        "workers_ready": ready,
+        "workers_total": total,
+        "sessions": len(server.admitted),
+        "control_db": db_problem or "ok",
+        "problems": problems,
+    }

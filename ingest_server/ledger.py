@@ -12,7 +12,10 @@ by a scan in a thread, again when the figure is older than ``USAGE_MAX_AGE``, so
 loader deletes or an operator copies are seen) plus the bytes reserved by uploads in flight
 (written to hidden temporary files, which the scan skips, so nothing counts twice). An
 upload reserves before it writes and settles when it ends: its reservation is given back
-and the committed figure moves by what the folder really gained.
+and the committed figure moves by what the folder really gained. The scan skips every
+temporary file of the service (uploads, pool file, log trim): one left by a process or node
+that died is never the client's, and never counts against its quota while it waits to be
+removed (``ingest_core.nodes``).
 """
 
 from __future__ import annotations
@@ -28,10 +31,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ingest_core.folders import UPLOAD_TEMP_PREFIX, account_folder
+from ingest_core.folders import (
+    LOG_TRIM_TEMP_PREFIX,
+    POOL_TEMP_PREFIX,
+    UPLOAD_TEMP_PREFIX,
+    account_folder,
+)
 from ingest_core.settings import Settings
 
 Message = dict[str, Any]
+# Our temporary files: uploads in flight are covered by reservations; any other is either
+# about to replace a service file or a leftover of a process that died.
+SERVICE_TEMP_PREFIXES = (UPLOAD_TEMP_PREFIX, POOL_TEMP_PREFIX, LOG_TRIM_TEMP_PREFIX)
 
 USAGE_MAX_AGE = 30.0  # seconds a measured folder usage is trusted before it is measured again
 REQUEST_TIMEOUT = 10.0  # seconds a worker waits for the listener's answer (then: refused)
@@ -65,7 +76,8 @@ class AccountLedger(Protocol):
 
 def account_usage(root: Path) -> int:
     """Bytes in the regular files under ``root`` (recursive), without symlinks and without
-    uploads in flight (their temporary files are covered by reservations)."""
+    the service's temporary files (uploads in flight are covered by reservations; leftovers
+    of a process or node that died are not the client's)."""
     total = 0
     stack = [root]
     while stack:
@@ -80,7 +92,7 @@ def account_usage(root: Path) -> int:
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(Path(entry.path))
                 elif entry.is_file(follow_symlinks=False) and not entry.name.startswith(
-                    UPLOAD_TEMP_PREFIX
+                    SERVICE_TEMP_PREFIXES
                 ):
                     total += entry.stat(follow_symlinks=False).st_size
             except OSError:

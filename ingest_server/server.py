@@ -9,9 +9,11 @@ exactly once, by whichever path sees it end first: the session's end, a failed h
 a worker's ``closed`` report or its death. The account ledger (sessions per account, quota
 reservations) lives here too: a ``ledger.LocalLedger`` that the workers ask remotely.
 
-Shutdown (``stop`` set, e.g. by SIGTERM): stop accepting, refuse new uploads, close idle
-sessions, let uploads in flight finish for ``server.shutdown_grace`` seconds, then close the
-rest (their temporary files are removed) and return.
+Shutdown (``stop`` set, e.g. by SIGTERM): /healthz says 503 (draining) at once; accept new
+connections ``server.drain_seconds`` more (a load balancer's check notices meanwhile), then
+stop accepting, refuse new uploads, close idle sessions, let uploads in flight finish for
+``server.shutdown_grace`` seconds, then close the rest (their temporary files are removed)
+and return.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 from ingest_core import metrics
 from ingest_core.db import open_control_db
 from ingest_core.errors import IngestError
-from ingest_core.folders import remove_stale_uploads
+from ingest_core.journal import JournalWriter, start_journal, stop_journal
 from ingest_core.lifecycle import (
     loop_name,
     open_file_limit,
@@ -38,11 +40,12 @@ from ingest_core.policy import normalize_peer_address
 from ingest_core.registry import Registry
 from ingest_core.settings import Settings
 from ingest_core.structured_log import get_logger, log_limits
-from ingest_server.admin import AdminListener, serving
+from ingest_server.admin import AdminListener, ControlDbCheck, node_health, serving
 from ingest_server.defender import Defender
 from ingest_server.gate import AdmittedConnections, ConnectionGate
 from ingest_server.host_keys import HOST_KEY_FILES, ensure_host_keys
 from ingest_server.ledger import LocalLedger
+from ingest_server.node_upkeep import NodeUpkeep
 from ingest_server.proxy_protocol import ProxyHeaderError, read_proxy_header
 from ingest_server.session_host import SessionHost, host_keypairs
 from ingest_server.worker_pool import WorkerPool
@@ -65,12 +68,13 @@ class Server:
         self.audit = get_logger(settings.log_dir, "server", pid=os.getpid(), **log_limits(settings))
         self.admin = AdminListener(settings, self.audit)  # metrics: before any worker starts
         db = open_control_db(settings.control_db_url)
-        self.defender = Defender(settings.defender, db)
+        self.defender = Defender(settings.defender, db, node=settings.node_id)
         self.gate = ConnectionGate(
             settings.limits, Registry(settings, db=db, actor="ingest-server"), self.defender
         )
         self.admitted = AdmittedConnections(self.gate)
         self.ledger = LocalLedger(settings)
+        self.upkeep = NodeUpkeep(settings, self.audit, db)  # heartbeat, leftovers, draining
         self.proxy_from = {normalize_peer_address(a) for a in settings.server.proxy_protocol_from}
         self.listening = asyncio.Event()
         self.port = settings.server.port
@@ -79,16 +83,19 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
         self._bans: set[asyncio.Future[None]] = set()
         self._refusals: dict[tuple[str, str], tuple[float, int]] = {}
+        self.journal: JournalWriter | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then shut down gracefully and return."""
         s = self.settings.server
+        # This process's journal rows (refusals; all sessions with one worker), and the prune.
+        self.journal = start_journal(self.settings, self.audit, prune=True)
         if not all((s.host_key_dir / n).exists() for n in HOST_KEY_FILES.values()):
             ensure_host_keys(s.host_key_dir)  # first start without `ingestctl init`
         pairs = host_keypairs(self.settings)
-        removed = remove_stale_uploads(self.settings)
+        removed = self.upkeep.start_up()  # SQLite guard, node row, own leftovers
         if s.worker_count() > 1:
             self.pool = WorkerPool(
                 self.settings, self.audit, self.admitted.release, self.failed_login, self.ledger
@@ -115,7 +122,8 @@ class Server:
             host=s.host,
             port=self.port,
             host_keys=fingerprints,
-            stale_uploads_removed=removed,
+            node=self.upkeep.node,
+            own_leftover_uploads_removed=removed,
             workers=s.worker_count(),
             event_loop=loop_name(asyncio.get_running_loop()),
             open_file_limit=open_file_limit(),
@@ -127,17 +135,24 @@ class Server:
                 file=sys.stderr,
                 flush=True,
             )
-        await self.admin.start(lambda: serving(self, stop))  # GET /metrics, /healthz
+        db_check = ControlDbCheck(self.settings.control_db_url)
+        await self.admin.start(  # GET /metrics, /healthz
+            lambda: serving(self, stop), lambda: node_health(self, stop, db_check)
+        )
         accepting = asyncio.create_task(self._accept(listener))
         self.listening.set()
+        self.upkeep.start()
         try:
             await self._until_stopped(stop)
+            if stop.is_set():  # /healthz says 503 from now on; new sessions still come in
+                await self.upkeep.drain(s.drain_seconds)
         finally:
             accepting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await accepting
             listener.close()
             await self._shut_down()
+            await self.upkeep.stop()
             self.audit.info("server.stopped", port=self.port)
         if self.pool is not None and self.pool.broken.is_set():
             raise IngestError(self.pool.broken_reason)
@@ -165,6 +180,8 @@ class Server:
         if self._bans:  # bans being written
             await asyncio.wait(set(self._bans), timeout=_CLOSE_WAIT)
         await self.admin.stop()
+        if self.journal is not None:
+            await asyncio.to_thread(stop_journal, self.settings, self.journal)
 
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -235,18 +252,19 @@ class Server:
     # -- the defender -----------------------------------------------------------------------
 
     def failed_login(self, address: str, unknown_user: bool) -> None:
-        """A connection ended without a login: score it; past the threshold, ban."""
-        score = self.defender.record_failure(address, unknown_user=unknown_user)
-        if score is not None:
-            task = asyncio.ensure_future(self._ban(address, score))
-            self._bans.add(task)
-            task.add_done_callback(self._bans.discard)
+        """A connection ended without a login: score it (shared by every node, in the control
+        DB, so in a thread); past the threshold, ban."""
+        task = asyncio.ensure_future(self._score_failure(address, unknown_user))
+        self._bans.add(task)
+        task.add_done_callback(self._bans.discard)
 
-    async def _ban(self, address: str, score: int) -> None:
+    async def _score_failure(self, address: str, unknown_user: bool) -> None:
         try:
-            ban = await asyncio.to_thread(self.defender.ban, address, score)
+            ban = await asyncio.to_thread(self.defender.record_failure, address, unknown_user)
         except Exception as exc:
             self.audit.error("defender.error", address=address, error=repr(exc))
+            return
+        if ban is None:
             return
         self.audit.warning(
             "defender.ban",

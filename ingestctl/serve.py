@@ -6,7 +6,8 @@ SIGTERM or SIGINT (Ctrl-C) stops both quietly: the server drains uploads for its
 the loader finishes or abandons its current step safely.
 
 "serving ..." is printed once the port is listening, never before; a port that cannot be
-bound is one line naming the setting that changes it. A first start with no account says
+bound is one line naming the setting that changes it, and so is a SQLite control DB whose
+data root another node uses (``ingest_core.nodes``). A first start with no account says
 which command starts onboarding.
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 from ingest_core.console import print_escaped
 from ingest_core.errors import IngestError
 from ingest_core.lifecycle import run_until_signalled
+from ingest_core.nodes import claim_data_root
 from ingest_core.settings import Settings
 from ingestctl.init import initialize
 
@@ -71,6 +73,7 @@ async def serve_all(
     from ingest_server.server import Server
     from loader.daemon import LoaderDaemon
 
+    claim_data_root(settings)  # a shared SQLite data root: refused before the loader starts
     server = Server(settings)
     tasks = [
         asyncio.create_task(server.serve(stop), name="server"),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -136,19 +135,17 @@ def test_sigterm_lets_short_uploads_finish_and_cuts_long_ones(
 def test_temporary_files_of_a_killed_server_are_removed_when_it_starts(
     tmp_path: Path, alpha_key: Path
 ) -> None:
-    """A server killed mid-upload leaves the hidden temporary file; the next start removes
-    those untouched for an hour (and only those: a fresh one may belong to a running node)."""
-    running = start_server(tmp_path / "srv", launch=False)
+    """A server killed mid-upload leaves the hidden temporary file; the next start of the same
+    node removes it whatever its age (and only its own: tests/server/test_nodes.py)."""
+    running = start_server(tmp_path / "srv", {"cluster": {"node_id": "this-node"}}, launch=False)
     add_account(running, "alpha", alpha_key)
     folder = running.folder("alpha")
-    stale, fresh = folder / ".ingest-upload-dead-a.csv", folder / ".ingest-upload-busy-b.csv"
-    stale.write_bytes(b"x" * 1000)
-    fresh.write_bytes(b"y")
-    two_hours_ago = time.time() - 7200
-    os.utime(stale, (two_hours_ago, two_hours_ago))
+    own, unknown = folder / ".ingest-upload-this-node-4242-0a", folder / ".ingest-upload-b.csv"
+    own.write_bytes(b"x" * 1000)
+    unknown.write_bytes(b"y")
     running.restart()
     try:
-        assert running.events("server.started")[-1]["stale_uploads_removed"] == 1
-        assert temp_files(folder) == [fresh.name]
+        assert running.events("server.started")[-1]["own_leftover_uploads_removed"] == 1
+        assert temp_files(folder) == [unknown.name]
     finally:
         running.stop()

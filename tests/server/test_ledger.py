@@ -51,6 +51,8 @@ def test_usage_counts_regular_files_only(tmp_path: Path) -> None:
     (root / "sub" / "b.txt").write_bytes(b"x" * 20)
     (root / "sub" / "deeper" / "c.txt").write_bytes(b"x" * 3)
     (root / ".ingest-upload-abc-d.txt").write_bytes(b"x" * 5000)  # in flight: reserved
+    (root / ".ingest-pool-0abc").write_bytes(b"x" * 4000)  # a killed pool publish's leftover
+    (root / ".ingest-log-trim-77").write_bytes(b"x" * 3000)  # a killed log trim's
     outside = tmp_path / "outside.bin"
     outside.write_bytes(b"x" * 7000)
     (root / "link.bin").symlink_to(outside)

@@ -172,7 +172,8 @@ def test_prometheus_scrapes_every_process_of_the_node(
     prometheus = Prometheus(tmp_path / "prom", f"127.0.0.1:{admin}")
     try:
         prometheus.wait_for('up{job="sis-ingest"}', 1)
-        assert http_get(f"http://127.0.0.1:{admin}/healthz") == (200, "ok\n")
+        code, health = http_get(f"http://127.0.0.1:{admin}/healthz")
+        assert code == 200 and json.loads(health)["status"] == "serving"
         prometheus.wait_for("sis_ingest_serving", 1)
 
         # The load that runs at start, in the loader's child process.
@@ -306,8 +307,8 @@ def test_healthz_is_503_until_serving_and_metrics_read_every_process_file(
         return answers
 
     unhealthy, healthy, scraped, missing = asyncio.run(scenario())
-    assert unhealthy == (503, "not serving\n")
-    assert healthy == (200, "ok\n")
+    assert unhealthy[0] == 503 and json.loads(unhealthy[1])["problems"] == ["not serving"]
+    assert healthy[0] == 200 and json.loads(healthy[1]) == {"status": "serving", "problems": []}
     assert missing[0] == 404
     code, text = scraped
     assert code == 200
