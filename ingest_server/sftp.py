@@ -63,12 +63,19 @@ if TYPE_CHECKING:
 # Largest single read served (SFTP allows short reads; bounds memory per request).
 MAX_READ_CHUNK = 256 * 1024
 _BACKPRESSURE_POLL = 0.002
-# Quota is reserved ahead in steps of this size (one ledger request per step, not per
-# write); when the account is nearly full only what the write needs is asked for. The next
-# step is asked for in the background once the upload is within half a step of what it
-# holds, so a steady upload never waits for the listener's answer.
-RESERVE_STEP = 8 * 1024 * 1024
-PREFETCH_MARGIN = RESERVE_STEP // 2
+# Quota is reserved ahead in steps (one ledger request per step, not per write): 1/256 of
+# the quota, between 8 and 64 MiB (40 MiB for the default 10 GiB), so a held but unused step
+# is a small share of any quota. When the account is nearly full only what the write needs
+# is asked for. The next step is asked for in the background once the upload is within half
+# a step of what it holds, so a steady upload never waits for the listener's answer.
+MIN_RESERVE_STEP = 8 * 1024 * 1024
+MAX_RESERVE_STEP = 64 * 1024 * 1024
+
+
+def reservation_step(quota: int) -> int:
+    """Bytes of quota one ledger request reserves ahead for an upload."""
+    return min(max(quota // 256, MIN_RESERVE_STEP), MAX_RESERVE_STEP)
+
 # SFTP v3 carries times as unsigned 32-bit seconds: anything outside is clamped.
 _TIME_MAX = 2**32 - 1
 UNEXPECTED_ERROR = "the server could not complete this request"
@@ -274,6 +281,7 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         self.tracker = tracker
         self.budget = budget
         self.ledger = ledger
+        self.reserve_step = reservation_step(settings.limits.account_quota_bytes)
         self.repeats = repeats
         self.conn = chan.get_connection()
         self.is_sftp = chan.get_subsystem() == "sftp"
@@ -394,7 +402,7 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         may_reach = upload.credit + upload.reserved
         if end > may_reach or upload.needs_base_copy(offset):
             return self._write_after_preparing(upload, offset, data)
-        if end > may_reach - PREFETCH_MARGIN and upload.reserving is None:
+        if end > may_reach - self.reserve_step // 2 and upload.reserving is None:
             self._reserve_ahead(upload)
         return self._write_now(upload, offset, data)
 
@@ -407,11 +415,12 @@ class AccountSFTPServer(asyncssh.SFTPServer):
     async def _reserve_step(self, upload: Upload) -> None:
         account = self.folder.name
         try:
-            if await self.ledger.reserve(account, RESERVE_STEP):
+            step = self.reserve_step
+            if await self.ledger.reserve(account, step):
                 if upload.done:  # the upload ended meanwhile: its settle did not see this
-                    self.ledger.settle(account, RESERVE_STEP, 0)
+                    self.ledger.settle(account, step, 0)
                 else:
-                    upload.reserved += RESERVE_STEP
+                    upload.reserved += step
         finally:
             upload.reserving = None
 
@@ -448,7 +457,7 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         if not quota:  # no quota: nothing to ask, and nothing to ask again
             upload.credit += need
             return
-        step = max(need, RESERVE_STEP)
+        step = max(need, self.reserve_step)
         for ask in (step, need) if step > need else (need,):
             if await self.ledger.reserve(self.folder.name, ask):
                 upload.reserved += ask
