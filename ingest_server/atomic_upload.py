@@ -124,6 +124,8 @@ def _write_pieces(fd: int, pieces: list[bytes], offset: int) -> None:
 class UnflushedBytes:
     """Upload data one session holds in memory, not yet written, across all its files."""
 
+    __slots__ = ("limit", "pending", "uploads")  # one per logged-in connection
+
     def __init__(self, limit: int):
         self.limit = limit
         self.pending = 0

@@ -42,7 +42,7 @@ class BudgetExceeded(Exception):
     """A request would take more than the connection's budget; the text is for the client."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Held:
     """One thing counted against a budget (a handle, a channel); ``release`` runs once."""
 
@@ -56,6 +56,17 @@ class Held:
 
 class SessionBudget:
     """The budgets of one SSH connection, shared by all its channels."""
+
+    # One per logged-in connection: no __dict__ each.
+    __slots__ = (
+        "channels",
+        "clock",
+        "handles",
+        "last_request",
+        "max_channels",
+        "max_handles",
+        "unflushed",
+    )
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic):
         limits = settings.limits

@@ -76,6 +76,7 @@ def reservation_step(quota: int) -> int:
     """Bytes of quota one ledger request reserves ahead for an upload."""
     return min(max(quota // 256, MIN_RESERVE_STEP), MAX_RESERVE_STEP)
 
+
 # SFTP v3 carries times as unsigned 32-bit seconds: anything outside is clamped.
 _TIME_MAX = 2**32 - 1
 UNEXPECTED_ERROR = "the server could not complete this request"
@@ -291,7 +292,8 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         # its final name (sshfs looks it up before closing it); nobody else does.
         self._writing: dict[Path, Upload] = {}
         self._held: dict[object, Held] = {}  # open files -> their place in the budget
-        self._listings: weakref.WeakSet[_Listing] = weakref.WeakSet()
+        # Folder listings open (made at the first one: most sessions only upload).
+        self._listings: weakref.WeakSet[_Listing] | None = None
 
     # -- paths ------------------------------------------------------------------------------
 
@@ -692,6 +694,8 @@ class AccountSFTPServer(asyncssh.SFTPServer):
     def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
         self._resolve(path)
         listing = _Listing(self, path, self.budget.open_handle())
+        if self._listings is None:
+            self._listings = weakref.WeakSet()
         self._listings.add(listing)
         return listing
 
@@ -804,10 +808,11 @@ class AccountSFTPServer(asyncssh.SFTPServer):
         for upload in list(self._uploads):
             self._drop(upload, reason="session ended before the file was closed")
             self._forget(upload)
-        for held in [*self._held.values(), *(listing.held for listing in self._listings)]:
+        listings = list(self._listings or ())
+        for held in [*self._held.values(), *(listing.held for listing in listings)]:
             held.release()  # handles asyncssh did not close (each is released once)
         self._held.clear()
-        self._listings.clear()
+        self._listings = None
         if self.is_sftp and not self.channel.is_closing():
             # OpenSSH scp (SFTP mode) exits 1 after a good upload without an exit status.
             self.channel.exit(0)
