@@ -23,6 +23,9 @@ from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
+import sqlalchemy
+import sqlalchemy.exc
+
 from ingest_core.console import OneLineErrorParser, print_escaped
 from ingest_core.errors import ConfigError, IngestError
 from ingest_core.registry import Registry
@@ -96,7 +99,6 @@ def control_db_exists(url: str) -> bool:
     """Has ``ingestctl init`` made the control database at ``url``: its Alembic version table
     is there. Looked at without creating anything (a missing SQLite file is not opened; a
     PostgreSQL database is only inspected)."""
-    import sqlalchemy
 
     if url.startswith("sqlite"):
         path = Path(url.split("///", 1)[-1])
@@ -177,6 +179,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print_escaped(
             f"ingestctl: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr
+        )
+        return 1
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
+        # A database server that is down, refuses us or drops the connection: nothing was
+        # half-written (every change is one transaction), so say which and stop.
+        reason = " ".join(str(exc.orig or exc).split())[:300]
+        print_escaped(
+            f"ingestctl: a database could not be reached ({reason}); check control_db_url and "
+            "sis_db_url in the config and that the database server is running",
+            file=sys.stderr,
         )
         return 1
 
