@@ -4,7 +4,8 @@
 # iproute2 (a private network namespace for the handshake ACK test), strace (which syscalls
 # make an upload durable), logrotate (the shipped deploy/sis-ingest.logrotate is run for real),
 # rclone and sshfs (client matrix; sshfs brings FUSE 3 and fusermount3), prometheus (a real
-# Prometheus scrapes /metrics; promtool checks the exposition and deploy/prometheus-alerts.yml).
+# Prometheus scrapes /metrics; promtool checks the exposition and deploy/prometheus-alerts.yml),
+# haproxy (two nodes behind the shipped deploy/haproxy.cfg in tests/cluster/).
 # Runs apt-get only for what is missing, so a second run costs nothing.
 set -euo pipefail
 
@@ -21,6 +22,7 @@ command -v logrotate >/dev/null 2>&1 || [ -x /usr/sbin/logrotate ] || need+=(log
 command -v rclone >/dev/null 2>&1 || need+=(rclone)
 command -v sshfs >/dev/null 2>&1 || need+=(sshfs)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
