@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -297,6 +299,22 @@ def create_private_sqlite_file(path: Path) -> None:
         os.close(fd)
 
 
+def _enable_wal(cur: sqlite3.Cursor, timeout_s: float = 30.0) -> None:
+    """Switch the database to WAL (the file keeps it). When another process switches the same
+    new file at that moment, SQLite answers "database is locked" at once instead of waiting
+    out the busy timeout: try again until that process is done (then it is a no-op)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+            if not busy or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def make_engine(url: str) -> Engine:
     """An engine with the per-backend settings we rely on (SQLite: FKs, WAL, busy timeout)."""
     if url.startswith("sqlite"):
@@ -310,7 +328,7 @@ def make_engine(url: str) -> Engine:
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(cur)
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
