@@ -12,8 +12,9 @@ the same run and on the same file:
   builds that index and ``\\copy`` does not, so this is the like-for-like figure;
 - the loader on a second load, of a slightly changed copy of the file (1% of the rows gone,
   2% changed in one column, 1% new), over the table the first one loaded: the load then
-  compares the staged rows with the live ones by key (what changed, issue 14), and the
-  comparison's own time is reported as a share of that load's (target <= 25% at 1M rows).
+  compares the staged rows with the live ones by key (what changed), and the comparison's
+  own time is reported as a share of that load's (target <= 25% at 1M rows), per database
+  and in a summary at the end (medians over the rounds).
 
 Each measurement runs in its own child process, so its peak memory (``ru_maxrss`` from
 ``os.wait4``) is its own. Targets: SQLite >= 0.6x ``.import``; PostgreSQL >= 1.0x, median of
@@ -21,7 +22,11 @@ Each measurement runs in its own child process, so its peak memory (``ru_maxrss`
 loader builds that index, plain ``\\copy`` does not); peak memory < 200 MB at 1M rows and
 no growth with file size beyond the key index (run with ``--rows 5000000`` to see it).
 
-    .venv/bin/python bench/loader_bench.py [--rows N] [--repeat N] [--no-postgres] [--workdir DIR]
+    .venv/bin/python bench/loader_bench.py [--rows N] [--repeat N] [--no-postgres] [--no-sqlite]
+        [--compare-only] [--workdir DIR]
+
+``--compare-only`` runs just the changed file's load (after an untimed load of the original
+in the same database) and prints the comparison's share.
 
 On a shared machine use --repeat 3 or more: each step prints its best time (the least
 disturbed) and its median, and each ratio is given on both.
@@ -231,8 +236,12 @@ def loader_child(
     return float(result["seconds"]), rss
 
 
-def compare_share(label: str, compared: list[tuple[float, float]]) -> None:
-    """The comparison's time, and its share of the load's, over the rounds (best, median)."""
+Share = tuple[float, float, float]  # median share, median comparison s, median load s
+
+
+def compare_share(label: str, compared: list[tuple[float, float]]) -> Share:
+    """Print the comparison's time, and its share of the load's, over the rounds (best,
+    median); returns the medians."""
     seconds = [c for c, _ in compared]
     shares = [c / total for c, total in compared]
     print(
@@ -240,6 +249,19 @@ def compare_share(label: str, compared: list[tuple[float, float]]) -> None:
         f" s), {min(shares):.0%} of the load (median {statistics.median(shares):.0%}; "
         "target <= 25%)"
     )
+    loads = [total for _, total in compared]
+    return statistics.median(shares), statistics.median(seconds), statistics.median(loads)
+
+
+def share_summary(rows: int, shares: dict[str, Share], rounds: int) -> None:
+    """The comparison's share of the changed file's load, one line per database."""
+    print(
+        f"comparison's share of a {rows:,}-row load (the changed file's; median of {rounds}; "
+        "target <= 25%):"
+    )
+    for name, (share, compare, load) in shares.items():
+        verdict = "ok" if share <= 0.25 else "OVER TARGET"
+        print(f"  {name:<11} {share:4.0%}  ({compare:.2f} s of {load:.2f} s)  {verdict}")
 
 
 def sqlite_import(path: Path, db: Path) -> tuple[float, int]:
@@ -326,6 +348,11 @@ def main() -> int:
     parser.add_argument(
         "--repeat", type=int, default=1, help="run each step N times (best and median)"
     )
+    parser.add_argument(
+        "--compare-only",
+        action="store_true",
+        help="only the changed file's load and the comparison's share of it",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -376,13 +403,20 @@ def main() -> int:
         assert result["ok"], result
         return float(result["seconds"]), rss
 
-    rounds([("validation only", validate)])
+    if not args.compare_only:
+        rounds([("validation only", validate)])
 
+    shares: dict[str, Share] = {}
     if not args.no_sqlite:
-        sqlite_rounds(work, data, rows, rounds, changed, changes)
+        shares["SQLite"] = sqlite_rounds(
+            work, data, rows, rounds, changed, changes, args.compare_only
+        )
     if not args.no_postgres:
-        postgres_rounds(work, data, rows, rounds, changed, changes)
+        shares["PostgreSQL"] = postgres_rounds(
+            work, data, rows, rounds, changed, changes, args.compare_only
+        )
 
+    share_summary(rows, shares, args.repeat)
     loader_peaks = [rss for label, rss in peaks.items() if label.startswith("loader")]
     print(f"peak memory of the loader: {mb(max(loader_peaks))} (target < 200 MB at 1M rows)")
     if not args.workdir:
@@ -410,7 +444,8 @@ def sqlite_rounds(
     rounds: Rounds,
     changed: Path,
     changes: tuple[int, int, int],
-) -> None:
+    compare_only: bool = False,
+) -> Share:
     """The loader, then the CLI's .import into a fresh database file."""
     version = subprocess.run(["sqlite3", "--version"], capture_output=True, text=True).stdout
     print(f"SQLite ({version.split()[0]})")
@@ -426,7 +461,10 @@ def sqlite_rounds(
     compared: list[tuple[float, float]] = []
 
     def second_load() -> tuple[float, int]:
-        """The changed copy over the table "loader again" left (the original's rows)."""
+        """The changed copy over the table "loader again" left (the original's rows; loaded
+        here, not timed, with --compare-only)."""
+        if compare_only:
+            sqlite_load(fresh("sis.db"))
         url = f"sqlite:///{work / 'sis.db'}"
         return loader_child(changed, url, work, rows, True, changes, compared)
 
@@ -437,20 +475,24 @@ def sqlite_rounds(
         "loader, no key column (no index)",
         "sqlite3 .import (fresh table)",
     )
-    times = rounds(
-        [
-            (loader, lambda: sqlite_load(fresh("sis.db"))),
-            (again, lambda: sqlite_load(work / "sis.db")),
-            (second, second_load),
-            (no_key, lambda: sqlite_load(fresh("nokey.db"), False)),
-            (imported, lambda: sqlite_import(data, fresh("i.db"))),
-        ]
-    )
-    ratio("loader / .import", times, imported, loader, " (target >= 0.6x)")
-    ratio("loader without key / .import", times, imported, no_key)
-    compare_share("the changed file's load", compared)
+    if compare_only:
+        rounds([(second, second_load)])
+    else:
+        times = rounds(
+            [
+                (loader, lambda: sqlite_load(fresh("sis.db"))),
+                (again, lambda: sqlite_load(work / "sis.db")),
+                (second, second_load),
+                (no_key, lambda: sqlite_load(fresh("nokey.db"), False)),
+                (imported, lambda: sqlite_import(data, fresh("i.db"))),
+            ]
+        )
+        ratio("loader / .import", times, imported, loader, " (target >= 0.6x)")
+        ratio("loader without key / .import", times, imported, no_key)
+    share = compare_share("the changed file's load", compared)
     for old in work.glob("*.db*"):
         old.unlink()
+    return share
 
 
 def postgres_rounds(
@@ -460,7 +502,8 @@ def postgres_rounds(
     rounds: Rounds,
     changed: Path,
     changes: tuple[int, int, int],
-) -> None:
+    compare_only: bool = False,
+) -> Share:
     """The loader, then ``psql \\copy``, each into a new database."""
     pg_start()
     version = subprocess.run(
@@ -501,6 +544,9 @@ def postgres_rounds(
         "psql \\copy (fresh table)",
         "psql \\copy + key index (like for like)",
     )
+    if compare_only:
+        rounds([(second, lambda: in_fresh_database(second_load))])
+        return compare_share("the changed file's load", compared)
     times = rounds(
         [
             (loader, lambda: in_fresh_database(pg_load)),
@@ -513,7 +559,7 @@ def postgres_rounds(
     ratio("loader / (\\copy + UNIQUE key index)", times, indexed, loader, " (target >= 1.0x)")
     ratio("loader / \\copy (which builds no index)", times, copied, loader)
     ratio("loader without key / \\copy", times, copied, no_key)
-    compare_share("the changed file's load", compared)
+    return compare_share("the changed file's load", compared)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,22 @@ On SQLite and on a real PostgreSQL, each expectation computed by hand.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from sqlalchemy import inspect
 
 from ingest_core import folder_log
 from loader.nightly import run_account
-from loader.sis_db import LOADED, REFUSED, SisDB, close_sis_dbs, open_sis_db
+from loader.sis_db import (
+    LOADED,
+    REFUSED,
+    ComparePlan,
+    SisDB,
+    _range_cuts,
+    close_sis_dbs,
+    open_sis_db,
+)
 from loader.spec import table_name
 
 HEADER = "UUUID\tfirst_name\tlast_name\temail"
@@ -102,35 +111,215 @@ def test_counts_added_removed_changed_by_key(on):
     assert (_loads(on)[-1].added, _loads(on)[-1].removed, _loads(on)[-1].changed) == (0, 0, 0)
 
 
-@pytest.mark.postgres
-def test_counts_on_postgres_with_a_live_table_sorted_by_key(settings, onboard, pg_url, monkeypatch):
-    """A live table that autovacuum has analyzed (its rows in key order) is compared with a
-    merge join over the two key indexes instead of a hash join: the same counts."""
-    on = onboard(settings.replace(sis_db_url=pg_url))
-    _write(on, *FIRST)
-    assert run_account(on.settings, on.name).ok
-    db = open_sis_db(pg_url)
+def _analyze(on) -> float:
+    """ANALYZE the live table (as autovacuum does after a load); its key's correlation."""
+    db = open_sis_db(on.settings.sis_db_url)
     with db.engine.begin() as conn:
         conn.exec_driver_sql(f'ANALYZE "{table_name(on.spec)}"')
-        correlation = conn.exec_driver_sql(
+        return conn.exec_driver_sql(
             "SELECT correlation FROM pg_stats WHERE tablename = %(t)s AND attname = 'UUUID'",
             {"t": table_name(on.spec)},
         ).scalar()
-    assert correlation is not None and correlation >= 0.9
-    plans: list[list[str]] = []
+
+
+def _spy_plans(monkeypatch) -> list[ComparePlan]:
+    plans: list[ComparePlan] = []
     plan = SisDB._postgres_compare_plan
 
     def spy(self, *args):
-        saved = plan(self, *args)
-        plans.append([name for name, _ in saved])
-        return saved
+        plans.append(plan(self, *args))
+        return plans[-1]
 
     monkeypatch.setattr(SisDB, "_postgres_compare_plan", spy)
+    return plans
+
+
+@pytest.mark.postgres
+def test_counts_on_postgres_with_a_live_table_sorted_by_key(settings, onboard, pg_url, monkeypatch):
+    """A live table that autovacuum has analyzed (its rows in key order) is compared with
+    merge joins over the two key indexes instead of a hash join, in ranges of keys cut at
+    the live key's histogram bounds (2 per process: 2 workers and this one): the same counts."""
+    on = onboard(settings.replace(sis_db_url=pg_url))
+    _write(on, *FIRST)
+    assert run_account(on.settings, on.name).ok
+    assert _analyze(on) >= 0.9
+    plans = _spy_plans(monkeypatch)
     _write(on, *SECOND)
     assert run_account(on.settings, on.name).ok
-    assert plans == [["enable_hashjoin", "enable_sort", "max_parallel_workers_per_gather"]]
+    assert [[name for name, _ in p.saved] for p in plans] == [
+        ["jit", "enable_hashjoin", "enable_sort"]
+    ]
+    # Histogram A1 B2 C3 D4 E5 x6, 6 ranges: cut at the 2nd to 5th value.
+    assert plans[0].cuts == ("B2", "C3", "D4", "E5")
     assert _last_line(on) == (
         "LOADED sis_hr_user_info.txt 7 rows imported (3 new, 2 gone, 2 changed)"
+    )
+
+
+@pytest.mark.postgres
+def test_counts_on_postgres_in_one_pass_without_parallel_workers(
+    settings, onboard, pg_url, monkeypatch
+):
+    """``max_parallel_workers_per_gather = 0`` (a DBA's choice): one ordered pass, no ranges."""
+    on = onboard(settings.replace(sis_db_url=pg_url))
+    _write(on, *FIRST)
+    assert run_account(on.settings, on.name).ok
+    assert _analyze(on) >= 0.9
+    database = pg_url.rsplit("/", 1)[1]
+    with open_sis_db(pg_url).engine.begin() as conn:
+        conn.exec_driver_sql(f"ALTER DATABASE {database} SET max_parallel_workers_per_gather = 0")
+    close_sis_dbs()  # new connections take the setting
+    plans = _spy_plans(monkeypatch)
+    _write(on, *SECOND)
+    assert run_account(on.settings, on.name).ok
+    assert plans[0].cuts == ()
+    assert [name for name, _ in plans[0].saved] == [
+        "jit",
+        "enable_hashjoin",
+        "enable_sort",
+        "max_parallel_workers_per_gather",
+    ]
+    assert _last_line(on) == (
+        "LOADED sis_hr_user_info.txt 7 rows imported (3 new, 2 gone, 2 changed)"
+    )
+
+
+@pytest.mark.postgres
+def test_counts_on_postgres_live_key_in_another_collation(settings, onboard, pg_url, monkeypatch):
+    """A live table whose key column is not ``COLLATE "C"`` (made before the key was): one
+    pass, no ranges (its index is in another order), and the keys still compare bytewise."""
+    on = onboard(settings.replace(sis_db_url=pg_url))
+    _write(on, *FIRST)
+    assert run_account(on.settings, on.name).ok
+    with open_sis_db(pg_url).engine.begin() as conn:
+        conn.exec_driver_sql(
+            f'ALTER TABLE "{table_name(on.spec)}" ALTER COLUMN "UUUID" TYPE text COLLATE "default"'
+        )
+    assert _analyze(on) >= 0.9
+    plans = _spy_plans(monkeypatch)
+    _write(on, *SECOND)
+    assert run_account(on.settings, on.name).ok
+    assert plans[0].cuts == ()
+    assert _last_line(on) == (
+        "LOADED sis_hr_user_info.txt 7 rows imported (3 new, 2 gone, 2 changed)"
+    )
+
+
+RANGED_FIRST = tuple(f"K{i:03d}\tFirst{i}\tLast{i}\tu{i}@example.edu" for i in range(30))
+
+
+def _ranged_second() -> tuple[str, ...]:
+    rows = {r.split("\t", 1)[0]: r for r in RANGED_FIRST}
+    for gone in ("K000", "K010", "K029"):  # below the first cut, on a cut, the last key
+        del rows[gone]
+    rows["K005"] = "K005\tFirst5\tLast5\tchanged@example.edu"  # on a cut
+    rows["K019"] = "K019\tFirstXIX\tLast19\tu19@example.edu"  # on a cut
+    rows["K024"] = "K024\tFirst24\tLast24\tu24@example.org"  # on a cut, last column
+    for new in ("A1", "K0195", "Z9", "k001"):  # below all, between two, above (bytewise)
+        rows[new] = f"{new}\tNew\tRow\t{new}@example.edu"
+    return tuple(rows[k] for k in sorted(rows))
+
+
+@pytest.mark.postgres
+def test_counts_on_postgres_key_ranges_run_by_parallel_workers(
+    settings, onboard, pg_url, monkeypatch
+):
+    """The ranges run in parallel worker processes (made cheap here, and the plan steered,
+    so that the planner uses them as for a big table), which see the staged rows of the
+    load's own transaction: keys on a cut, below the first and above the last are each
+    counted once, by hand: 4 new (A1, K0195, Z9, k001), 3 gone (K000, K010, K029),
+    3 changed (K005, K019, K024)."""
+    on = onboard(settings.replace(sis_db_url=pg_url))
+    _write(on, *RANGED_FIRST)
+    assert run_account(on.settings, on.name).ok
+    assert _analyze(on) >= 0.9
+    database = pg_url.rsplit("/", 1)[1]
+    with open_sis_db(pg_url).engine.begin() as conn:
+        for name in (
+            "parallel_setup_cost",
+            "parallel_tuple_cost",
+            "min_parallel_table_scan_size",
+            "min_parallel_index_scan_size",
+        ):
+            conn.exec_driver_sql(f"ALTER DATABASE {database} SET {name} = 0")
+        for name in ("enable_nestloop", "enable_seqscan"):  # the plan a big table gets
+            conn.exec_driver_sql(f"ALTER DATABASE {database} SET {name} = off")
+    close_sis_dbs()
+    plans = _spy_plans(monkeypatch)
+    explained: list[Any] = []
+    compare = SisDB._compare
+
+    class Explaining:
+        """The load's cursor, also running EXPLAIN ANALYZE of the ranged comparison."""
+
+        def __init__(self, cur: Any) -> None:
+            self._cur = cur
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._cur, name)
+
+        def execute(self, query: Any, params: Any = None) -> Any:
+            if isinstance(query, str) and " UNION ALL " in query:
+                self._cur.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {query}")
+                explained.append(self._cur.fetchone()[0][0]["Plan"])
+            return self._cur.execute(query, params)
+
+    monkeypatch.setattr(
+        SisDB, "_compare", lambda self, cur, *args: compare(self, Explaining(cur), *args)
+    )
+    _write(on, *_ranged_second())
+    assert run_account(on.settings, on.name).ok
+    # 30 keys K000-K029, 6 ranges: cut at the 6th, 11th, 15th, 20th and 25th.
+    assert plans[0].cuts == ("K005", "K010", "K014", "K019", "K024")
+    (plan,) = explained
+
+    def nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+        return [node, *(n for child in node.get("Plans", []) for n in nodes(child))]
+
+    gathers = [n for n in nodes(plan) if n["Node Type"] == "Gather"]
+    assert gathers and gathers[0]["Workers Launched"] >= 1, plan
+    assert any(n["Node Type"] == "Append" and n["Parallel Aware"] for n in nodes(plan)), plan
+    assert _last_line(on) == (
+        "LOADED sis_hr_user_info.txt 31 rows imported (4 new, 3 gone, 3 changed)"
+    )
+    assert [r[0] for r in _rows(on)] == sorted(r[0] for r in _rows(on))
+
+
+def test_range_cuts_are_ascending_bytewise_and_distinct():
+    """Cut values come out in the key's bytewise order (upper case before lower case before
+    accented letters), each once; a histogram too short to split gives none."""
+    bounds = ["b", "B", "é", "a", "A", "Z", "z", "a"]
+    assert _range_cuts(bounds, 4) == ("Z", "a", "b")
+    assert _range_cuts(["a", "b"], 6) == ()
+    assert _range_cuts(["a", "b", "c", "d"], 1) == ()
+
+
+def test_null_is_not_empty_and_a_single_column_counts(on):
+    """A value NULL in the live table (the loader writes empty strings, never NULL: made by
+    hand here) and empty in the file is changed; empty in both is not; one column differing
+    makes the row changed."""
+    _write(
+        on,
+        "A1\tAnn\t\tann@example.edu",
+        "B2\tBob\tRay\tbob@example.edu",
+        "C3\tCid\tPoe\tcid@example.edu",
+        "D4\tDee\t\tdee@example.edu",
+    )
+    assert run_account(on.settings, on.name).ok
+    with open_sis_db(on.settings.sis_db_url).engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"UPDATE \"{table_name(on.spec)}\" SET email = NULL WHERE \"UUUID\" IN ('B2', 'C3')"
+        )
+    _write(
+        on,
+        "A1\tAnn\t\tann@example.edu",  # empty in both: the same
+        "B2\tBob\tRay\t",  # NULL before, empty now: changed
+        "C3\tCid\tPoe\tcid@example.edu",  # NULL before, a value now: changed
+        "D4\tDee\tKim\tdee@example.edu",  # empty before, a value now: changed
+    )
+    assert run_account(on.settings, on.name).ok
+    assert _last_line(on) == (
+        "LOADED sis_hr_user_info.txt 4 rows imported (0 new, 0 gone, 3 changed)"
     )
 
 
