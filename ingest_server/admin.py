@@ -32,7 +32,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 from ingest_core import metrics
@@ -73,9 +73,10 @@ class _ServingCollector:
 class AdminListener:
     """The metrics folder for this node's processes, and the HTTP listener that reads it."""
 
-    def __init__(self, settings: Settings, audit: Any) -> None:
+    def __init__(self, settings: Settings, audit: Any, collectors: Sequence[Any] = ()) -> None:
         self.settings = settings
         self.audit = audit
+        self.collectors = tuple(collectors)  # more figures for a scrape (the loader's feeds)
         self.enabled = settings.admin.port != 0
         self.folder = ""
         self.port = 0
@@ -95,15 +96,15 @@ class AdminListener:
         metrics.use_process_folder(self.folder)
 
     def registry(self) -> Any:
-        """What one scrape reads: every process's counts, the feeds, whether serving."""
+        """What one scrape reads: every process's counts, the collectors given (the feeds),
+        whether serving."""
         from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        from loader.feed_metrics import FeedCollector
-
         registry = CollectorRegistry(auto_describe=False)
         MultiProcessCollector(registry, path=self.folder)
-        registry.register(FeedCollector(self.settings))
+        for collector in self.collectors:
+            registry.register(collector)
         registry.register(_ServingCollector(self._serving))
         return registry
 

@@ -24,6 +24,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from ingest_core import metrics
@@ -33,8 +34,6 @@ from ingest_core.journal import JournalWriter, start_journal, stop_journal
 from ingest_core.lifecycle import (
     loop_name,
     open_file_limit,
-    raise_open_file_limit,
-    run_until_signalled,
 )
 from ingest_core.policy import normalize_peer_address
 from ingest_core.registry import Registry
@@ -63,10 +62,13 @@ class Server:
     defender stay here so their counts cover every worker.
     """
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, collectors: Sequence[Any] = ()):
+        """``collectors``: more Prometheus collectors for /metrics (the caller's: the
+        loader's feed figures when the CLI runs both)."""
         self.settings = settings
         self.audit = get_logger(settings.log_dir, "server", pid=os.getpid(), **log_limits(settings))
-        self.admin = AdminListener(settings, self.audit)  # metrics: before any worker starts
+        # Metrics: before any worker starts.
+        self.admin = AdminListener(settings, self.audit, collectors)
         db = open_control_db(settings.control_db_url)
         self.defender = Defender(settings.defender, db, node=settings.node_id)
         self.gate = ConnectionGate(
@@ -292,10 +294,3 @@ class Server:
         self.audit.warning(
             "connection.refused", address=address, reason=reason, repeated_before=repeated
         )
-
-
-def run_server(settings: Settings) -> int:
-    """Run the server until SIGTERM/SIGINT; returns 0 after a clean shutdown."""
-    raise_open_file_limit()  # every socket and open file is a descriptor
-    run_until_signalled(Server(settings).serve, event_loop=settings.server.event_loop)
-    return 0

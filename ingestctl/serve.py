@@ -72,9 +72,10 @@ async def serve_all(
     listens. A port that cannot be bound raises :class:`CannotListen`."""
     from ingest_server.server import Server
     from loader.daemon import LoaderDaemon
+    from loader.feed_metrics import FeedCollector
 
     claim_data_root(settings)  # a shared SQLite data root: refused before the loader starts
-    server = Server(settings)
+    server = Server(settings, collectors=[FeedCollector(settings)])
     tasks = [
         asyncio.create_task(server.serve(stop), name="server"),
         asyncio.create_task(LoaderDaemon(settings).run(stop), name="loader"),

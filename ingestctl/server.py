@@ -24,10 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, ctx) -> int:
     from ingest_server.server import Server
+    from loader.feed_metrics import FeedCollector
 
     settings = ctx.settings
     raise_open_file_limit()  # every socket and open file is a descriptor
-    server = Server(settings)
+    server = Server(settings, collectors=[FeedCollector(settings)])
 
     async def serve(stop: asyncio.Event) -> None:
         try:

@@ -279,7 +279,10 @@ def test_healthz_is_503_until_serving_and_metrics_read_every_process_file(
         {"data_root": "var", "log_dir": "logs", "admin": {"port": port}}, tmp_path
     )
     settings.data_root.mkdir()
-    listener = AdminListener(settings, get_logger(settings.log_dir, "server"))
+    from loader.feed_metrics import FeedCollector  # what the CLI gives the server
+
+    collectors = [FeedCollector(settings)]
+    listener = AdminListener(settings, get_logger(settings.log_dir, "server"), collectors)
     assert os.environ[metrics.MULTIPROC_ENV] == listener.folder
     # a worker's counts: another process writing into the same folder
     subprocess.run(
