@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import haproxy_harness
+import pytest
 import server_harness
 from haproxy_harness import BALANCER_ADDRESS, SHIPPED_CONFIG, Backend, HAProxy
 from server_harness import RunningServer

@@ -1,6 +1,6 @@
 """Two real sis-ingest nodes behind a real HAProxy that runs the shipped deploy/haproxy.cfg.
 
-A plain module (tests/ has no ``__init__.py``; conftest.py puts this folder on sys.path), used
+A plain module (tests/ has no ``__init__.py``; pytest's pythonpath lists this folder), used
 by tests/cluster/ and by bench/cluster_bench.py. The HAProxy config is always the shipped file
 with only its addresses, ports, stats socket and log target replaced
 (:func:`render_haproxy_config`): each replacement must match exactly once, so an edit of the
