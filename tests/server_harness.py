@@ -349,6 +349,9 @@ def login(running: RunningServer, key: Path, user: str = "alpha", bind: str | No
 
     sock = socket.create_connection((running.host, running.port), timeout=20,
                                     source_address=(bind, 0) if bind else None)  # fmt: skip
+    # paramiko writes one request at a time unless pipelined: with Nagle on, each 32 KiB
+    # write's last segment waits for the server's delayed ACK (about 40 ms a write here).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     transport = paramiko.Transport(sock)
     transport.start_client(timeout=20)
     transport.auth_publickey(user, paramiko.RSAKey.from_private_key_file(str(key)))
