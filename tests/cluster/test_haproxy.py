@@ -3,6 +3,7 @@ see through the balancer (README "Several nodes")."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from haproxy_harness import (
 )
 from two_nodes import NOT_ALLOWED, Cluster
 
-from ingest_core.folders import account_folder
+from ingest_core.folders import UPLOAD_TEMP_PREFIX, account_folder
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postgres]
 
@@ -38,6 +40,15 @@ def sha256(path: Path) -> str:
         while block := handle.read(MIB):
             digest.update(block)
     return digest.hexdigest()
+
+
+def temp_files_of(cluster: Cluster, node: str, account: str = "alpha") -> list[Path]:
+    """The temporary upload files ``node`` is writing (or left) in the account's folder."""
+    return [
+        path
+        for path in shared_folder(cluster, account).iterdir()
+        if path.name.startswith(f"{UPLOAD_TEMP_PREFIX}{node}-")
+    ]
 
 
 def shared_folder(cluster: Cluster, account: str = "alpha") -> Path:
@@ -181,6 +192,22 @@ def test_kill_9_mid_upload_and_the_retry_lands_on_the_other_node(
         assert retry.returncode == 0, retry.stderr
         assert cluster.node_that_served(before) == cluster.other(killed)
         assert sha256(shared_folder(cluster) / "big.bin") == sha256(source)
+
+        # The killed node's partial file is still there; the other node has one in flight.
+        leftovers = temp_files_of(cluster, killed)
+        assert leftovers, "the killed node left no temporary file"
+        flying = server_harness.paramiko_sftp(cluster.front, alpha_key, bind="127.0.0.1")
+        opened.append(flying)
+        in_flight = flying.open("flying.bin", "wb")
+        in_flight.write(b"x" * MIB)
+        in_flight.flush()
+        assert temp_files_of(cluster, cluster.other(killed))
+        cluster.restore(killed)  # its start-up removes its own leftovers, and only those
+        assert not any(path.exists() for path in leftovers)
+        assert temp_files_of(cluster, cluster.other(killed))
+        in_flight.write(b"y" * MIB)
+        in_flight.close()
+        assert (shared_folder(cluster) / "flying.bin").read_bytes() == b"x" * MIB + b"y" * MIB
     finally:
         for each in [sftp, *opened]:
             each.close()
@@ -247,6 +274,76 @@ def test_activity_is_the_same_from_either_node(
     assert seen["node1"] == seen["node2"]
 
 
+@contextlib.contextmanager
+def loader_daemons(cluster: Cluster, at: datetime, *, precheck: bool) -> Iterator[None]:
+    """``ingestctl loader daemon`` on both nodes (loads at ``at``, UTC), stopped afterwards."""
+    daemons = []
+    try:
+        for name, node in cluster.nodes.items():
+            raw = {**cluster.raw[name]}
+            raw["schedule"] = {"timezone": "UTC", "loader_time": f"{at:%H:%M}",
+                               "pool_time": f"{at + timedelta(hours=12):%H:%M}"}  # fmt: skip
+            raw["loader"] = {"precheck": precheck}
+            config = server_harness.write_config(node.workdir / "loader.toml", raw)
+            daemons.append(
+                subprocess.Popen(
+                    [*server_harness.INGESTCTL, "--config", str(config), "loader", "daemon"],
+                    cwd=node.workdir,
+                    stdout=subprocess.DEVNULL,
+                    stderr=open(node.workdir / "loader.stderr", "ab"),  # noqa: SIM115
+                    env={**os.environ, "PYTHONPATH": str(server_harness.REPO)},
+                )
+            )
+        yield
+    finally:
+        for daemon in daemons:
+            daemon.send_signal(signal.SIGTERM)
+        for daemon in daemons:
+            try:
+                daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+
+
+def test_each_upload_gets_one_received_line_whichever_node_took_it(
+    cluster: Cluster, alpha_key: Path, tmp_path: Path
+) -> None:
+    """Both nodes run the loader with its pre-check: each arrival, recorded in the journal by
+    the node that received it, is checked once (one RECEIVED line), never twice."""
+    from sample_files import write_people
+
+    from ingest_core.folder_log import read_lines
+
+    settings = cluster.settings("node1")
+    sample = write_people(tmp_path / "sample.txt", 5)
+    cluster.nodes["node1"].ingestctl(
+        "spec", "approve", "alpha", str(sample), "--as", "staff.txt", "--key", "UUUID"
+    )
+    folder = account_folder(settings, "alpha")
+    before_staff = [line for line in read_lines(folder) if " RECEIVED staff.txt " in line]
+    served = []
+    with loader_daemons(cluster, _next_minute(margin=3600), precheck=True):
+        for number in range(4):
+            upload = write_people(tmp_path / f"staff-{number}.txt", 6 + number)
+            logins = cluster.logins()
+            result = server_harness.sftp_batch(
+                cluster.front, alpha_key, "alpha", f"put {upload} staff.txt\n", bind="127.0.0.1"
+            )
+            assert result.returncode == 0, result.stderr
+            served.append(cluster.node_that_served(logins))
+
+            def checked(count: int = len(before_staff) + number + 1) -> bool:
+                lines = read_lines(folder)
+                return len([ln for ln in lines if " RECEIVED staff.txt " in ln]) >= count
+
+            server_harness.wait_until(checked, timeout=30, what="the RECEIVED line")
+        time.sleep(3)  # time for a second (wrong) line from the other node's pre-check
+    # (Arrivals of earlier tests, never checked while no loader ran, get their lines too.)
+    received = [line for line in read_lines(folder) if " RECEIVED staff.txt " in line]
+    assert len(received) == len(before_staff) + 4, received
+    assert set(served) == {"node1", "node2"}, served  # leastconn spreads sequential sessions
+
+
 def _next_minute(margin: float) -> datetime:
     """The first whole UTC minute at least ``margin`` seconds from now."""
     soon = datetime.now(UTC) + timedelta(seconds=margin)
@@ -278,23 +375,7 @@ def test_both_loaders_at_the_same_minute_load_each_account_once(
         temp.rename(folder.root / "people.txt")
 
     at = _next_minute(margin=10)
-    daemons = []
-    try:
-        for name, node in cluster.nodes.items():
-            raw = {**cluster.raw[name]}
-            raw["schedule"] = {"timezone": "UTC", "loader_time": f"{at:%H:%M}",
-                               "pool_time": f"{at + timedelta(hours=12):%H:%M}"}  # fmt: skip
-            raw["loader"] = {"precheck": False}
-            config = server_harness.write_config(node.workdir / "loader.toml", raw)
-            daemons.append(
-                subprocess.Popen(
-                    [*server_harness.INGESTCTL, "--config", str(config), "loader", "daemon"],
-                    cwd=node.workdir,
-                    stdout=subprocess.DEVNULL,
-                    stderr=open(node.workdir / "loader.stderr", "ab"),  # noqa: SIM115
-                    env={**os.environ, "PYTHONPATH": str(server_harness.REPO)},
-                )
-            )
+    with loader_daemons(cluster, at, precheck=False):
 
         def both_done() -> bool:
             from ingest_core.structured_log import read_events
@@ -308,14 +389,6 @@ def test_both_loaders_at_the_same_minute_load_each_account_once(
         wait = (at - datetime.now(UTC)).total_seconds() + 60
         assert datetime.now(UTC) < at, "the loader daemons started after the scheduled minute"
         server_harness.wait_until(both_done, timeout=wait, what="both nightly runs")
-    finally:
-        for daemon in daemons:
-            daemon.send_signal(signal.SIGTERM)
-        for daemon in daemons:
-            try:
-                daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
     for account in accounts:
         lines = read_lines(account_folder(settings, account))
         loaded = [line for line in lines if " LOADED " in line]
