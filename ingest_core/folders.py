@@ -176,10 +176,9 @@ def upload_node(name: str) -> str | None:
     return writer[0] if writer else None
 
 
-def upload_temp_files(settings: Settings) -> Iterator[Path]:
-    """Every upload temporary file under every account folder, subfolders included (blocking:
-    it lists them all; symlinks are never followed)."""
-    root = accounts_root(settings)
+def files_under(root: Path) -> Iterator[os.DirEntry[str]]:
+    """Every file entry under ``root``, subfolders included, never following a symlink
+    (blocking: it lists them all); folders that cannot be listed are passed over."""
     stack = [root]
     while stack:
         folder = stack.pop()
@@ -189,11 +188,23 @@ def upload_temp_files(settings: Settings) -> Iterator[Path]:
         except OSError:
             continue
         for entry in entries:
-            with contextlib.suppress(OSError):
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(Path(entry.path))
-                elif folder != root and entry.name.startswith(UPLOAD_TEMP_PREFIX):
-                    yield Path(entry.path)
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                continue
+            if is_dir:
+                stack.append(Path(entry.path))
+            else:
+                yield entry
+
+
+def upload_temp_files(settings: Settings) -> Iterator[Path]:
+    """Every upload temporary file under every account folder, subfolders included (blocking:
+    it lists them all; symlinks are never followed)."""
+    root = accounts_root(settings)
+    for entry in files_under(root):
+        if entry.name.startswith(UPLOAD_TEMP_PREFIX) and Path(entry.path).parent != root:
+            yield Path(entry.path)
 
 
 def remove_upload_temps(settings: Settings, doomed: Callable[[Path], bool]) -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from ingest_core.folders import (
     POOL_TEMP_PREFIX,
     UPLOAD_TEMP_PREFIX,
     account_folder,
+    files_under,
 )
 from ingest_core.settings import Settings
 
@@ -79,24 +79,14 @@ def account_usage(root: Path) -> int:
     the service's temporary files (uploads in flight are covered by reservations; leftovers
     of a process or node that died are not the client's)."""
     total = 0
-    stack = [root]
-    while stack:
-        folder = stack.pop()
+    for entry in files_under(root):
         try:
-            with os.scandir(folder) as listing:
-                entries = list(listing)
+            if entry.is_file(follow_symlinks=False) and not entry.name.startswith(
+                SERVICE_TEMP_PREFIXES
+            ):
+                total += entry.stat(follow_symlinks=False).st_size
         except OSError:
             continue
-        for entry in entries:
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(Path(entry.path))
-                elif entry.is_file(follow_symlinks=False) and not entry.name.startswith(
-                    SERVICE_TEMP_PREFIXES
-                ):
-                    total += entry.stat(follow_symlinks=False).st_size
-            except OSError:
-                continue
     return total
 
 
