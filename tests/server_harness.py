@@ -343,6 +343,17 @@ def kill_group(process: subprocess.Popen[bytes]) -> None:
     process.wait(10)
 
 
+def dropped_before_banner(server: RunningServer, source: str) -> bool:
+    """``server`` closed a connection from ``source`` without a word (a banned address)."""
+    with socket.create_connection(
+        (server.host, server.port), timeout=10, source_address=(source, 0)
+    ) as sock:
+        try:
+            return sock.recv(64) == b""
+        except ConnectionResetError:
+            return True
+
+
 def login(running: RunningServer, key: Path, user: str = "alpha", bind: str | None = None) -> Any:
     """An authenticated, idle paramiko SSH connection (from ``bind`` if given)."""
     import paramiko

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from server_harness import RunningServer, add_account, sftp_batch, start_server
+from server_harness import (
+    RunningServer,
+    add_account,
+    dropped_before_banner,
+    sftp_batch,
+    start_server,
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +33,6 @@ def guarded(
     add_account(running, "guard", make_key("rsa", 4096, "guard"), ips=("127.0.0.4", "127.0.0.5"))
     yield running
     running.stop()
-
-
-def dropped_before_banner(server: RunningServer, source: str) -> bool:
-    with socket.create_connection(
-        (server.host, server.port), timeout=10, source_address=(source, 0)
-    ) as sock:
-        try:
-            return sock.recv(64) == b""
-        except ConnectionResetError:
-            return True
 
 
 def bans(server: RunningServer) -> list[str]:

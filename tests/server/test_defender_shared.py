@@ -6,12 +6,18 @@ a ban is refused on both; unban clears the score on both."""
 from __future__ import annotations
 
 import math
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from server_harness import RunningServer, add_account, sftp_batch, start_server, wait_until
+from server_harness import (
+    RunningServer,
+    add_account,
+    dropped_before_banner,
+    sftp_batch,
+    start_server,
+    wait_until,
+)
 
 from ingest_core.db import open_control_db
 from ingest_server.defender import failure_score, list_bans
@@ -19,17 +25,6 @@ from ingest_server.defender import failure_score, list_bans
 pytestmark = pytest.mark.postgres
 
 ATTACKER = "127.0.0.7"
-
-
-def dropped_before_banner(server: RunningServer, source: str) -> bool:
-    """The node closed the connection without a word (a banned address)."""
-    with socket.create_connection(
-        (server.host, server.port), timeout=10, source_address=(source, 0)
-    ) as sock:
-        try:
-            return sock.recv(64) == b""
-        except ConnectionResetError:
-            return True
 
 
 def test_failures_on_two_nodes_add_up_and_unban_clears_both(
