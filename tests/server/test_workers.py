@@ -24,6 +24,8 @@ from server_harness import (
     wait_until,
 )
 
+from ingest_core.folders import upload_writer
+
 
 @pytest.fixture
 def pooled(tmp_path: Path, alpha_key: Path) -> Iterator[RunningServer]:
@@ -90,12 +92,16 @@ def test_a_killed_worker_is_replaced_and_its_connections_released(
     held = [login(pooled, alpha_key) for _ in range(2)]  # the address's whole allowance
     try:
         first = worker_pids(pooled)
-        victim = pooled.events("auth.success")[-1]["pid"]
-        in_flight = paramiko.SFTPClient.from_transport(held[-1])  # on the victim
+        in_flight = paramiko.SFTPClient.from_transport(held[-1])
         assert in_flight is not None
         handle = in_flight.open("in-flight.bin", "wb")  # kept open: not committed
         handle.write(b"x" * 600_000)
-        assert temp_files(pooled.folder("alpha"))
+        (temp,) = temp_files(pooled.folder("alpha"))
+        # The worker serving it: its pid is in the temporary name (node-pid-random).
+        writer = upload_writer(temp)
+        assert writer is not None
+        victim = writer[1]
+        assert victim in first
         os.kill(victim, signal.SIGKILL)
         exited = pooled.wait_for_event("worker.exited", worker_pid=victim)
         assert exited["restarting"] is True
