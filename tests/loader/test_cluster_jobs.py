@@ -26,9 +26,9 @@ from ingest_core.db import JobClaim, JournalEvent, open_control_db, utcnow
 from ingest_core.registry import Registry
 from ingest_core.schedule import local_date
 from ingest_core.settings import KeyPolicySettings, Settings, SmtpSettings
-from loader.claims import LOAD, job_lock
+from loader.claims import KEYS, LOAD, job_lock
 from loader.daemon import LOAD_JOB, POOL_JOB, LoaderDaemon, read_last_done, write_last_done
-from loader.key_expiry import send_key_reminders
+from loader.key_expiry import EVERY_ACCOUNT, send_key_reminders
 from loader.nightly import run_account
 from loader.pool import publish_pool
 from loader.precheck import PreCheckWatcher, claim_arrivals, precheck_arrival
@@ -379,6 +379,13 @@ def test_two_nodes_send_each_key_reminder_once(nodes, make_key, smtp_sink):
     (key,) = registry.list_keys("acme")
     assert key.expires_at is not None
     when = datetime.fromisoformat(key.expires_at) - timedelta(days=6)
+
+    # While another node holds the reminders' lock, this one sends nothing (deterministic;
+    # the race below may or may not overlap the two nodes).
+    with job_lock(a, KEYS, EVERY_ACCOUNT) as got:
+        assert got
+        assert send_key_reminders(b, when) == []
+    assert sink.messages == []
 
     sent = _both(lambda: send_key_reminders(a, when), lambda: send_key_reminders(b, when))
     again = send_key_reminders(b, when + timedelta(hours=1))
