@@ -23,10 +23,13 @@ loader builds that index, plain ``\\copy`` does not); peak memory < 200 MB at 1M
 no growth with file size beyond the key index (run with ``--rows 5000000`` to see it).
 
     .venv/bin/python bench/loader_bench.py [--rows N] [--repeat N] [--no-postgres] [--no-sqlite]
-        [--compare-only] [--workdir DIR]
+        [--compare-only] [--shuffled] [--workdir DIR]
 
-``--compare-only`` runs just the changed file's load (after an untimed load of the original
-in the same database) and prints the comparison's share.
+``--shuffled`` writes the rows in a fixed random order instead of key order (the changed
+copy keeps that order, as a source system's next export would): the live table is then not
+in key order, which the PostgreSQL comparison plans differently. ``--compare-only`` runs
+just the changed file's load (after an untimed load of the original in the same database)
+and prints the comparison's share.
 
 On a shared machine use --repeat 3 or more: each step prints its best time (the least
 disturbed) and its median, and each ratio is given on both.
@@ -40,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -70,14 +74,21 @@ def tty_done() -> None:
         sys.stderr.flush()
 
 
-def generate(path: Path, rows: int) -> None:
-    """Realistic-looking rows: a UUUID key, names with spaces, e-mails, dates, codes."""
+def generate(path: Path, rows: int, shuffled: bool = False) -> None:
+    """Realistic-looking rows: a UUUID key, names with spaces, e-mails, dates, codes.
+
+    In key order (an export sorted by ID, as most are), or ``shuffled``: the same rows in
+    a fixed random order (IDs exported by name, or in the order the source system keeps)."""
     step = 50_000
+    order: list[int] | range = range(rows)
+    if shuffled:
+        order = list(order)
+        random.Random(rows).shuffle(order)
     with path.open("w", encoding="utf-8", newline="") as out:
         out.write("\t".join(COLUMNS) + "\n")
         for start in range(0, rows, step):
             lines = []
-            for i in range(start, min(start + step, rows)):
+            for i in order[start : start + step]:
                 k = i % 9973
                 lines.append(
                     f"{uuid.UUID(int=i * 2654435761 % (1 << 128))}\tFirst{k}\tvan der Last{k}\t"
@@ -353,6 +364,11 @@ def main() -> int:
         action="store_true",
         help="only the changed file's load and the comparison's share of it",
     )
+    parser.add_argument(
+        "--shuffled",
+        action="store_true",
+        help="rows in a random order instead of key order (the comparison's harder case)",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -368,11 +384,12 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     data = work / FILE_NAME
     rows = args.rows
+    order = "a random order" if args.shuffled else "key order"
     print(
-        f"loader benchmark: {rows:,} rows x {len(COLUMNS)} columns, tab-delimited, in {work}; "
-        f"best of {args.repeat}"
+        f"loader benchmark: {rows:,} rows x {len(COLUMNS)} columns, tab-delimited, in {order}, "
+        f"in {work}; best of {args.repeat}"
     )
-    generate(data, rows)
+    generate(data, rows, args.shuffled)
     (work / "changed").mkdir(exist_ok=True)
     changed = work / "changed" / FILE_NAME  # the spec's name: a second night's file
     changes = generate_changed(data, changed)
