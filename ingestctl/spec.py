@@ -12,11 +12,11 @@ from ingest_core.console import (
     print_json,
     with_local_times,
 )
+from loader.approval import approve_spec
 from loader.spec import (
     DELIMITER_NAMES,
     TERMINATOR_NAMES,
     Spec,
-    approve_spec,
     remove_spec,
     specs_for,
     table_name,

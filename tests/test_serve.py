@@ -21,7 +21,7 @@ def test_serve_runs_server_and_loader_and_stops_cleanly(
     tmp_path: Path, make_key: Callable[..., Path]
 ) -> None:
     from ingest_core.registry import Registry
-    from loader.spec import approve_spec
+    from loader.approval import approve_spec
 
     running = server_harness.start_server(tmp_path / "srv", launch=False)
     key = make_key("rsa", 4096)

@@ -105,7 +105,7 @@ def test_folder_log_times(ingestctl: Run, zoned: Path) -> None:
 
 def test_loader_history_times(ingestctl: Run, zoned: Path, tmp_path: Path) -> None:
     from ingest_core.registry import Registry
-    from loader.spec import approve_spec
+    from loader.approval import approve_spec
 
     settings = load_settings(zoned)
     registry = Registry(settings, actor="test")

@@ -16,8 +16,9 @@ from ingest_core.db import close_all
 from ingest_core.folders import AccountFolder, account_folder
 from ingest_core.registry import Registry
 from ingest_core.settings import Settings
+from loader.approval import approve_spec
 from loader.sis_db import close_sis_dbs
-from loader.spec import Spec, approve_spec
+from loader.spec import Spec
 
 SPEC_FILE = "sis_hr_user_info.txt"
 COLUMNS = ("UUUID", "first_name", "last_name", "email")

@@ -20,9 +20,9 @@ from ingest_core.folders import account_folder
 from ingest_core.registry import Registry
 from ingest_core.settings import KeyPolicySettings
 from ingest_core.structured_log import get_logger
+from loader.approval import approve_spec
 from loader.feed_status import feed_status
 from loader.nightly import run_account
-from loader.spec import approve_spec
 
 LOCAL_TIME = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d$"
 

@@ -14,9 +14,10 @@ import pytest
 from ingest_core import folder_log
 from ingest_core.registry import Registry
 from ingest_core.settings import load_settings
+from loader.approval import approve_spec
 from loader.nightly import run_account
 from loader.sis_db import open_sis_db
-from loader.spec import Spec, approve_spec, table_name
+from loader.spec import Spec, table_name
 from loader.validate import (
     BLANK_LINE,
     REPEATED_HEADER,

@@ -229,7 +229,7 @@ def test_the_second_specs_file_arriving_during_the_first_load_loads_in_the_same_
     acme, kit, tmp_path
 ):
     from ingest_core.registry import Registry
-    from loader.spec import approve_spec
+    from loader.approval import approve_spec
 
     sample = tmp_path / "custom_fields.txt"
     sample.write_text("UUUID\tprogram\nU1\tX\n", encoding="utf-8")

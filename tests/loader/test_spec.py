@@ -12,14 +12,13 @@ from sample_files import COLUMNS, make_spec, people, render, write, write_people
 from ingest_core.errors import NotFound, Refused
 from ingest_core.registry import Registry
 from ingest_core.settings import Settings
+from loader.approval import approve_spec, detect_spec
 from loader.spec import (
     MAX_COLUMNS,
     SQL_RESERVED_WORDS,
     SQLITE_MAX_COLUMNS,
-    approve_spec,
     check_header_names,
     closest_spec_hint,
-    detect_spec,
     match_spec,
     remove_spec,
     specs_for,
@@ -331,7 +330,8 @@ def test_table_names_stay_out_of_the_service_and_staging_names(
 def test_a_refused_approval_leaves_no_audit_event(settings) -> None:
     """An approval is audited; a refused second approval adds no spec and no audit event."""
     from ingest_core.registry import Registry
-    from loader.spec import approve_spec, specs_for
+    from loader.approval import approve_spec
+    from loader.spec import specs_for
 
     registry = Registry(settings, actor="test")
     registry.create_account("uni")

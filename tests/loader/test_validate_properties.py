@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, assume, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from loader.spec import BOM, DELIMITERS, SQL_RESERVED_WORDS, Spec, detect_spec
+from loader.approval import detect_spec
+from loader.spec import BOM, DELIMITERS, SQL_RESERVED_WORDS, Spec
 from loader.validate import ValidationReport, iter_copy_blocks, iter_rows, validate_file
 
 PROPERTY_SETTINGS = hsettings(

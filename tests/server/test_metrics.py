@@ -115,8 +115,8 @@ def serving(
     """`ingestctl serve` with 2 workers and the admin listener; a spec whose file waits in the
     folder and a nightly load "missed" while it was down, so the load runs at start."""
     from ingest_core.registry import Registry
+    from loader.approval import approve_spec
     from loader.daemon import LOAD_JOB, write_last_done
-    from loader.spec import approve_spec
 
     admin = free_port()
     running = server_harness.start_server(
@@ -325,9 +325,9 @@ def test_healthz_is_503_until_serving_and_metrics_read_every_process_file(
 def test_missed_and_failed_runs_come_from_the_load_history(tmp_path: Path) -> None:
     from ingest_core.registry import Registry
     from ingest_core.settings import settings_from_mapping
+    from loader.approval import approve_spec
     from loader.feed_metrics import FeedCollector
     from loader.sis_db import FAILED, LOADED, NO_FILE, REFUSED, open_sis_db
-    from loader.spec import approve_spec
 
     settings = settings_from_mapping({"data_root": "var", "log_dir": "logs"}, tmp_path)
     settings.data_root.mkdir()
