@@ -90,6 +90,13 @@ _SQLITE_BEGIN = "sqlite_begin"  # execution option: the statement that opens a t
 SORTED_CORRELATION = 0.9
 COMPARE_RANGES_PER_PROCESS = 2
 COMPARE_WORK_MEM = "128MB"
+# SQLite, the same comparison of a live table not in key order: the page cache it may fill
+# (KiB; the connection's default is 2 MiB). The UNIQUE key index of a 1M-row load of UUID
+# keys is 45 MB: held whole, such a table is compared in 2.3-2.4 s instead of 3.0-3.3 s; the
+# loader's peak memory stays under 200 MB (137 MB at 1M rows). How many rows, at each of
+# four places along the live table, tell whether it is in key order.
+SQLITE_COMPARE_CACHE_KIB = 64 * 1024
+SQLITE_ORDER_SAMPLE = 64
 
 SERVICE_SCHEMA = "sis_ingest"  # PostgreSQL: the schema of the service's own tables
 SQLITE_SERVICE_PREFIX = "ingest_"  # SQLite: data table names all start with "sis"
@@ -295,6 +302,29 @@ class Streak:
     missed: int  # runs since then that did not load it
     by_status: dict[str, int]  # those runs by status (no_file, refused, failed, interrupted)
     recent: list[LoadRecord]  # the newest of those runs, oldest first
+
+
+def _sqlite_in_key_order(cur: sqlite3.Cursor, live: str, key: str) -> bool:
+    """Are the live table's rows in the order of their keys (or the reverse), as far as
+    :data:`SQLITE_ORDER_SAMPLE` rows at each of four places along it, and the places one after
+    the other, tell? Keys compare as SQLite's BINARY collation does (UTF-8 bytes, which is
+    Python's code point order)."""
+    cur.execute(f"SELECT max(rowid) FROM {live}")
+    last = int(cur.fetchone()[0] or 0)
+    directions: set[bool] = set()
+    before: list[str] = []  # the last key of the place before (the places follow each other)
+    starts = [0, last // 4, last // 2, 3 * last // 4, last]
+    for start, end in itertools.pairwise(starts):
+        cur.execute(
+            f"SELECT {key} FROM {live} WHERE rowid > ? AND rowid <= ? ORDER BY rowid LIMIT ?",
+            (start, end, SQLITE_ORDER_SAMPLE),
+        )
+        keys = before + [str(k) for (k,) in cur.fetchall()]
+        directions |= {a < b for a, b in itertools.pairwise(keys) if a != b}
+        if len(directions) > 1:
+            return False
+        before = keys[-1:]
+    return True
 
 
 def _fold_wal(cur: sqlite3.Cursor) -> None:
@@ -685,8 +715,20 @@ class SisDB:
         )
         join = f"FROM {live} AS l LEFT JOIN {staging} AS s ON s.{key} = l.{key}{collate}"
         if self.is_sqlite:
-            cur.execute(f"SELECT {counts} {join}")
-            previous, matched, changed = (int(n or 0) for n in cur.fetchone())
+            # Each live row, in the live table's order, looks its key up in staging's key
+            # index. Rows in key order walk the index from end to end; any other order jumps
+            # about it, and then a page cache that holds the whole index keeps the lookups in
+            # memory (pages are taken as they are read; the connection's size is put back).
+            # In key order it would only cost: 0.1 s more and 60 MB at 1M rows.
+            cur.execute("PRAGMA cache_size")
+            cache_size = int(cur.fetchone()[0])
+            if not _sqlite_in_key_order(cur, live, key):
+                cur.execute(f"PRAGMA cache_size = -{SQLITE_COMPARE_CACHE_KIB}")
+            try:
+                cur.execute(f"SELECT {counts} {join}")
+                previous, matched, changed = (int(n or 0) for n in cur.fetchone())
+            finally:
+                cur.execute(f"PRAGMA cache_size = {cache_size}")
             return LoadChanges(previous, total - matched, previous - matched, changed)
         plan = self._postgres_compare_plan(cur, table, key_column)
         if not plan.cuts:
