@@ -376,6 +376,10 @@ def main() -> int:
         mode, *rest = args.child
         if mode == "validate":
             print(json.dumps(child_validate(Path(rest[0]))))
+        elif mode == "generate":  # in a child: the shuffled order's list stays out of the
+            # parent, whose size every later child starts from (and ru_maxrss counts)
+            generate(Path(rest[0]), int(rest[2]), rest[3] == "shuffled")
+            print(json.dumps(generate_changed(Path(rest[0]), Path(rest[1]))))
         else:
             print(json.dumps(child_load(Path(rest[0]), rest[1], Path(rest[2]))))
         return 0
@@ -389,10 +393,11 @@ def main() -> int:
         f"loader benchmark: {rows:,} rows x {len(COLUMNS)} columns, tab-delimited, in {order}, "
         f"in {work}; best of {args.repeat}"
     )
-    generate(data, rows, args.shuffled)
     (work / "changed").mkdir(exist_ok=True)
     changed = work / "changed" / FILE_NAME  # the spec's name: a second night's file
-    changes = generate_changed(data, changed)
+    layout = "shuffled" if args.shuffled else "sorted"
+    generated, _ = python_child("generate", str(data), str(changed), str(rows), layout, rows=rows)
+    changes: tuple[int, int, int] = tuple(generated)  # type: ignore[assignment]
     print(f"  file: {data.stat().st_size / 1e6:,.0f} MB; CPUs: {os.cpu_count()}")
     print(f"  changed copy: {changes[0]:,} new, {changes[1]:,} gone, {changes[2]:,} changed")
     peaks: dict[str, int] = {}
