@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -154,29 +155,38 @@ def _plan_as_for_a_big_table(pg_url: str, *disabled: str) -> None:
     close_sis_dbs()  # new connections take the settings
 
 
-def _explain_comparisons(monkeypatch) -> list[dict[str, Any]]:
-    """The plans (EXPLAIN ANALYZE, JSON) of the comparisons the loads run from now on: the
-    load's cursor runs each comparison query once more under EXPLAIN, in the same
-    transaction and with the same settings."""
-    explained: list[dict[str, Any]] = []
+def _watch_comparisons(monkeypatch, watch: Callable[[Any, str], None]) -> None:
+    """From now on the comparisons' cursor calls ``watch(cursor, query)`` before it runs
+    each query (in the load's transaction, with the comparison's settings)."""
     compare = SisDB._compare
 
-    class Explaining:
+    class Watched:
         def __init__(self, cur: Any) -> None:
             self._cur = cur
 
         def __getattr__(self, name: str) -> Any:
             return getattr(self._cur, name)
 
-        def execute(self, query: Any, params: Any = None) -> Any:
-            if isinstance(query, str) and "AS previous" in query:
-                self._cur.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {query}")
-                explained.append(self._cur.fetchone()[0][0]["Plan"])
-            return self._cur.execute(query, params)
+        def execute(self, query: Any, *params: Any) -> Any:
+            watch(self._cur, str(query))
+            return self._cur.execute(query, *params)
 
     monkeypatch.setattr(
-        SisDB, "_compare", lambda self, cur, *args: compare(self, Explaining(cur), *args)
+        SisDB, "_compare", lambda self, cur, *args: compare(self, Watched(cur), *args)
     )
+
+
+def _explain_comparisons(monkeypatch) -> list[dict[str, Any]]:
+    """The plans (EXPLAIN ANALYZE, JSON) of the comparisons the loads run from now on: the
+    load's cursor runs each comparison query once more under EXPLAIN."""
+    explained: list[dict[str, Any]] = []
+
+    def explain(cur: Any, query: str) -> None:
+        if "AS previous" in query:
+            cur.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {query}")
+            explained.append(cur.fetchone()[0][0]["Plan"])
+
+    _watch_comparisons(monkeypatch, explain)
     return explained
 
 
@@ -357,22 +367,7 @@ def test_sqlite_live_table_not_in_key_order_gets_a_larger_page_cache(
     _write(on, *order(RANGED_FIRST))
     assert run_account(on.settings, on.name).ok
     executed: list[str] = []
-    compare = SisDB._compare
-
-    class Recording:
-        def __init__(self, cur: Any) -> None:
-            self._cur = cur
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._cur, name)
-
-        def execute(self, query: Any, *params: Any) -> Any:
-            executed.append(str(query))
-            return self._cur.execute(query, *params)
-
-    monkeypatch.setattr(
-        SisDB, "_compare", lambda self, cur, *args: compare(self, Recording(cur), *args)
-    )
+    _watch_comparisons(monkeypatch, lambda _cur, query: executed.append(query))
     _write(on, *order(_ranged_second()))
     assert run_account(on.settings, on.name).ok
     assert _last_line(on) == (
