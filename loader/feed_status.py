@@ -16,9 +16,10 @@ Each row says whether the feed needs attention, worst first:
 
 The state comes from the control database (accounts, specs, keys) and the SIS database's load
 history (:meth:`SisDB.streak`), which every node shares, so every node shows the same state.
-The last upload's time and address come from the server's audit log (``file.received``, or a
-``file.renamed`` that gave the file its approved name), the load history standing in (time
-only) for a spec whose upload this node's log does not hold. The last error is the load
+The last upload's time and address come from the activity journal in the control database
+(``file.received``, or a ``file.renamed`` that gave the file its approved name), whichever
+node received it; the load history stands in (time only) for a spec whose upload the journal
+no longer holds (``[cluster] journal_retention_days``). The last error is the load
 history's message, which holds no value from the file (see ``without_values``).
 """
 
@@ -29,14 +30,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import JSON, cast, func, select
 
-from ingest_core.db import Account, AccountKey, FileSpec, open_control_db
+from ingest_core.db import Account, AccountKey, FileSpec, JournalEvent, open_control_db
 from ingest_core.errors import NotFound
 from ingest_core.folders import account_folder
 from ingest_core.key_age import EXPIRED, EXPIRES_SOON, key_age
 from ingest_core.settings import Settings
-from ingest_core.structured_log import iter_events
 from loader.sis_db import (
     FAILED,
     INTERRUPTED,
@@ -63,7 +63,7 @@ NEEDS_ATTENTION = frozenset({FAILING, KEY_EXPIRED, LATE})
 KEY_STATES_REPLACE = frozenset({LATE, NEVER_LOADED, OK})
 FAILED_RUNS = (REFUSED, FAILED, INTERRUPTED)
 
-# Server audit events that put a file in place under its name.
+# Journaled server events that put a file in place under its name.
 UPLOAD_EVENTS = ("file.received", "file.renamed")
 
 TIME_FIELDS = ("last_upload", "last_load", "oldest_key_added", "oldest_key_expires")
@@ -111,7 +111,7 @@ def feed_status(
     accounts = _accounts(settings, names)
     db = open_sis_db(settings.sis_db_url)
     wanted = {(a.name, spec) for a in accounts for spec in a.specs}
-    uploads = _uploads_from_log(settings, wanted)
+    uploads = _uploads_from_journal(settings, wanted)
     rows: list[FeedStatus] = []
     for account in accounts:
         waiting = len(account_folder(settings, account.name).candidate_files())
@@ -244,41 +244,38 @@ def _accounts(settings: Settings, names: Sequence[str] | None) -> list[_Account]
         ]
 
 
-def _uploads_from_log(
+def _uploads_from_journal(
     settings: Settings, wanted: set[tuple[str, str]]
 ) -> dict[tuple[str, str], tuple[datetime, str | None]]:
-    """The newest upload of each (account, spec file) in the server's audit log: when, and
-    from which address."""
+    """The newest upload of each (account, spec file) in the activity journal, whichever node
+    received it: when, and from which address. One query: the newest row per account and
+    file name among the journal's ``file.received`` and ``file.renamed`` rows."""
     found: dict[tuple[str, str], tuple[datetime, str | None]] = {}
     if not wanted:
         return found
-    for event in iter_events(settings.log_dir, "server"):
-        if event.get("event") not in UPLOAD_EVENTS:
-            continue
-        account, name = event.get("account"), event.get("name")
-        if not isinstance(account, str) or not isinstance(name, str):
-            continue
-        pair = (account, name)
-        if pair not in wanted:
-            continue
-        when = _parse_time(event.get("timestamp"))
-        if when is None:
-            continue
-        address = event.get("address")
-        newest = found.get(pair)
-        if newest is None or when >= newest[0]:
-            found[pair] = (when, str(address) if address else None)
+    db = open_control_db(settings.control_db_url)
+    journal = JournalEvent
+    if db.engine.dialect.name == "sqlite":
+        name = func.json_extract(journal.detail, "$.name")
+    else:
+        name = func.json_extract_path_text(cast(journal.detail, JSON), "name")
+    newest = (
+        select(func.max(journal.id))
+        .where(
+            journal.kind.in_(UPLOAD_EVENTS),
+            journal.account.in_(sorted({account for account, _ in wanted})),
+            name.in_(sorted({spec for _, spec in wanted})),
+        )
+        .group_by(journal.account, name)
+    )
+    with db.engine.connect() as conn:
+        rows = conn.execute(
+            select(journal.account, name, journal.at, journal.address).where(journal.id.in_(newest))
+        ).all()
+    for account, file_name, at, address in rows:
+        if (account, file_name) in wanted:
+            found[(account, file_name)] = (at, address)
     return found
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.utcoffset() is not None else parsed.replace(tzinfo=UTC)
 
 
 def _upload_from_history(db: SisDB, account: str, spec: str) -> tuple[datetime, str | None] | None:

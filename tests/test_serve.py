@@ -51,6 +51,14 @@ def test_serve_runs_server_and_loader_and_stops_cleanly(
         wait_until(received, 30, "the loader's pre-check line")
         line = (folder / "sis_loader.log").read_text().splitlines()[-1]
         assert "2 rows" in line, line
+        # `ingestctl status` names the upload's address from the activity journal, also for
+        # a node whose own log folder holds nothing (another node's view).
+        from loader.feed_status import feed_status
+
+        elsewhere = running.settings().replace(log_dir=tmp_path / "other-node-logs")
+        (row,) = feed_status(elsewhere)
+        assert (row.spec, row.last_upload_address) == ("sis_hr_user_info.txt", "127.0.0.1")
+        assert row.last_upload is not None and row.last_load is None
         # the client can read the log through the server that serve started
         got = tmp_path / "got.log"
         sftp_batch(running, key, "uni", f"get sis_loader.log {got}\n", check=True)

@@ -342,6 +342,16 @@ def test_each_upload_gets_one_received_line_whichever_node_took_it(
     received = [line for line in read_lines(folder) if " RECEIVED staff.txt " in line]
     assert len(received) == len(before_staff) + 4, received
     assert set(served) == {"node1", "node2"}, served  # leastconn spreads sequential sessions
+    # `ingestctl status` reads the last upload from the journal: the same on either node,
+    # whichever node took the upload.
+    statuses = {}
+    for name, node in cluster.nodes.items():
+        run = node.ingestctl("status", "alpha", "--json")
+        assert run.returncode == 0, run.stderr
+        statuses[name] = json.loads(run.stdout)
+    (staff,) = [row for row in statuses["node1"] if row["spec"] == "staff.txt"]
+    assert staff["last_upload_address"] == "127.0.0.1", staff
+    assert statuses["node1"] == statuses["node2"]
 
 
 def _next_minute(margin: float) -> datetime:

@@ -1,15 +1,17 @@
 """``ingestctl status``, every feed at a glance, worst first.
 
 Real control and SIS databases (SQLite, and PostgreSQL for one case), real folders, loads
-driven through the nightly run with an injected clock, and the server's audit log written by
-the server's own logger.
+driven through the nightly run with an injected clock, and uploads recorded in the activity
+journal as the server's journal writer records them (a real upload through a real server:
+tests/test_serve.py).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from nights import Nights
@@ -17,9 +19,10 @@ from sqlalchemy import update
 
 from ingest_core.db import AccountKey, open_control_db, utcnow
 from ingest_core.folders import account_folder
+from ingest_core.journal import journal_row, record_rows
 from ingest_core.registry import Registry
 from ingest_core.settings import KeyPolicySettings
-from ingest_core.structured_log import get_logger
+from ingest_core.structured_log import iter_events
 from loader.approval import approve_spec
 from loader.feed_status import feed_status
 from loader.nightly import run_account
@@ -140,9 +143,20 @@ def test_the_table_worst_first_and_check_exit_codes(feeds, ingestctl):
     assert len(quiet.stdout.splitlines()) == 5  # --check still prints the table
 
 
+def _journal(settings, node: str = "node-a", **event: Any) -> None:
+    """One server event, recorded in the activity journal as a node's journal writer does."""
+    row = journal_row({"timestamp": datetime.now(UTC).isoformat(), **event}, node)
+    record_rows(open_control_db(settings.control_db_url), [row])
+
+
 def test_json_fields(settings, feeds, ingestctl, kit):
-    get_logger(settings.log_dir, "server").info(
-        "file.received", account="okay", address="192.0.2.7", name=kit.SPEC_FILE, bytes=10
+    _journal(
+        settings,
+        event="file.received",
+        account="okay",
+        address="192.0.2.7",
+        name=kit.SPEC_FILE,
+        bytes=10,
     )
     run = ingestctl("status", "--json", "okay", "broken", "bare")
 
@@ -182,30 +196,36 @@ def test_json_fields(settings, feeds, ingestctl, kit):
     assert bare["oldest_key_expires"] is None and bare["oldest_key_expiry"] is None
 
 
-def test_last_upload_comes_from_the_audit_log_newest_first(settings, acme, kit, ingestctl):
+def test_last_upload_comes_from_the_journal_newest_first_on_every_node(
+    settings, acme, kit, ingestctl, tmp_path
+):
     kit.write_data(acme.data_file, 3)
     _nights(acme, Nights(settings.zone), [0])
     (row,) = feed_status(settings)
-    assert row.last_upload_address is None  # no server log yet: the load history's time
+    assert row.last_upload_address is None  # nothing journaled yet: the load history's time
     loaded_at = row.last_upload
     assert loaded_at is not None and abs(loaded_at - row.last_load) < timedelta(seconds=5)
 
-    log = get_logger(settings.log_dir, "server")
-    log.info("file.received", account="acme", address="192.0.2.1", name=kit.SPEC_FILE, bytes=1)
-    log.info("file.received", account="other", address="192.0.2.2", name=kit.SPEC_FILE, bytes=1)
-    log.info("file.received", account="acme", address="192.0.2.3", name="test.txt", bytes=1)
+    received = {"event": "file.received", "bytes": 1}
+    _journal(settings, **received, account="acme", address="192.0.2.1", name=kit.SPEC_FILE)
+    _journal(settings, **received, account="other", address="192.0.2.2", name=kit.SPEC_FILE)
+    _journal(settings, **received, account="acme", address="192.0.2.3", name="test.txt")
     (row,) = feed_status(settings)
     assert row.last_upload_address == "192.0.2.1"
     assert row.last_upload != loaded_at
 
-    # A client that uploads under a temporary name and renames it into place.
-    log.info(
-        "file.renamed",
+    # A client that uploads under a temporary name and renames it into place, on another
+    # node; this node's own log holds none of it.
+    _journal(
+        settings,
+        node="node-b",
+        event="file.renamed",
         account="acme",
         address="198.51.100.9\x1b[31m",
         name=kit.SPEC_FILE,
         old_name="upload.part",
     )
+    assert not list(iter_events(settings.log_dir, "server"))
     (row,) = feed_status(settings)
     assert row.last_upload_address == "198.51.100.9\x1b[31m"
     table = ingestctl("status").stdout
@@ -213,6 +233,9 @@ def test_last_upload_comes_from_the_audit_log_newest_first(settings, acme, kit, 
     assert json.loads(ingestctl("status", "--json").stdout)[0]["last_upload_address"] == (
         "198.51.100.9\x1b[31m"
     )
+    # Another node, with its own log folder, shows the same row.
+    elsewhere = settings.replace(log_dir=tmp_path / "node-b-logs")
+    assert feed_status(elsewhere) == feed_status(settings)
 
 
 def test_files_waiting_and_the_oldest_key_age(settings, acme, kit, make_key):
