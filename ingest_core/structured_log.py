@@ -509,5 +509,5 @@ def iter_events(log_dir: Path, component: str) -> Iterator[dict[str, Any]]:
 
 
 def read_events(log_dir: Path, component: str) -> list[dict[str, Any]]:
-    """Parse a component's JSON-lines logs (for `ingestctl activity` and tests)."""
+    """Parse a component's JSON-lines logs, rotated ones included (tests read them)."""
     return list(iter_events(log_dir, component))
