@@ -77,7 +77,7 @@ class FeedStatus:
     spec: str | None
     state: str
     needs_attention: bool
-    last_upload: datetime | None  # when the spec's file last arrived
+    last_upload: datetime | None  # when the spec's file (with no spec: any file) last arrived
     last_upload_address: str | None  # from where (None: known from the load history only)
     last_load: datetime | None  # the last successful load
     last_load_rows: int | None
@@ -111,7 +111,8 @@ def feed_status(
     accounts = _accounts(settings, names)
     db = open_sis_db(settings.sis_db_url)
     wanted = {(a.name, spec) for a in accounts for spec in a.specs}
-    uploads = _uploads_from_journal(settings, wanted)
+    without_specs = {a.name for a in accounts if not a.specs}
+    uploads = _uploads_from_journal(settings, wanted, without_specs)
     rows: list[FeedStatus] = []
     for account in accounts:
         waiting = len(account_folder(settings, account.name).candidate_files())
@@ -130,13 +131,14 @@ def feed_status(
             state = _with_key_state(
                 NEVER_LOADED if account.active else DISABLED, common["oldest_key_expiry"]
             )
+            upload = uploads.get((account.name, None))  # any file: the client's test upload
             rows.append(
                 FeedStatus(
                     spec=None,
                     state=state,
                     needs_attention=state in NEEDS_ATTENTION,
-                    last_upload=None,
-                    last_upload_address=None,
+                    last_upload=upload[0] if upload else None,
+                    last_upload_address=upload[1] if upload else None,
                     last_load=None,
                     last_load_rows=None,
                     last_load_changes=None,
@@ -245,36 +247,50 @@ def _accounts(settings: Settings, names: Sequence[str] | None) -> list[_Account]
 
 
 def _uploads_from_journal(
-    settings: Settings, wanted: set[tuple[str, str]]
-) -> dict[tuple[str, str], tuple[datetime, str | None]]:
-    """The newest upload of each (account, spec file) in the activity journal, whichever node
-    received it: when, and from which address. One query: the newest row per account and
-    file name among the journal's ``file.received`` and ``file.renamed`` rows."""
-    found: dict[tuple[str, str], tuple[datetime, str | None]] = {}
-    if not wanted:
-        return found
+    settings: Settings, wanted: set[tuple[str, str]], any_file: set[str]
+) -> dict[tuple[str, str | None], tuple[datetime, str | None]]:
+    """The newest upload of each (account, spec file) in ``wanted``, and of any file for each
+    account in ``any_file`` (keyed ``(account, None)``: an account with no approved spec,
+    whose test upload an operator looks for), from the activity journal, whichever node
+    received it: when, and from which address. The journal's ``file.received`` and
+    ``file.renamed`` rows, the newest per account and file name (or per account)."""
+    found: dict[tuple[str, str | None], tuple[datetime, str | None]] = {}
     db = open_control_db(settings.control_db_url)
     journal = JournalEvent
     if db.engine.dialect.name == "sqlite":
         name = func.json_extract(journal.detail, "$.name")
     else:
         name = func.json_extract_path_text(cast(journal.detail, JSON), "name")
-    newest = (
-        select(func.max(journal.id))
-        .where(
-            journal.kind.in_(UPLOAD_EVENTS),
-            journal.account.in_(sorted({account for account, _ in wanted})),
-            name.in_(sorted({spec for _, spec in wanted})),
+    uploads = journal.kind.in_(UPLOAD_EVENTS)
+    newest = []
+    if wanted:
+        newest.append(
+            select(func.max(journal.id))
+            .where(
+                uploads,
+                journal.account.in_(sorted({account for account, _ in wanted})),
+                name.in_(sorted({spec for _, spec in wanted})),
+            )
+            .group_by(journal.account, name)
         )
-        .group_by(journal.account, name)
-    )
+    if any_file:
+        newest.append(
+            select(func.max(journal.id))
+            .where(uploads, journal.account.in_(sorted(any_file)))
+            .group_by(journal.account)
+        )
     with db.engine.connect() as conn:
-        rows = conn.execute(
-            select(journal.account, name, journal.at, journal.address).where(journal.id.in_(newest))
-        ).all()
-    for account, file_name, at, address in rows:
-        if (account, file_name) in wanted:
-            found[(account, file_name)] = (at, address)
+        for ids in newest:
+            rows = conn.execute(
+                select(journal.account, name, journal.at, journal.address).where(
+                    journal.id.in_(ids)
+                )
+            ).all()
+            for account, file_name, at, address in rows:
+                if (account, file_name) in wanted:
+                    found[(account, file_name)] = (at, address)
+                if account in any_file:
+                    found[(account, None)] = (at, address)
     return found
 
 

@@ -238,6 +238,24 @@ def test_last_upload_comes_from_the_journal_newest_first_on_every_node(
     assert feed_status(elsewhere) == feed_status(settings)
 
 
+def test_an_account_without_a_spec_shows_its_last_upload_of_any_file(settings, ingestctl):
+    """Onboarding: before any format is approved, the row says whether the client's test
+    upload arrived, and from where (the newest upload of any name)."""
+    Registry(settings, actor="test").create_account("newco")
+    (row,) = feed_status(settings, ["newco"])
+    assert (row.spec, row.last_upload, row.last_upload_address) == (None, None, None)
+
+    received = {"event": "file.received", "bytes": 6}
+    _journal(settings, **received, account="newco", address="192.0.2.5", name="test.txt")
+    _journal(settings, **received, account="newco", address="192.0.2.6", name="second.txt")
+    _journal(settings, **received, account="other", address="192.0.2.9", name="x.txt")
+    (row,) = feed_status(settings, ["newco"])
+    assert (row.spec, row.state, row.last_upload_address) == (None, "never loaded", "192.0.2.6")
+    assert row.last_upload is not None
+    (shown,) = json.loads(ingestctl("status", "newco", "--json").stdout)
+    assert shown["last_upload_address"] == "192.0.2.6" and shown["spec"] is None
+
+
 def test_files_waiting_and_the_oldest_key_age(settings, acme, kit, make_key):
     kit.upload(acme.folder, "test.txt", "hello\n")
     kit.upload(acme.folder, kit.SPEC_FILE, kit.data_text(2))
