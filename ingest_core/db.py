@@ -268,6 +268,20 @@ class ClusterNode(Base):
     draining: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
 
 
+class AccountHolding(Base):
+    """What one node holds for one account right now: logged-in sessions and quota bytes
+    reserved by uploads in flight. With several nodes, each checks the others' rows before it
+    admits a session or reserves (``ingest_core.holdings``)."""
+
+    __tablename__ = "account_holdings"
+
+    account: Mapped[str] = mapped_column(String(32), primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sessions: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    reserved: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
 @dataclass
 class ControlDB:
     engine: Engine
@@ -313,6 +327,14 @@ def _enable_wal(cur: sqlite3.Cursor, timeout_s: float = 30.0) -> None:
             if not busy or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
+
+
+def advisory_lock_key(name: str) -> int:
+    """A PostgreSQL advisory lock key for ``name``: the first 8 bytes of its blake2b as a
+    signed 64-bit number, the same on every node and every Python (``hash()`` is salted per
+    process)."""
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def make_engine(url: str) -> Engine:

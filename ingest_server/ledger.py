@@ -16,6 +16,12 @@ and the committed figure moves by what the folder really gained. The scan skips 
 temporary file of the service (uploads, pool file, log trim): one left by a process or node
 that died is never the client's, and never counts against its quota while it waits to be
 removed (``ingest_core.nodes``).
+
+Several nodes (a PostgreSQL control DB): the listener of each also records what its node
+holds per account in the control DB and asks, before one more session or reservation,
+whether the account stays within its limits with what the other live nodes hold
+(``ingest_core.holdings``): the session limit and the quota are the account's, not each
+node's. The committed bytes are the shared folder's, so every node's scan sees them.
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +45,7 @@ from ingest_core.folders import (
     account_folder,
     files_under,
 )
+from ingest_core.holdings import ClusterHoldings
 from ingest_core.settings import Settings
 
 Message = dict[str, Any]
@@ -45,6 +54,12 @@ Message = dict[str, Any]
 SERVICE_TEMP_PREFIXES = (UPLOAD_TEMP_PREFIX, POOL_TEMP_PREFIX, LOG_TRIM_TEMP_PREFIX)
 
 USAGE_MAX_AGE = 30.0  # seconds a measured folder usage is trusted before it is measured again
+# Several nodes: how long a question to the control DB may take, how long the node then
+# counts on its own books before it asks again, how often it retries recording its figures.
+ASK_TIMEOUT = 5.0
+DB_DOWN_SECONDS = 10.0
+PUBLISH_RETRY_SECONDS = 1.0
+WARN_EVERY_SECONDS = 60.0
 REQUEST_TIMEOUT = 10.0  # seconds a worker waits for the listener's answer (then: refused)
 _ABANDONED_MAX = 10_000  # timed-out requests remembered, to give back a late "yes"
 
@@ -94,6 +109,8 @@ def account_usage(root: Path) -> int:
 class _AccountBook:
     sessions: int = 0
     reserved: int = 0
+    # With several nodes: one question to the other nodes' holdings at a time per account.
+    asking: asyncio.Lock = field(default_factory=asyncio.Lock)
     committed: int | None = None  # None until first measured
     measured_at: float = 0.0  # monotonic time the last scan started
     scan: asyncio.Future[None] | None = None
@@ -109,10 +126,30 @@ class LocalLedger:
     little early for at most ``USAGE_MAX_AGE``; it never lets the quota be passed).
     """
 
-    def __init__(self, settings: Settings, usage_max_age: float = USAGE_MAX_AGE):
+    def __init__(
+        self,
+        settings: Settings,
+        usage_max_age: float = USAGE_MAX_AGE,
+        cluster: ClusterHoldings | None = None,
+        audit: Any = None,
+    ):
+        """``cluster``: the other nodes' holdings (several nodes sharing a PostgreSQL control
+        DB): a session or reservation is then admitted only if the account stays within its
+        limits across all of them; if the control DB does not answer, this node's own books
+        decide (and a ``holdings.unavailable`` warning says so, at most once a minute)."""
         self.settings = settings
         self.usage_max_age = usage_max_age
         self._books: dict[str, _AccountBook] = {}
+        self.cluster = cluster
+        self.audit = audit
+        # The control DB's work, on one thread, in the order it was asked for.
+        self._db_thread = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="holdings") if cluster else None
+        )
+        self._unpublished: set[str] = set()
+        self._publisher: asyncio.Task[None] | None = None
+        self._warned_at = -math.inf
+        self._db_down_until = -math.inf
 
     def _book(self, account: str) -> _AccountBook:
         book = self._books.get(account)
@@ -125,12 +162,23 @@ class LocalLedger:
         book = self._book(account)
         if limit and book.sessions >= limit:
             return False
+        if limit and self.cluster is not None:
+            async with book.asking:
+                if book.sessions >= limit:
+                    return False
+                agreed = await self._ask(
+                    self.cluster.try_session, account, book.sessions + 1, book.reserved, limit
+                )
+                if not agreed:
+                    return False
         book.sessions += 1
+        self._changed(account)
         return True
 
     def close_session(self, account: str) -> None:
         book = self._book(account)
         book.sessions = max(book.sessions - 1, 0)
+        self._changed(account)
 
     async def reserve(self, account: str, nbytes: int) -> bool:
         nbytes = max(int(nbytes), 0)
@@ -144,7 +192,23 @@ class LocalLedger:
             return False
         if book.committed + book.reserved + nbytes > quota:
             return False
+        if self.cluster is not None:
+            async with book.asking:
+                committed = book.committed
+                if committed is None or committed + book.reserved + nbytes > quota:
+                    return False
+                agreed = await self._ask(
+                    self.cluster.try_reserve,
+                    account,
+                    book.sessions,
+                    book.reserved + nbytes,
+                    quota,
+                    committed,
+                )
+                if not agreed:
+                    return False
         book.reserved += nbytes
+        self._changed(account)
         return True
 
     def settle(self, account: str, reserved: int, delta: int) -> None:
@@ -155,6 +219,70 @@ class LocalLedger:
             book.settled_during_scan += delta
         if book.committed is not None:
             book.committed = max(book.committed + delta, 0)
+        self._changed(account)
+
+    # -- several nodes ------------------------------------------------------------------------
+
+    async def _ask(self, question: Callable[..., bool], *args: Any) -> bool:
+        """The other nodes' answer; True (this node's books decide) when the control DB does
+        not answer, within ``ASK_TIMEOUT`` (a login must not hang on it), and for
+        ``DB_DOWN_SECONDS`` after that without asking again."""
+        if time.monotonic() < self._db_down_until:
+            return True
+        asked = asyncio.get_running_loop().run_in_executor(self._db_thread, question, *args)
+        try:
+            return await asyncio.wait_for(asked, ASK_TIMEOUT)
+        except Exception as exc:
+            self._db_down_until = time.monotonic() + DB_DOWN_SECONDS
+            self._warn(exc if str(exc) else TimeoutError("the control DB did not answer"))
+            return True
+
+    def _changed(self, account: str) -> None:
+        """This node's figures for ``account`` changed: record them for the other nodes."""
+        if self.cluster is None:
+            return
+        self._unpublished.add(account)
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.ensure_future(self._publish())
+
+    async def _publish(self) -> None:
+        """Write the changed figures (after the questions already asked: one thread, in
+        order), until none is left; while the control DB does not answer, every second."""
+        assert self.cluster is not None
+        loop = asyncio.get_running_loop()
+        while self._unpublished:
+            accounts, self._unpublished = self._unpublished, set()
+            figures = {a: (self._book(a).sessions, self._book(a).reserved) for a in accounts}
+            try:
+                await loop.run_in_executor(self._db_thread, self.cluster.publish, figures)
+            except Exception as exc:
+                self._warn(exc)
+                self._unpublished |= accounts
+                await asyncio.sleep(PUBLISH_RETRY_SECONDS)
+
+    def _warn(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if self.audit is not None and now - self._warned_at >= WARN_EVERY_SECONDS:
+            self._warned_at = now
+            first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+            self.audit.warning(
+                "holdings.unavailable",
+                error=first_line[:300],
+                effect="sessions and quota are counted on this node only until the control "
+                "DB answers",
+            )
+
+    async def close(self) -> None:
+        """At shutdown: this node holds nothing any more (its rows go), and the thread ends."""
+        if self.cluster is None or self._db_thread is None:
+            return
+        if self._publisher is not None:
+            self._publisher.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.get_running_loop().run_in_executor(
+                self._db_thread, self.cluster.clear_own
+            )
+        self._db_thread.shutdown(wait=False)
 
     def usage(self, account: str) -> tuple[int | None, int]:
         """(committed bytes as last measured and settled, bytes reserved) for reports."""

@@ -30,11 +30,13 @@ from typing import Any
 from ingest_core import metrics
 from ingest_core.db import open_control_db
 from ingest_core.errors import IngestError
+from ingest_core.holdings import ClusterHoldings
 from ingest_core.journal import JournalWriter, start_journal, stop_journal
 from ingest_core.lifecycle import (
     loop_name,
     open_file_limit,
 )
+from ingest_core.nodes import this_node, uses_sqlite
 from ingest_core.policy import normalize_peer_address
 from ingest_core.registry import Registry
 from ingest_core.settings import Settings
@@ -75,7 +77,9 @@ class Server:
             settings.limits, Registry(settings, db=db, actor="ingest-server"), self.defender
         )
         self.admitted = AdmittedConnections(self.gate)
-        self.ledger = LocalLedger(settings)
+        # Several nodes: sessions and quota per account counted across them.
+        holdings = None if uses_sqlite(settings) else ClusterHoldings(db, this_node(settings))
+        self.ledger = LocalLedger(settings, cluster=holdings, audit=self.audit)
         self.upkeep = NodeUpkeep(settings, self.audit, db)  # heartbeat, leftovers, draining
         self.proxy_from = {normalize_peer_address(a) for a in settings.server.proxy_protocol_from}
         self.listening = asyncio.Event()
@@ -98,6 +102,8 @@ class Server:
             ensure_host_keys(s.host_key_dir)  # first start without `ingestctl init`
         pairs = host_keypairs(self.settings)
         removed = self.upkeep.start_up()  # SQLite guard, node row, own leftovers
+        if self.ledger.cluster is not None:
+            self.ledger.cluster.clear_own()  # what an earlier run of this node held
         if s.worker_count() > 1:
             self.pool = WorkerPool(
                 self.settings, self.audit, self.admitted.release, self.failed_login, self.ledger
@@ -154,6 +160,7 @@ class Server:
                 await accepting
             listener.close()
             await self._shut_down()
+            await self.ledger.close()
             await self.upkeep.stop()
             self.audit.info("server.stopped", port=self.port)
         if self.pool is not None and self.pool.broken.is_set():

@@ -24,7 +24,6 @@ the SIS history would see: the caller gets a :class:`Turn` that says so in one l
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -37,7 +36,7 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from ingest_core.console import local_time
-from ingest_core.db import ControlDB, JobClaim, open_control_db, utcnow
+from ingest_core.db import ControlDB, JobClaim, advisory_lock_key, open_control_db, utcnow
 from ingest_core.folders import lock_path
 from ingest_core.settings import Settings
 from ingest_core.structured_log import get_logger, log_limits
@@ -57,8 +56,7 @@ def lock_key(job: str, account: str) -> int:
     """The advisory lock key of one job of one account: the first 8 bytes of blake2b of
     ``account:<name>`` (``pool:<name>`` for the pool publish) as a signed 64-bit number; the
     same on every node and every Python (``hash()`` is salted per process)."""
-    digest = hashlib.blake2b(f"{_LOCK_PREFIX[job]}:{account}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
+    return advisory_lock_key(f"{_LOCK_PREFIX[job]}:{account}")
 
 
 def _lock_file(settings: Settings, job: str, account: str) -> Path:

@@ -36,7 +36,6 @@ a service table (:data:`ADDED_COLUMNS`) to a table made before them, moved or no
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import sqlite3
 import threading
@@ -66,7 +65,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.schema import CreateColumn
 
-from ingest_core.db import UTCDateTime, make_engine, utcnow
+from ingest_core.db import UTCDateTime, advisory_lock_key, make_engine, utcnow
 from ingest_core.errors import IngestError
 
 STAGING_SUFFIX = "__staging"
@@ -343,8 +342,7 @@ def quote_ident(name: str) -> str:
 
 def advisory_key(table: str) -> int:
     """A stable signed 64-bit key for a table (never Python's per-process ``hash``)."""
-    digest = hashlib.blake2b(f"sis-ingest:{table}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
+    return advisory_lock_key(f"sis-ingest:{table}")
 
 
 class SisDB:

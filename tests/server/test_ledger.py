@@ -430,3 +430,48 @@ def test_many_messages_to_a_slow_reader_are_queued_not_lost() -> None:
         ours.close()
 
     run(scenario())
+
+
+# -- several nodes, the control DB gone ------------------------------------------------------
+
+
+def test_without_the_control_db_each_node_counts_its_own_and_warns(tmp_path: Path) -> None:
+    """Several nodes, and the control DB stops answering (here: a loopback port nobody
+    listens on): the node's own books still decide, so clients are not locked out, and one
+    ``holdings.unavailable`` warning says so (not one per question)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+
+    from ingest_core.db import ControlDB
+    from ingest_core.holdings import ClusterHoldings
+
+    class Warnings:
+        def __init__(self) -> None:
+            self.events: list[tuple[str, dict[str, Any]]] = []
+
+        def warning(self, event: str, **fields: Any) -> None:
+            self.events.append((event, fields))
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    engine = create_engine(f"postgresql+psycopg://nobody@127.0.0.1:{port}/gone?connect_timeout=2")
+    gone = ClusterHoldings(ControlDB(engine, sessionmaker(engine)), "node-a")
+    settings = make_settings(tmp_path, max_sessions_per_account=2, account_quota_bytes=1000)
+    folder(settings, "alpha")
+    audit = Warnings()
+
+    async def scenario() -> None:
+        ledger = LocalLedger(settings, cluster=gone, audit=audit)
+        assert await ledger.open_session("alpha")
+        assert await ledger.open_session("alpha")
+        assert not await ledger.open_session("alpha")  # this node's limit still holds
+        assert await ledger.reserve("alpha", 600)
+        assert not await ledger.reserve("alpha", 600)  # and this node's quota
+        ledger.close_session("alpha")
+        await asyncio.sleep(0.1)  # the publisher tries, fails, waits to retry
+        await ledger.close()
+
+    run(scenario())
+    assert [event for event, _ in audit.events] == ["holdings.unavailable"]
+    assert "counted on this node only" in audit.events[0][1]["effect"]
