@@ -238,8 +238,12 @@ class LocalLedger:
             return True
 
     def _changed(self, account: str) -> None:
-        """This node's figures for ``account`` changed: record them for the other nodes."""
-        if self.cluster is None:
+        """This node's figures for ``account`` changed: record them for the other nodes
+        (when there are limits for them to weigh)."""
+        limits = self.settings.limits
+        if self.cluster is None or not (
+            limits.max_sessions_per_account or limits.account_quota_bytes
+        ):
             return
         self._unpublished.add(account)
         if self._publisher is None or self._publisher.done():
