@@ -271,6 +271,25 @@ def start_server(
     return running
 
 
+def start_node(
+    base: Path, name: str, pg_url: str, shared: Path, settings: dict[str, Any] | None = None
+) -> RunningServer:
+    """One node of several: its own folder (``base/name``), port, logs and node id; the
+    PostgreSQL control DB and the data root ``shared``. ``settings`` add to each section."""
+    raw: dict[str, Any] = {
+        "control_db_url": pg_url,
+        "data_root": str(shared),
+        "cluster": {"node_id": name},
+        "limits": {"connection_rate_per_address": 0},
+    }
+    for section, values in (settings or {}).items():
+        if isinstance(values, dict):
+            raw.setdefault(section, {}).update(values)
+        else:
+            raw[section] = values
+    return start_server(base / name, raw)
+
+
 def add_account(
     running: RunningServer,
     name: str,

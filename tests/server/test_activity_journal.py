@@ -14,22 +14,17 @@ from typing import Any
 
 import psycopg
 import pytest
-from server_harness import RunningServer, add_account, sftp_batch, start_server, wait_until
+from server_harness import (
+    RunningServer,
+    add_account,
+    sftp_batch,
+    start_node,
+    start_server,
+    wait_until,
+)
 
 from ingest_core.db import open_control_db, utcnow
 from ingest_core.journal import account_events, record_events
-
-
-def start_node(base: Path, name: str, pg_url: str, shared: Path) -> RunningServer:
-    return start_server(
-        base / name,
-        {
-            "control_db_url": pg_url,
-            "data_root": str(shared),
-            "cluster": {"node_id": name},
-            "limits": {"connection_rate_per_address": 0},
-        },
-    )
 
 
 @pytest.fixture

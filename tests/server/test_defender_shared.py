@@ -15,7 +15,7 @@ from server_harness import (
     add_account,
     dropped_before_banner,
     sftp_batch,
-    start_server,
+    start_node,
     wait_until,
 )
 
@@ -33,18 +33,8 @@ def test_failures_on_two_nodes_add_up_and_unban_clears_both(
     shared = tmp_path / "shared"
     nodes: list[RunningServer] = []
     try:
-        for name in ("node-a", "node-b"):
-            nodes.append(
-                start_server(
-                    tmp_path / name,
-                    {  # the defender exactly as shipped
-                        "control_db_url": pg_url,
-                        "data_root": str(shared),
-                        "cluster": {"node_id": name},
-                        "limits": {"connection_rate_per_address": 0},
-                    },
-                )
-            )
+        for name in ("node-a", "node-b"):  # the defender exactly as shipped
+            nodes.append(start_node(tmp_path, name, pg_url, shared))
         settings = nodes[0].settings()
         db = open_control_db(pg_url)
         defender = settings.defender

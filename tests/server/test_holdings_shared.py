@@ -16,7 +16,7 @@ from server_harness import (
     add_account,
     paramiko_sftp,
     sftp_batch,
-    start_server,
+    start_node,
     wait_until,
 )
 
@@ -39,22 +39,9 @@ def two_nodes(
     nodes: list[RunningServer] = []
     try:
         for name in ("node-a", "node-b"):
-            nodes.append(
-                start_server(
-                    tmp_path / name,
-                    {
-                        "control_db_url": pg_url,
-                        "data_root": str(shared),
-                        "cluster": {"node_id": name},
-                        "server": {"workers": 2},
-                        "limits": {
-                            "connection_rate_per_address": 0,
-                            "max_sessions_per_account": SESSIONS,
-                            "account_quota_bytes": QUOTA,
-                        },
-                    },
-                )
-            )
+            limits = {"max_sessions_per_account": SESSIONS, "account_quota_bytes": QUOTA}
+            settings = {"server": {"workers": 2}, "limits": limits}
+            nodes.append(start_node(tmp_path, name, pg_url, shared, settings))
         alpha, beta = make_key("rsa", 4096, "alpha"), make_key("rsa", 4096, "beta")
         add_account(nodes[0], "alpha", alpha)
         add_account(nodes[0], "beta", beta, ips=(BETA_ADDRESS,))
