@@ -276,16 +276,26 @@ class LocalLedger:
                 "DB answers",
             )
 
+    def clear_own(self) -> None:
+        """At start: what an earlier run of this node held is gone (blocking)."""
+        if self.cluster is None:
+            return
+        try:
+            self.cluster.clear_own()
+        except Exception as exc:  # the rows lapse with the old heartbeat anyway
+            self._warn(exc)
+
     async def close(self) -> None:
         """At shutdown: this node holds nothing any more (its rows go), and the thread ends."""
         if self.cluster is None or self._db_thread is None:
             return
         if self._publisher is not None:
             self._publisher.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.get_running_loop().run_in_executor(
-                self._db_thread, self.cluster.clear_own
-            )
+        cleared = asyncio.get_running_loop().run_in_executor(
+            self._db_thread, self.cluster.clear_own
+        )
+        with contextlib.suppress(Exception):  # else the rows lapse with the heartbeat
+            await asyncio.wait_for(cleared, ASK_TIMEOUT)
         self._db_thread.shutdown(wait=False)
 
     def usage(self, account: str) -> tuple[int | None, int]:

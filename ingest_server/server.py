@@ -102,8 +102,7 @@ class Server:
             ensure_host_keys(s.host_key_dir)  # first start without `ingestctl init`
         pairs = host_keypairs(self.settings)
         removed = self.upkeep.start_up()  # SQLite guard, node row, own leftovers
-        if self.ledger.cluster is not None:
-            self.ledger.cluster.clear_own()  # what an earlier run of this node held
+        self.ledger.clear_own()  # several nodes: what an earlier run of this node held
         if s.worker_count() > 1:
             self.pool = WorkerPool(
                 self.settings, self.audit, self.admitted.release, self.failed_login, self.ledger
