@@ -127,6 +127,28 @@ def register_node(db: ControlDB, settings: Settings) -> None:
         row.draining = False
 
 
+def note_alive(db: ControlDB, settings: Settings) -> None:
+    """A process of this node that serves no clients (``ingestctl loader daemon`` alone)
+    starts: the node's row exists and is seen now; a server's own row (its start time, its
+    draining) is left as it is (blocking)."""
+    now = datetime.now(UTC)
+    node = this_node(settings)
+    with db.session.begin() as session:
+        row = session.get(ClusterNode, node)
+        if row is None:
+            session.add(
+                ClusterNode(
+                    node_id=node,
+                    host=socket.gethostname()[:255],
+                    started_at=now,
+                    seen_at=now,
+                    draining=False,
+                )
+            )
+        else:
+            row.seen_at = now
+
+
 def heartbeat(db: ControlDB, settings: Settings) -> None:
     """This node is alive: its row's seen_at and its marker's time move to now (blocking)."""
     touch_marker(settings)

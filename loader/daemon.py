@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
+from ingest_core import nodes
 from ingest_core.db import JobRun, open_control_db, utcnow
 from ingest_core.file_names import escape_for_operator
 from ingest_core.lifecycle import run_until_signalled
@@ -205,8 +206,13 @@ class LoaderDaemon:
         in_process: bool = False,
         journal_poll: float = JOURNAL_POLL_SECONDS,
         watch_settle: float = WATCH_SETTLE,
+        heartbeat: bool = False,
     ) -> None:
+        """``heartbeat``: this daemon runs alone (``ingestctl loader daemon``), so it claims
+        the data root (a SQLite control DB is one node's) and keeps the node's heartbeat and
+        marker itself; under ``ingestctl serve`` the server does."""
         self.settings = settings
+        self.heartbeat = heartbeat
         self.now = now
         self.step = step
         self.journal_poll = journal_poll
@@ -222,6 +228,8 @@ class LoaderDaemon:
     async def run(self, stop: asyncio.Event) -> None:
         zone = self.settings.zone
         schedule = self.settings.schedule
+        if self.heartbeat:
+            await asyncio.to_thread(self._start_beating)
         watcher: PreCheckWatcher | None = None
         if self.settings.loader.precheck:
             watcher = PreCheckWatcher(
@@ -242,6 +250,8 @@ class LoaderDaemon:
         ]
         if self.settings.loader.precheck:
             loops.append(self._journal_loop(stop))
+        if self.heartbeat:
+            loops.append(self._heartbeat_loop(stop))
         try:
             await asyncio.gather(*loops)
         finally:
@@ -290,6 +300,23 @@ class LoaderDaemon:
             self.job_runs.append((job, day))
             self.log.info("job_done", job=job, local_date=day)
             last, due = day, None
+
+    def _start_beating(self) -> None:
+        """Refuse a data root another node used with a SQLite control DB (one line, exit 1);
+        then this node is seen (blocking)."""
+        nodes.claim_data_root(self.settings)
+        nodes.note_alive(open_control_db(self.settings.control_db_url), self.settings)
+
+    async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
+        """The node's heartbeat and marker, every ``HEARTBEAT_SECONDS`` until ``stop``."""
+        db = open_control_db(self.settings.control_db_url)
+        while not stop.is_set():
+            try:
+                await asyncio.to_thread(nodes.heartbeat, db, self.settings)
+            except Exception as exc:  # the control DB is away: try again at the next beat
+                self.log.warning("heartbeat_failed", error=str(exc).splitlines()[0][:300])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), nodes.HEARTBEAT_SECONDS)
 
     async def _journal_loop(self, stop: asyncio.Event) -> None:
         """Pre-check each upload the journal recorded (on any node), once per cluster."""
@@ -369,4 +396,4 @@ class LoaderDaemon:
 
 def run_forever(settings: Settings) -> None:
     """``ingestctl loader daemon``: run until SIGTERM or SIGINT."""
-    run_until_signalled(LoaderDaemon(settings).run)
+    run_until_signalled(LoaderDaemon(settings, heartbeat=True).run)
