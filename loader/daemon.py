@@ -314,7 +314,8 @@ class LoaderDaemon:
             try:
                 await asyncio.to_thread(nodes.heartbeat, db, self.settings)
             except Exception as exc:  # the control DB is away: try again at the next beat
-                self.log.warning("heartbeat_failed", error=str(exc).splitlines()[0][:300])
+                first = (str(exc).splitlines() or [type(exc).__name__])[0]
+                self.log.warning("heartbeat_failed", error=first[:300])
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), nodes.HEARTBEAT_SECONDS)
 
