@@ -80,6 +80,20 @@ def make_settings(workdir: Path) -> Iterator[Callable[..., Settings]]:
     close_all()
 
 
+def start_loader_daemon(
+    workdir: Path, config: Path, stdout: int = subprocess.DEVNULL, stderr: int = subprocess.PIPE
+) -> subprocess.Popen[str]:
+    """``ingestctl loader daemon`` as a real process (the caller stops it)."""
+    return subprocess.Popen(
+        [*INGESTCTL, "--config", str(config), "loader", "daemon"],
+        cwd=workdir,
+        stdout=stdout,
+        stderr=stderr,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
 def run_ingestctl_in_process(
     args: list[str], cwd: Path, input: str | None = None
 ) -> subprocess.CompletedProcess[str]:

@@ -28,6 +28,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server_harness import process_tree
+
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_CONFIG = REPO / "deploy" / "haproxy.cfg"
 BACKEND = "sftp_nodes"
@@ -207,26 +209,6 @@ def healthz(host: str, port: int) -> int:
         return int(exc.code)
     except OSError:
         return 0
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and every descendant (from /proc), parents first."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop(0)
-        found.append(current)
-        todo += children.get(current, [])
-    return found
 
 
 def kill_tree(pid: int) -> None:

@@ -313,20 +313,6 @@ def test_the_watchdog_leaves_journal_arrivals_to_the_journal_and_checks_copies(
     assert len(folder_log.read_lines(on.folder)) == 1
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append(int(entry.name))
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -336,15 +322,10 @@ def _alive(pid: int) -> bool:
 
 
 def test_kill_9_of_the_loader_daemon_kills_its_children(acme, kit, config_file, workdir):
-    from conftest import INGESTCTL, REPO
+    from conftest import start_loader_daemon
+    from server_harness import process_tree
 
-    daemon = subprocess.Popen(
-        [*INGESTCTL, "--config", str(config_file), "loader", "daemon"],
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    daemon = start_loader_daemon(workdir, config_file, stderr=subprocess.DEVNULL)
     try:
         _received(acme.settings, "acme", acme.spec.file_name)
         kit.upload(acme.folder, acme.spec.file_name, kit.data_text(6))
@@ -353,7 +334,7 @@ def test_kill_9_of_the_loader_daemon_kills_its_children(acme, kit, config_file, 
             assert daemon.poll() is None
             time.sleep(0.1)
         assert folder_log.read_lines(acme.folder), "the pre-check child never ran"
-        children = _children(daemon.pid)
+        children = process_tree(daemon.pid)[1:]
         assert children  # the pre-check's child (and multiprocessing's helper) are running
         os.kill(daemon.pid, signal.SIGKILL)
         daemon.wait(timeout=30)

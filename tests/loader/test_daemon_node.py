@@ -4,13 +4,12 @@ The real command in a subprocess, real folders and a real SQLite control DB."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
-from conftest import INGESTCTL, REPO
+from conftest import start_loader_daemon
 from sqlalchemy import select
 
 from ingest_core.db import ClusterNode, open_control_db
@@ -19,23 +18,12 @@ from ingest_core.nodes import this_node
 from ingest_core.settings import Settings
 
 
-def _daemon(workdir: Path, config: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [*INGESTCTL, "--config", str(config), "loader", "daemon"],
-        cwd=workdir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-
-
 def test_the_daemon_alone_keeps_the_node_seen(
     settings: Settings, workdir: Path, config_file: Path
 ) -> None:
     node = this_node(settings)
     db = open_control_db(settings.control_db_url)
-    daemon = _daemon(workdir, config_file)
+    daemon = start_loader_daemon(workdir, config_file, stdout=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30
         row = None
@@ -58,7 +46,7 @@ def test_the_daemon_refuses_a_data_root_another_node_uses_with_sqlite(
     marker = node_marker(settings, "other-node")
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()  # another node's heartbeat, just now
-    daemon = _daemon(workdir, config_file)
+    daemon = start_loader_daemon(workdir, config_file, stdout=subprocess.PIPE)
     try:
         _out, err = daemon.communicate(timeout=60)
     finally:

@@ -75,25 +75,16 @@ def test_pre_check_warns_when_the_row_count_guard_will_refuse(acme, kit):
 def test_loader_daemon_command_prechecks_in_a_child_and_stops_on_sigterm(
     acme, kit, config_file, workdir
 ):
-    import os
     import signal
-    import subprocess
 
-    from conftest import INGESTCTL, REPO
+    from conftest import start_loader_daemon
 
     from ingest_core.structured_log import read_events
 
     def events() -> list[str]:
         return [e["event"] for e in read_events(acme.settings.log_dir, "loader")]
 
-    daemon = subprocess.Popen(
-        [*INGESTCTL, "--config", str(config_file), "loader", "daemon"],
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    daemon = start_loader_daemon(workdir, config_file)
     try:
         deadline = time.monotonic() + 30
         while "daemon_started" not in events() and time.monotonic() < deadline:
